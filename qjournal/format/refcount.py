@@ -1,0 +1,56 @@
+"""Refcount table and refcount blocks.
+
+The refcount table (``refcount_table_clusters`` clusters at ``refcount_table_offset``)
+is an array of u64 big-endian entries, each the offset of a refcount block or 0. A
+refcount block is one cluster of ``cluster_size * 8 / refcount_bits`` entries. Widths
+below 8 bits are packed least significant bit first (cluster ``i``'s count sits at bit
+``i * refcount_bits``); 8 bits and above are big-endian integers.
+Reserved bits of a table entry: 0..8.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+RT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+RT_RESERVED_MASK = 0x1FF
+
+_WIDE = {3: ">u1", 4: ">u2", 5: ">u4", 6: ">u8"}
+
+
+def entries_per_block(cluster_size: int, refcount_order: int) -> int:
+    return cluster_size * 8 >> refcount_order
+
+
+def max_refcount(refcount_order: int) -> int:
+    return (1 << (1 << refcount_order)) - 1
+
+
+def unpack_block(buf: bytes | bytearray | memoryview, refcount_order: int) -> np.ndarray:
+    """Every count of a refcount block, as uint64."""
+    if refcount_order >= 3:
+        return np.frombuffer(buf, dtype=_WIDE[refcount_order]).astype(np.uint64)
+    width = 1 << refcount_order
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    per_byte = 8 // width
+    shifts = (np.arange(per_byte, dtype=np.uint8) * width)
+    vals = (raw[:, None] >> shifts[None, :]) & ((1 << width) - 1)
+    return vals.reshape(-1).astype(np.uint64)
+
+
+def pack_block(counts: np.ndarray, refcount_order: int) -> bytes:
+    """The bytes of a refcount block holding ``counts``."""
+    if refcount_order >= 3:
+        return counts.astype(_WIDE[refcount_order]).tobytes()
+    width = 1 << refcount_order
+    per_byte = 8 // width
+    vals = counts.astype(np.uint8).reshape(-1, per_byte)
+    shifts = (np.arange(per_byte, dtype=np.uint8) * width)
+    return np.bitwise_or.reduce(vals << shifts[None, :], axis=1).astype(np.uint8).tobytes()
+
+
+def entry_span(index: int, refcount_order: int) -> tuple[int, int]:
+    """Byte range inside a block that holds entry ``index`` (whole bytes)."""
+    bit = index << refcount_order
+    width = 1 << refcount_order
+    start = bit // 8
+    return start, max(1, width // 8)

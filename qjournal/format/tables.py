@@ -1,0 +1,41 @@
+"""L1 and L2 table entries (u64 big-endian; extended L2 adds a u64 bitmap per entry).
+
+L1 entry: bits 9..55 offset of the L2 table, bit 63 COPIED (refcount is exactly 1);
+reserved 0x7f000000000001ff.
+Standard L2 entry: bit 62 compressed, bit 63 COPIED; bit 0 reads as zeros (v3);
+bits 9..55 host cluster offset; reserved 0x3f000000000001fe.
+Compressed L2 entry: with ``x = 62 - (cluster_bits - 8)``, bits 0..x-1 host offset
+and bits x..61 the number of additional 512-byte sectors.
+Extended L2 entry: the standard entry, then a u64 whose low 32 bits say "allocated"
+and high 32 bits say "reads as zeros" for each of 32 subclusters.
+"""
+from __future__ import annotations
+
+OFLAG_COPIED = 1 << 63
+OFLAG_COMPRESSED = 1 << 62
+OFLAG_ZERO = 1
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L1E_RESERVED_MASK = 0x7F000000000001FF
+L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L2E_RESERVED_MASK = 0x3F000000000001FE
+COMPRESSED_SECTOR = 512
+
+
+def l2_entries(cluster_size: int, extended_l2: bool) -> int:
+    return cluster_size // (16 if extended_l2 else 8)
+
+
+def compressed_geometry(cluster_bits: int) -> tuple[int, int, int]:
+    """(offset mask, size shift, size mask) of a compressed L2 entry."""
+    csize_shift = 62 - (cluster_bits - 8)
+    csize_mask = (1 << (cluster_bits - 8)) - 1
+    offset_mask = (1 << csize_shift) - 1
+    return offset_mask, csize_shift, csize_mask
+
+
+def compressed_span(entry: int, cluster_bits: int) -> tuple[int, int]:
+    """Host (offset, length) of the compressed data an L2 entry describes."""
+    offset_mask, shift, mask = compressed_geometry(cluster_bits)
+    off = entry & offset_mask
+    nb_sectors = ((entry >> shift) & mask) + 1
+    return off, nb_sectors * COMPRESSED_SECTOR - (off & (COMPRESSED_SECTOR - 1))

@@ -1,0 +1,237 @@
+"""The byte store under an image.
+
+Every byte qjournal changes in an image passes through :meth:`Medium.write`; nothing
+else assigns into the map. The crash simulator wraps or replaces a medium to record
+those writes, so a write that bypasses it is a bug it can catch.
+
+``flush(ranges)`` is a write barrier: when it returns, every earlier write inside the
+ranges is durable. Writes between two barriers may reach the disk in any order, one
+page at a time, and a page may reach it before any barrier at all (MAP_SHARED writeback).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Iterable, Protocol
+
+import numpy as np
+
+PAGE = mmap.PAGESIZE
+Range = tuple[int, int]  # (offset, length)
+
+
+class Medium(Protocol):
+    @property
+    def size(self) -> int: ...
+    def read(self, off: int, n: int) -> bytes: ...
+    def array(self, off: int, count: int, dtype: str) -> np.ndarray: ...
+    def write(self, off: int, data: bytes) -> None: ...
+    def flush(self, ranges: Iterable[Range] | None = None) -> None: ...
+    def resize(self, n: int) -> None: ...
+    def mark(self, name: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def page_span(off: int, n: int) -> Range:
+    """The page-aligned range that covers ``[off, off + n)``."""
+    start = off - off % PAGE
+    end = off + n
+    end += -end % PAGE
+    return start, end - start
+
+
+class MmapMedium:
+    """A file mapped MAP_SHARED. Growth is ftruncate, fsync and a new map."""
+
+    def __init__(self, path: str | os.PathLike[str], writable: bool) -> None:
+        self.path = os.fspath(path)
+        self.writable = writable
+        self.fd = os.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
+        self._size = os.fstat(self.fd).st_size
+        self._map: mmap.mmap | None = None
+        self._size_dirty = False
+        self._remap()
+
+    def _remap(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._size:
+            access = mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ
+            self._map = mmap.mmap(self.fd, self._size, access=access)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def _check(self, off: int, n: int) -> None:
+        if off < 0 or n < 0 or off + n > self._size:
+            raise ValueError(f"range {off:#x}+{n:#x} outside the medium of {self._size:#x} bytes")
+
+    def read(self, off: int, n: int) -> bytes:
+        self._check(off, n)
+        if n == 0 or self._map is None:
+            return b""
+        return self._map[off:off + n]
+
+    def array(self, off: int, count: int, dtype: str) -> np.ndarray:
+        """A copy of ``count`` items of ``dtype`` at ``off``; no view of the map escapes."""
+        dt = np.dtype(dtype)
+        self._check(off, count * dt.itemsize)
+        if count == 0 or self._map is None:
+            return np.zeros(0, dtype=dt)
+        return np.frombuffer(self._map, dtype=dt, count=count, offset=off).copy()
+
+    def write(self, off: int, data: bytes) -> None:
+        if not self.writable:
+            raise PermissionError(f"{self.path} is open read-only")
+        if off + len(data) > self._size:
+            self.resize(off + len(data))
+        if data:
+            assert self._map is not None
+            self._map[off:off + len(data)] = data
+
+    def flush(self, ranges: Iterable[Range] | None = None) -> None:
+        if not self.writable or self._map is None:
+            return
+        if ranges is None:
+            self._map.flush()
+        else:
+            for start, length in merge_ranges(page_span(o, n) for o, n in ranges):
+                start_c = min(start, self._size)
+                length_c = min(length, self._size - start_c)
+                if length_c > 0:
+                    self._map.flush(start_c, length_c)
+        if self._size_dirty:
+            os.fsync(self.fd)
+            self._size_dirty = False
+
+    def resize(self, n: int) -> None:
+        if n == self._size:
+            return
+        os.ftruncate(self.fd, n)
+        self._size = n
+        self._size_dirty = True
+        self._remap()
+
+    def mark(self, name: str) -> None:
+        """A named point in the write sequence; only a recording medium keeps it."""
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        os.close(self.fd)
+
+
+class MemoryMedium:
+    """An in-memory medium (for tests and the crash simulator)."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.buf = bytearray(data)
+
+    @property
+    def size(self) -> int:
+        return len(self.buf)
+
+    def read(self, off: int, n: int) -> bytes:
+        if off < 0 or off + n > len(self.buf):
+            raise ValueError(f"range {off:#x}+{n:#x} outside the medium of {len(self.buf):#x} bytes")
+        return bytes(self.buf[off:off + n])
+
+    def array(self, off: int, count: int, dtype: str) -> np.ndarray:
+        return np.frombuffer(self.read(off, count * np.dtype(dtype).itemsize), dtype=dtype).copy()
+
+    def write(self, off: int, data: bytes) -> None:
+        if off + len(data) > len(self.buf):
+            self.resize(off + len(data))
+        self.buf[off:off + len(data)] = data
+
+    def flush(self, ranges: Iterable[Range] | None = None) -> None:
+        pass
+
+    def resize(self, n: int) -> None:
+        if n < len(self.buf):
+            del self.buf[n:]
+        else:
+            self.buf.extend(bytes(n - len(self.buf)))
+
+    def mark(self, name: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
+    """Sorted, coalesced ``(offset, length)`` ranges."""
+    out: list[list[int]] = []
+    for off, n in sorted(ranges):
+        if out and off <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], off + n - out[-1][0])
+        else:
+            out.append([off, n])
+    return [(o, n) for o, n in out]
+
+
+class FileMedium:
+    """A plain file written with pwrite and made durable with fdatasync (the journal)."""
+
+    def __init__(self, path: str | os.PathLike[str], writable: bool, create: bool = False) -> None:
+        self.path = os.fspath(path)
+        self.writable = writable
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT
+        self.fd = os.open(self.path, flags, 0o644)
+        self._size = os.fstat(self.fd).st_size
+        self._size_dirty = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read(self, off: int, n: int) -> bytes:
+        if off < 0 or off + n > self._size:
+            raise ValueError(f"range {off:#x}+{n:#x} outside {self.path} of {self._size:#x} bytes")
+        return os.pread(self.fd, n, off)
+
+    def array(self, off: int, count: int, dtype: str) -> np.ndarray:
+        return np.frombuffer(self.read(off, count * np.dtype(dtype).itemsize), dtype=dtype).copy()
+
+    def write(self, off: int, data: bytes) -> None:
+        if not self.writable:
+            raise PermissionError(f"{self.path} is open read-only")
+        os.pwrite(self.fd, data, off)
+        if off + len(data) > self._size:
+            self._size = off + len(data)
+            self._size_dirty = True
+
+    def flush(self, ranges: Iterable[Range] | None = None) -> None:
+        if not self.writable:
+            return
+        if self._size_dirty:
+            os.fsync(self.fd)
+            self._size_dirty = False
+        else:
+            os.fdatasync(self.fd)
+
+    def resize(self, n: int) -> None:
+        os.ftruncate(self.fd, n)
+        self._size = n
+        self._size_dirty = True
+
+    def mark(self, name: str) -> None:
+        pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def fsync_directory(path: str | os.PathLike[str]) -> None:
+    """Make the directory entry of ``path`` durable."""
+    fd = os.open(os.path.dirname(os.path.abspath(os.fspath(path))) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

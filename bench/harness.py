@@ -1,0 +1,422 @@
+"""The benchmark harness: registry, fixtures, timing, the table and the command line.
+
+How a benchmark is measured, round by round:
+
+1. The template image (built once per run, shared between benchmarks through
+   :class:`Fixtures`) is copied twice with ``cp --sparse=always``, one copy per
+   side, and each copy is fsynced, so neither side pays for the other's dirty
+   pages and both start from the same bytes in the page cache. Only the image is
+   copied: ours starts without a journal sidecar, as on an image qemu-img just
+   made, and so pays for creating its journal every round.
+2. Both sides run, ours first in even rounds and the peer first in odd ones.
+   Ours is the library call in this process, timed with ``time.perf_counter``
+   after a ``gc.collect()``. The peer is the whole command, timed from just before
+   ``Popen`` until it has exited and been reaped.
+3. After the first round (a warm-up round unless ``--warmup 0``), ``verify``
+   checks that both sides did the same work.
+4. The copies are deleted.
+
+Warm-up rounds are run and verified but not counted. The ratio is
+median(ours) / median(peer); a benchmark passes when it is at most its goal.
+
+With ``--rss`` each side runs once more, untimed, on a fresh copy, under GNU
+``time -f %M``: the peer as is, ours as a child process (``python -m bench
+--child-ours NAME IMAGE``), beside a child that only imports the same modules
+(the baseline). Not ``os.wait4`` on our own children: a process forked from
+this one starts with a copy of its page tables, and the kernel counts that
+copy's resident size into the child's peak, so every figure would be at least
+this harness's own RSS. GNU time's child is forked from GNU time (about 1 MiB).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import os
+import pkgutil
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence, TypeVar
+
+import attrs
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+PROJECT_ROOT = PACKAGE_ROOT.parent
+NOT_AREAS = {"harness", "__main__"}
+
+
+class Benchmark:
+    """One pair: ``ours`` (a library call) against ``peer`` (a command line) on the same image.
+
+    Subclass it, decorate the subclass with :func:`benchmark`, and define:
+
+    - ``template(fx)``: the image every round starts from; build it through
+      ``fx.image(key, builder)`` so that benchmarks can share it;
+    - ``ours(image)``: the library call, on a fresh copy of the template;
+    - ``peer(image)``: the argv of the peer command, on another fresh copy;
+    - ``verify(ours_image, peer_image)`` (optional): after the first round, raise
+      ``AssertionError`` if the two sides did not leave the same result.
+
+    ``ours`` may only use ``image`` and class attributes: ``--rss`` calls it in a
+    child process on a fresh instance, without ``template``.
+    """
+
+    name: ClassVar[str] = ""
+    goal: ClassVar[float] = 1.0
+
+    @classmethod
+    def description(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    def template(self, fx: "Fixtures") -> Path:
+        raise NotImplementedError
+
+    def ours(self, image: Path) -> None:
+        raise NotImplementedError
+
+    def peer(self, image: Path) -> list[str]:
+        raise NotImplementedError
+
+    def verify(self, ours_image: Path, peer_image: Path) -> None:
+        """Raise ``AssertionError`` unless both sides did the same work (default: no check)."""
+
+
+REGISTRY: dict[str, type[Benchmark]] = {}
+B = TypeVar("B", bound=type[Benchmark])
+
+
+def benchmark(name: str, *, goal: float = 1.0) -> Callable[[B], B]:
+    """Register a :class:`Benchmark` subclass as ``name``; it passes when ours/peer <= ``goal``."""
+    def register(cls: B) -> B:
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise ValueError(f"benchmark {name!r} is already registered by {REGISTRY[name].__qualname__}; "
+                             "pick another name")
+        cls.name = name
+        cls.goal = goal
+        REGISTRY[name] = cls
+        return cls
+    return register
+
+
+def load_all() -> dict[str, type[Benchmark]]:
+    """Import every area module of the ``bench`` package, which registers its benchmarks."""
+    for mod in pkgutil.iter_modules([str(PACKAGE_ROOT)]):
+        if mod.name not in NOT_AREAS:
+            importlib.import_module(f"{__package__}.{mod.name}")
+    return REGISTRY
+
+
+def select(names: Sequence[str]) -> list[type[Benchmark]]:
+    """The benchmarks named (an exact name, or a prefix of one or more names), in registry order.
+
+    No names selects everything. An unknown name raises ``KeyError`` with the known ones.
+    """
+    if not names:
+        return list(REGISTRY.values())
+    chosen: list[str] = []
+    for n in names:
+        hits = [n] if n in REGISTRY else [k for k in REGISTRY if k.startswith(n)]
+        if not hits:
+            raise KeyError(f"no benchmark named {n!r} (nor starting so); known: {', '.join(REGISTRY)}")
+        chosen += [h for h in hits if h not in chosen]
+    return [cls for k, cls in REGISTRY.items() if k in chosen]
+
+
+# -- processes ------------------------------------------------------------------
+def qemu_img(*args: str | os.PathLike[str]) -> str:
+    """Run ``qemu-img ARGS`` (untimed, for building and checking); its stdout, or raise with its stderr."""
+    res = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"qemu-img {' '.join(map(str, args))}: exit {res.returncode}: {res.stderr.strip()}")
+    return res.stdout
+
+
+def run_timed(argv: Sequence[str]) -> float:
+    """Run ``argv`` as one process; wall seconds from spawn to reaped exit.
+
+    Raises ``RuntimeError`` with the process's stderr when it exits non-zero.
+    """
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        code = proc.wait()
+        elapsed = time.perf_counter() - t0
+        if code:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(argv)}: exit {code}: {err.read().decode('utf-8', 'replace').strip()}")
+    return elapsed
+
+
+def peak_rss(argv: Sequence[str], env: dict[str, str] | None = None) -> int:
+    """Peak RSS in KiB of one run of ``argv``, as GNU time reports it (see the module docstring)."""
+    gnu_time = shutil.which("time")
+    if gnu_time is None:
+        raise RuntimeError("--rss needs GNU time as a program (Debian package 'time')")
+    with tempfile.NamedTemporaryFile("r") as out:
+        res = subprocess.run([gnu_time, "-f", "%M", "-o", out.name, *argv], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        if res.returncode:
+            raise RuntimeError(f"{' '.join(argv)}: exit {res.returncode}: {res.stderr.strip()}")
+        return int(out.read().split()[-1])
+
+
+def time_call(fn: Callable[[], object]) -> float:
+    """Seconds one in-process call of ``fn`` takes (garbage collected beforehand, not during)."""
+    gc.collect()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+# -- fixtures -------------------------------------------------------------------
+class Fixtures:
+    """The work directory of one run: templates built once, fresh copies per round."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._built: dict[str, Path] = {}
+
+    def image(self, key: str, build: Callable[[Path], None]) -> Path:
+        """The template ``key``, built by ``build(path)`` on first use in this run."""
+        if key not in self._built:
+            path = self.root / "templates" / f"{key}.qcow2"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _progress(f"building template {key} ...")
+            t0 = time.perf_counter()
+            build(path)
+            _progress(f"built template {key} in {time.perf_counter() - t0:.1f} s")
+            self._built[key] = path
+        return self._built[key]
+
+    def fresh(self, template: Path, name: str) -> Path:
+        """A durable sparse copy of ``template`` named ``name`` in the rounds directory."""
+        dst = self.root / "rounds" / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cp", "--sparse=always", str(template), str(dst)], check=True)
+        fd = os.open(dst, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return dst
+
+    def discard(self, image: Path) -> None:
+        """Delete a round's copy and whatever sidecars (the journal) were made next to it."""
+        for p in image.parent.glob(image.name + "*"):
+            p.unlink()
+
+
+# -- running --------------------------------------------------------------------
+@attrs.define
+class Result:
+    name: str
+    description: str
+    goal: float
+    ours_s: list[float] = attrs.Factory(list)
+    peer_s: list[float] = attrs.Factory(list)
+    peer_maxrss_kib: int | None = None
+    ours_maxrss_kib: int | None = None
+    error: str | None = None
+
+    @property
+    def ours_median(self) -> float | None:
+        return statistics.median(self.ours_s) if self.ours_s else None
+
+    @property
+    def peer_median(self) -> float | None:
+        return statistics.median(self.peer_s) if self.peer_s else None
+
+    @property
+    def ratio(self) -> float | None:
+        o, p = self.ours_median, self.peer_median
+        return o / p if o is not None and p else None
+
+    @property
+    def passed(self) -> bool | None:
+        r = self.ratio
+        return None if r is None else r <= self.goal
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "goal_ratio": self.goal,
+                "ours_s": self.ours_s, "peer_s": self.peer_s, "ours_median_s": self.ours_median,
+                "peer_median_s": self.peer_median, "ratio": self.ratio, "pass": self.passed,
+                "ours_maxrss_kib": self.ours_maxrss_kib, "peer_maxrss_kib": self.peer_maxrss_kib,
+                "error": self.error}
+
+
+def run_benchmark(cls: type[Benchmark], fx: Fixtures, rounds: int, warmup: int = 1, *,
+                  peer_only: bool = False, rss: bool = False) -> Result:
+    """Measure one benchmark; an exception on either side ends it with ``Result.error`` set."""
+    b = cls()
+    res = Result(cls.name, cls.description(), cls.goal)
+    try:
+        template = b.template(fx)
+        for r in range(warmup + rounds):
+            images = {side: fx.fresh(template, f"{cls.name}-{r}-{side}.qcow2") for side in ("ours", "peer")}
+            order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
+            times: dict[str, float] = {}
+            for side in order:
+                if side == "ours" and not peer_only:
+                    times["ours"] = time_call(lambda: b.ours(images["ours"]))
+                elif side == "peer":
+                    times["peer"] = run_timed(b.peer(images["peer"]))
+            if r == 0 and not peer_only:
+                b.verify(images["ours"], images["peer"])
+            if r >= warmup:
+                res.peer_s.append(times["peer"])
+                if "ours" in times:
+                    res.ours_s.append(times["ours"])
+            for image in images.values():
+                fx.discard(image)
+        if rss:
+            image = fx.fresh(template, f"{cls.name}-rss-peer.qcow2")
+            res.peer_maxrss_kib = peak_rss(b.peer(image))
+            fx.discard(image)
+        if rss and not peer_only:
+            image = fx.fresh(template, f"{cls.name}-rss-ours.qcow2")
+            res.ours_maxrss_kib = peak_rss([sys.executable, "-m", __package__, "--child-ours", cls.name,
+                                            str(image)], env=_child_env())
+            fx.discard(image)
+    except Exception as e:
+        res.error = f"{type(e).__name__}: {e}"
+        _progress(traceback.format_exc().rstrip())
+    return res
+
+
+def baseline_rss() -> int:
+    """Peak RSS (KiB) of a child that imports what ``--child-ours`` imports and does nothing."""
+    return peak_rss([sys.executable, "-m", __package__, "--child-baseline"], env=_child_env())
+
+
+# -- output ---------------------------------------------------------------------
+def _ms(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1e3:.1f} ms"
+
+
+def _mib(kib: int | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:.0f} MiB"
+
+
+def table(results: Sequence[Result], rss: bool = False) -> str:
+    """The results as an aligned text table, one benchmark a row."""
+    head = ["benchmark", "ours (median)", "peer (median)", "ratio", "goal", "result"]
+    if rss:
+        head += ["ours RSS", "peer RSS"]
+    rows = [head]
+    for r in results:
+        verdict = "ERROR" if r.error else {True: "PASS", False: "MISS", None: "-"}[r.passed]
+        row = [r.name, _ms(r.ours_median), _ms(r.peer_median), "-" if r.ratio is None else f"{r.ratio:.2f}x",
+               f"<= {r.goal:.1f}x", verdict]
+        if rss:
+            row += [_mib(r.ours_maxrss_kib), _mib(r.peer_maxrss_kib)]
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    right = {1, 2, 3, 6, 7}
+    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in results:
+        if r.error:
+            lines.append(f"{r.name}: {r.error}")
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    """What the figures depend on: versions, machine, date."""
+    import numpy
+    return {"qemu_img": qemu_img("--version").splitlines()[0], "python": platform.python_version(),
+            "numpy": numpy.__version__, "platform": platform.platform(), "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- command line ---------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench",
+                                description="Compare qjournal (library call, in-process) with its peer "
+                                            "(whole qemu-img process) on the same images.")
+    p.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (exact name or prefix; default all)")
+    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p.add_argument("--rounds", type=int, default=5, metavar="N", help="timed rounds per benchmark (default 5)")
+    p.add_argument("--warmup", type=int, default=1, metavar="N",
+                   help="untimed rounds first, also the ones verified (default 1)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--rss", action="store_true", help="also measure each side's peak RSS (needs GNU time)")
+    p.add_argument("--peer-only", action="store_true", help="run and time the peer side alone")
+    p.add_argument("--dir", type=Path, metavar="DIR", help="work directory (default: a new temporary one)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory and its templates")
+    p.add_argument("--child-ours", nargs=2, metavar=("NAME", "IMAGE"), help=argparse.SUPPRESS)
+    p.add_argument("--child-baseline", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench``: 0 when every benchmark ran (PASS or MISS), 1 on an error, 2 on bad usage."""
+    args = parser().parse_args(argv)
+    load_all()
+    if args.child_baseline:
+        return 0
+    if args.child_ours:
+        name, image = args.child_ours
+        REGISTRY[name]().ours(Path(image))
+        return 0
+    if args.list:
+        width = max(map(len, REGISTRY), default=0)
+        for name, cls in REGISTRY.items():
+            print(f"{name.ljust(width)}  goal <= {cls.goal:.1f}x  {cls.description()}")
+        return 0
+    if args.rounds < 1 or args.warmup < 0:
+        print("python -m bench: --rounds must be at least 1 and --warmup at least 0", file=sys.stderr)
+        return 2
+    try:
+        chosen = select(args.names)
+    except KeyError as e:
+        print(f"python -m bench: {e.args[0]}", file=sys.stderr)
+        return 2
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
+        root = Path(tempfile.mkdtemp(prefix="bench-", dir=args.dir))
+    else:
+        root = Path(tempfile.mkdtemp(prefix="qjournal-bench-"))
+    env = environment()
+    results: list[Result] = []
+    try:
+        fx = Fixtures(root)
+        for cls in chosen:
+            _progress(f"{cls.name}: {args.warmup} warm-up + {args.rounds} rounds ...")
+            results.append(run_benchmark(cls, fx, args.rounds, args.warmup, peer_only=args.peer_only,
+                                         rss=args.rss))
+        base = baseline_rss() if args.rss and not args.peer_only else None
+    finally:
+        if args.keep:
+            _progress(f"work directory kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"{env['qemu_img']}; Python {env['python']}; {args.rounds} rounds (+{args.warmup} warm-up) each; "
+          "ours = library call in-process, peer = whole process")
+    print(table(results, rss=args.rss))
+    if base is not None:
+        print(f"RSS: peak of one more run of each side under GNU time, ours in a child process; "
+              f"a child that only imports the same modules peaks at {_mib(base)}")
+    if args.json is not None:
+        doc = {"environment": env, "rounds": args.rounds, "warmup": args.warmup, "peer_only": args.peer_only,
+               "baseline_maxrss_kib": base, "results": [r.to_json() for r in results]}
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return 1 if any(r.error for r in results) else 0

@@ -1,0 +1,1 @@
+"""crashsim: exhaustive crash simulation of qjournal's journaled operations (see DESIGN.md)."""

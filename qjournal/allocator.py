@@ -1,0 +1,219 @@
+"""Cluster allocation and refcount updates, staged for one transaction.
+
+The on-disk refcounts are the truth; everything here (the refcount table copy, the
+block cache, the free-space index) is derived and thrown away after every commit or
+abort. An allocation inside a transaction only marks a cluster as taken; the refcount
+writes are produced by :meth:`Allocator.materialize` at commit, in the order the
+ordering rule wants:
+
+* ``precommit``: new refcount blocks and a new refcount table, written whole into
+  clusters nothing references yet (invisible until a later step hooks them in);
+* ``increase``: in-place increments in existing refcount blocks;
+* ``hook``: reftable entries pointing at the new blocks, or the header switch to a
+  new, larger refcount table. After ``increase`` because a hooked block must already
+  be counted;
+* ``free``: in-place decrements, last, after the references are gone. A crash before
+  it leaks clusters, which is allowed; the reverse order would leave a refcount lower
+  than its references, which is not.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import attrs
+import numpy as np
+from sortedcontainers import SortedList
+
+from .errors import FormatError, UsageError
+from .format import refcount as rc
+from .medium import Medium
+
+Write = tuple[int, bytes]
+
+
+@attrs.define
+class RefcountPlan:
+    precommit: list[Write]
+    increase: list[Write]
+    hook: list[Write]
+    free: list[Write]
+    new_reftable: tuple[int, int] | None  # (offset, clusters) when the table moved
+
+
+class Allocator:
+    def __init__(self, medium: Medium, cluster_bits: int, refcount_order: int,
+                 reftable_offset: int, reftable_clusters: int) -> None:
+        self.medium = medium
+        self.cluster_bits = cluster_bits
+        self.cs = 1 << cluster_bits
+        self.order = refcount_order
+        self.epb = rc.entries_per_block(self.cs, refcount_order)
+        self.max = rc.max_refcount(refcount_order)
+        self.rt_offset = reftable_offset
+        self.rt_clusters = reftable_clusters
+        raw = medium.array(reftable_offset, reftable_clusters * self.cs // 8, ">u8").astype(np.uint64)
+        bad = np.nonzero(raw & np.uint64(rc.RT_RESERVED_MASK))[0]
+        if len(bad):
+            i = int(bad[0])
+            raise FormatError("refcount table", reftable_offset + 8 * i, f"entry {i} has reserved bits set")
+        self.reftable = raw
+        for i in np.nonzero(raw)[0]:
+            off = int(raw[i])
+            if off % self.cs or off + self.cs > medium.size:
+                raise FormatError("refcount table", reftable_offset + 8 * int(i),
+                                  f"refcount block offset {off:#x} is unaligned or past the end of the file")
+        self._blocks: dict[int, np.ndarray] = {}
+        self._free: SortedList | None = None
+        self._end = -(-medium.size // self.cs)
+        self.deltas: dict[int, int] = {}
+        self.taken: set[int] = set()
+
+    # -- reading ----------------------------------------------------------
+    def block(self, bi: int) -> np.ndarray:
+        """The counts of refcount block ``bi`` (zeros where there is no block)."""
+        if bi not in self._blocks:
+            off = int(self.reftable[bi]) if bi < len(self.reftable) else 0
+            if off:
+                self._blocks[bi] = rc.unpack_block(self.medium.read(off, self.cs), self.order)
+            else:
+                self._blocks[bi] = np.zeros(self.epb, dtype=np.uint64)
+        return self._blocks[bi]
+
+    def refcount(self, cluster: int) -> int:
+        return int(self.block(cluster // self.epb)[cluster % self.epb])
+
+    def all_refcounts(self, nclusters: int) -> np.ndarray:
+        """Refcounts of clusters ``0 .. nclusters-1``."""
+        nb = -(-nclusters // self.epb)
+        if nb == 0:
+            return np.zeros(0, dtype=np.uint64)
+        return np.concatenate([self.block(b) for b in range(nb)])[:nclusters]
+
+    def _free_index(self) -> SortedList:
+        if self._free is None:
+            counts = self.all_refcounts(self._end)
+            self._free = SortedList(int(i) for i in np.nonzero(counts == 0)[0])
+        return self._free
+
+    # -- staging ----------------------------------------------------------
+    def alloc(self, n: int = 1) -> int:
+        """Take ``n`` contiguous free clusters; returns the byte offset of the first."""
+        if n <= 0:
+            raise ValueError("allocation of no clusters")
+        free = self._free_index()
+        start = None
+        if n == 1:
+            if free:
+                start = free[0]
+        else:
+            run_start, run_len, prev = None, 0, None
+            for c in free:
+                if prev is not None and c == prev + 1:
+                    run_len += 1
+                else:
+                    run_start, run_len = c, 1
+                prev = c
+                if run_len == n:
+                    start = run_start
+                    break
+        if start is None:
+            start = self._end
+            self._end = start + n
+        for c in range(start, start + n):
+            if c in free:
+                free.remove(c)
+            self.taken.add(c)
+            self.deltas[c] = self.deltas.get(c, 0) + 1
+        return start * self.cs
+
+    def free(self, offset: int, n: int = 1) -> None:
+        """Drop one reference from ``n`` clusters at ``offset`` (applied in the free step)."""
+        c0 = offset // self.cs
+        for c in range(c0, c0 + n):
+            self.deltas[c] = self.deltas.get(c, 0) - 1
+
+    def free_clusters_of(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Free every cluster touched by the byte ranges ``(offset, length)``."""
+        for off, length in ranges:
+            first = off // self.cs
+            last = (off + length - 1) // self.cs
+            self.free(first * self.cs, last - first + 1)
+
+    # -- commit -----------------------------------------------------------
+    def materialize(self) -> RefcountPlan:
+        cs, epb = self.cs, self.epb
+        new_blocks: dict[int, int] = {}
+        new_rt: tuple[int, int] | None = None
+        rt_entries = len(self.reftable)
+        while True:
+            live = [c for c, d in self.deltas.items() if d]
+            if not live:
+                break
+            need = max(live) // epb + 1
+            if need > rt_entries:
+                if new_rt is not None:
+                    self.free(new_rt[0], new_rt[1])
+                else:
+                    self.free(self.rt_offset, self.rt_clusters)
+                clusters = -(-(need + need // 2 + 1) * 8 // cs)
+                new_rt = (self.alloc(clusters), clusters)
+                rt_entries = clusters * cs // 8
+                continue
+            missing = sorted({c // epb for c in live
+                              if not (c // epb < len(self.reftable) and self.reftable[c // epb])
+                              and c // epb not in new_blocks})
+            if not missing:
+                break
+            for bi in missing:
+                new_blocks[bi] = self.alloc(1)
+        plan = RefcountPlan([], [], [], [], new_rt)
+        by_block: dict[int, list[tuple[int, int]]] = {}
+        for c, d in self.deltas.items():
+            if d:
+                by_block.setdefault(c // epb, []).append((c % epb, d))
+        for bi, changes in sorted(by_block.items()):
+            old = self.block(bi)
+            inc = old.copy()
+            new = old.copy()
+            for idx, d in changes:
+                if d > 0:
+                    inc[idx] += np.uint64(d)
+                v = int(old[idx]) + d
+                c = bi * epb + idx
+                if v < 0:
+                    raise FormatError("refcount block", int(self.reftable[bi]) if bi < len(self.reftable) else None,
+                                      f"refcount of cluster {c:#x} would drop below zero")
+                if v > self.max:
+                    raise UsageError(f"refcount of cluster {c:#x} would exceed {self.max} "
+                                     f"(refcount_bits={1 << self.order})")
+                new[idx] = np.uint64(v)
+            if bi in new_blocks:
+                plan.precommit.append((new_blocks[bi], rc.pack_block(new, self.order)))
+                continue
+            base = int(self.reftable[bi])
+            old_b = rc.pack_block(old, self.order)
+            inc_b = rc.pack_block(inc, self.order)
+            new_b = rc.pack_block(new, self.order)
+            plan.increase += _diff_writes(base, old_b, inc_b)
+            plan.free += _diff_writes(base, inc_b, new_b)
+        if new_rt is not None:
+            table = np.zeros(new_rt[1] * cs // 8, dtype=np.uint64)
+            table[:len(self.reftable)] = self.reftable
+            for bi, off in new_blocks.items():
+                table[bi] = off
+            plan.precommit.append((new_rt[0], table.astype(">u8").tobytes()))
+        else:
+            for bi, off in sorted(new_blocks.items()):
+                plan.hook.append((self.rt_offset + 8 * bi, int(off).to_bytes(8, "big")))
+        return plan
+
+
+def _diff_writes(base: int, old: bytes, new: bytes) -> list[Write]:
+    """One write covering the bytes that differ between two versions of a block."""
+    if old == new:
+        return []
+    a = np.frombuffer(old, dtype=np.uint8)
+    b = np.frombuffer(new, dtype=np.uint8)
+    idx = np.nonzero(a != b)[0]
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    return [(base + lo, new[lo:hi])]

@@ -1,0 +1,141 @@
+"""Planning the writes that change cluster 0 (header, extensions, backing file name).
+
+QEMU rewrites the whole header cluster in one write, so a torn write can corrupt the
+header. We do it in steps, each safe to crash after for a reader that ignores our
+journal (a disk sector of 512 bytes is the unit that cannot tear):
+
+1. ``autoclear-cleared``: when the bitmaps extension changes in more than one sector,
+   clear autoclear bit 0 first. A crash from here on leaves bitmaps that QEMU drops
+   (allowed), never bitmaps that claim to be consistent and are not.
+2. ``header-tail-written``: bytes no reader of the old layout looks at (past the end
+   marker, away from the backing file name). A crash here changes nothing visible.
+3. ``backing-name-moved``: when the extension list grows into the backing file name,
+   the name was copied in step 2; one write in sector 0 points the header at the copy.
+4. ``header-switched``: the rest of the visible change, one sector per write, sector 0
+   (with the autoclear bit set again) last. In the common cases this is one write.
+5. ``header-cleanup``: zero what the new layout no longer looks at.
+"""
+from __future__ import annotations
+
+import attrs
+
+from .errors import UsageError
+from .format.extensions import Extension, padded, pack_extensions
+from .format.header import FIELD_OFFSET, Header
+
+SECTOR = 512
+AUTOCLEAR_BYTES = (FIELD_OFFSET["autoclear_features"], 8)
+
+Write = tuple[int, bytes]
+
+
+@attrs.frozen
+class Cluster0:
+    """The visible content of cluster 0: header, extensions, backing file name."""
+
+    header: Header
+    extensions: tuple[Extension, ...]
+    backing_name: bytes | None
+    header_tail: bytes = b""  # bytes 105..header_length we do not interpret, kept as is
+
+    @property
+    def ext_end(self) -> int:
+        return self.header.length + sum(e.packed_size for e in self.extensions) + 8
+
+    def visible(self) -> list[tuple[int, int]]:
+        ranges = [(0, self.ext_end)]
+        if self.backing_name:
+            ranges.append((self.header.backing_file_offset, len(self.backing_name)))
+        return ranges
+
+    def place(self, old_backing: tuple[int, int] | None) -> "Cluster0":
+        """Choose where the backing name lives: where it was if it still fits."""
+        if not self.backing_name:
+            return attrs.evolve(self, header=self.header.replace(backing_file_offset=0, backing_file_size=0))
+        n = len(self.backing_name)
+        if old_backing and old_backing[0] >= self.ext_end and old_backing[1] == n:
+            off = old_backing[0]
+        elif old_backing:
+            off = padded(max(self.ext_end, old_backing[0] + old_backing[1]))
+        else:
+            off = self.ext_end
+        if off + n > self.header.cluster_size:
+            off = self.ext_end
+            if off + n > self.header.cluster_size:
+                raise UsageError(f"header extensions and backing file name do not fit in the "
+                                 f"{self.header.cluster_size}-byte header cluster")
+        return attrs.evolve(self, header=self.header.replace(backing_file_offset=off, backing_file_size=n))
+
+    def render(self, length: int) -> bytes:
+        buf = bytearray(length)
+        packed = self.header.pack()
+        buf[:len(packed)] = packed
+        if self.header_tail:
+            buf[105:105 + len(self.header_tail)] = self.header_tail
+        exts = pack_extensions(self.extensions)
+        buf[self.header.length:self.header.length + len(exts)] = exts
+        if self.backing_name:
+            o = self.header.backing_file_offset
+            buf[o:o + len(self.backing_name)] = self.backing_name
+        return bytes(buf)
+
+
+def _in_ranges(pos: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(o <= pos < o + n for o, n in ranges)
+
+
+def _runs(cur: bytes | bytearray, new: bytes, positions: list[int]) -> list[Write]:
+    """Coalesce differing byte positions into writes."""
+    out: list[Write] = []
+    start = prev = None
+    for p in positions:
+        if start is None:
+            start = prev = p
+        elif p == prev + 1:  # type: ignore[operator]
+            prev = p
+        else:
+            out.append((start, bytes(new[start:prev + 1])))  # type: ignore[operator]
+            start = prev = p
+    if start is not None:
+        out.append((start, bytes(new[start:prev + 1])))  # type: ignore[operator]
+    return out
+
+
+def plan(old_bytes: bytes, old: Cluster0, new: Cluster0, guard_bitmaps: bool) -> list[tuple[str, list[Write]]]:
+    """Steps that take cluster 0 from ``old_bytes`` (laid out as ``old``) to ``new``."""
+    length = max(len(old_bytes), new.ext_end,
+                 (new.header.backing_file_offset + len(new.backing_name or b"")))
+    cur = bytearray(old_bytes) + bytearray(max(0, length - len(old_bytes)))
+    target = new.render(len(cur))
+    diff = [i for i in range(len(cur)) if cur[i] != target[i]]
+    if not diff:
+        return []
+    if diff[-1] // SECTOR == diff[0] // SECTOR:
+        return [("header-switched", _runs(cur, target, diff))]
+
+    steps: list[tuple[str, list[Write]]] = []
+
+    def emit(name: str, writes: list[Write]) -> None:
+        if writes:
+            for off, data in writes:
+                cur[off:off + len(data)] = data
+            steps.append((name, writes))
+
+    ac_off, ac_len = AUTOCLEAR_BYTES
+    old_ac = int.from_bytes(cur[ac_off:ac_off + ac_len], "big")
+    if guard_bitmaps and old_ac & 1:
+        emit("autoclear-cleared", [(ac_off, (old_ac & ~1).to_bytes(8, "big"))])
+    old_visible = old.visible()
+    emit("header-tail-written", _runs(cur, target, [i for i in range(len(cur))
+                                                     if cur[i] != target[i] and not _in_ranges(i, old_visible)]))
+    bf = FIELD_OFFSET["backing_file_offset"]
+    if old.backing_name and new.backing_name and \
+            old.header.backing_file_offset != new.header.backing_file_offset:
+        emit("backing-name-moved", [(bf, target[bf:bf + 12])])
+    new_visible = new.visible()
+    rest = [i for i in range(len(cur)) if cur[i] != target[i] and _in_ranges(i, new_visible)]
+    sectors = sorted({i // SECTOR for i in rest}, reverse=True)
+    for s in sectors:
+        emit("header-switched", _runs(cur, target, [i for i in rest if i // SECTOR == s]))
+    emit("header-cleanup", _runs(cur, target, [i for i in range(len(cur)) if cur[i] != target[i]]))
+    return steps

@@ -1,0 +1,503 @@
+"""An open qcow2 image: validation, cached metadata and journaled transactions.
+
+Opening reads only metadata (header cluster, tables, bitmap directory) through the
+memory map; nothing is read as a whole. Every cache here is derived from the image
+and rebuilt after each commit or abort, never trusted across a crash.
+
+Every change is a transaction (:meth:`Image.transaction`). Operations stage their
+intent (a new bitmap directory, new tables, cluster allocations and frees) and write
+new data only into clusters nothing references yet. At commit the image turns the
+staged intent into ordered steps (see :meth:`Image._build_steps`) and hands them to
+the journal, which makes them durable in one sync and applies them with a barrier
+between steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+import attrs
+import numpy as np
+
+from . import lock
+from .allocator import Allocator
+from .errors import FormatError, UnsupportedError, UsageError
+from .format import bitmaps as bm
+from .format.extensions import (EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_DATA_FILE, EXT_FEATURE_TABLE, KNOWN,
+                                Extension, parse_extensions)
+from .format.header import (AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS,
+                            COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_KNOWN, Header)
+from .format.snapshots import Snapshot, parse_snapshots
+from .format.tables import L1E_OFFSET_MASK
+from .headerwrite import Cluster0, plan as plan_cluster0
+from .journal import Journal, Transaction
+from .medium import Medium, MmapMedium
+from .overlay import OverlayMedium
+
+
+@attrs.frozen
+class BitmapInfo:
+    name: str
+    granularity: int
+    flags: tuple[str, ...]
+
+
+@attrs.frozen
+class ImageInfo:
+    """What ``qjournal info`` reports; ``to_json()`` uses qemu-img's keys."""
+
+    filename: str
+    virtual_size: int
+    cluster_size: int
+    actual_size: int
+    dirty_flag: bool
+    compat: str
+    compression_type: str
+    lazy_refcounts: bool | None
+    refcount_bits: int
+    corrupt: bool
+    extended_l2: bool
+    bitmaps: tuple[BitmapInfo, ...] | None
+    backing_filename: str | None
+    full_backing_filename: str | None
+    backing_format: str | None
+    data_file: str | None
+    data_file_raw: bool | None
+    snapshots: tuple[Snapshot, ...]
+    unknown_extensions: tuple[tuple[int, int], ...]
+    encrypted: bool
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"compat": self.compat}
+        if self.compat == "1.1":
+            data["compression-type"] = self.compression_type
+            data["lazy-refcounts"] = self.lazy_refcounts
+            if self.bitmaps is not None:
+                data["bitmaps"] = [{"flags": list(b.flags), "name": b.name, "granularity": b.granularity}
+                                   for b in self.bitmaps]
+            data["refcount-bits"] = self.refcount_bits
+            if self.data_file is not None:
+                data["data-file"] = self.data_file
+            if self.data_file_raw is not None:
+                data["data-file-raw"] = self.data_file_raw
+            data["corrupt"] = self.corrupt
+            data["extended-l2"] = self.extended_l2
+        else:
+            data["compression-type"] = self.compression_type
+            data["refcount-bits"] = self.refcount_bits
+        out: dict[str, Any] = {}
+        if self.backing_format is not None:
+            out["backing-filename-format"] = self.backing_format
+        if self.snapshots:
+            out["snapshots"] = [snapshot_json(s) for s in self.snapshots]
+        out.update({
+            "virtual-size": self.virtual_size,
+            "filename": self.filename,
+            "cluster-size": self.cluster_size,
+            "format": "qcow2",
+            "actual-size": self.actual_size,
+        })
+        if self.encrypted:
+            out["encrypted"] = True
+        out["format-specific"] = {"type": "qcow2", "data": data}
+        if self.backing_filename is not None:
+            out["full-backing-filename"] = self.full_backing_filename
+            out["backing-filename"] = self.backing_filename
+        out["dirty-flag"] = self.dirty_flag
+        if self.unknown_extensions:
+            out["qjournal-unknown-extensions"] = [{"type": f"{t:#010x}", "length": n}
+                                                  for t, n in self.unknown_extensions]
+        return out
+
+
+def snapshot_json(s: Snapshot) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    if s.icount is not None and s.icount != (1 << 64) - 1:
+        d["icount"] = s.icount
+    d.update({"vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000, "name": s.name, "date-sec": s.date_sec,
+              "date-nsec": s.date_nsec, "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000, "id": s.id,
+              "vm-state-size": s.vm_state_size})
+    return d
+
+
+@attrs.define
+class TxState:
+    """What one transaction has staged so far."""
+
+    alloc: Allocator
+    entries: list[bm.DirectoryEntry]
+    precommit: list[tuple[int, bytes]] = attrs.Factory(list)
+    description: list[str] = attrs.Factory(list)
+    force_guard: bool = False  # the seed protocol: rewrite the directory in place under autoclear
+
+
+class Image:
+    """An open qcow2 image. Use :func:`qjournal.open` rather than this constructor."""
+
+    def __init__(self, path: str | os.PathLike[str], mode: str = "r", *, medium: Medium | None = None,
+                 journal_medium: Medium | None = None, take_locks: bool = True, salvage: bool = False) -> None:
+        if mode not in ("r", "r+"):
+            raise UsageError(f"mode {mode!r} is not 'r' or 'r+'")
+        self.path = os.fspath(path)
+        self.writable = mode == "r+"
+        self.salvage = salvage
+        self.bitmaps_damage: str | None = None
+        self._tx: TxState | None = None
+        if medium is None:
+            try:
+                medium = MmapMedium(self.path, self.writable)
+            except OSError as e:
+                raise UsageError(f"{self.path}: cannot open: {e.strerror}") from None
+            if take_locks:
+                try:
+                    lock.acquire(medium.fd, self.path, self.writable)
+                except Exception:
+                    medium.close()
+                    raise
+        self._base = medium
+        try:
+            # The header must at least be a qcow2 header before a journal is trusted.
+            Header.parse(medium.read(0, min(medium.size, 4096)))
+            if journal_medium is not None:
+                self.journal = Journal(medium, journal_medium)
+            else:
+                self.journal = Journal.open_for(self.path, medium, self.writable)
+            if self.writable:
+                self.journal.recover()
+                self.medium: Medium = medium
+            elif self.journal.pending():
+                self.medium = OverlayMedium(medium, self.journal.overlay())
+            else:
+                self.medium = medium
+            self._load()
+        except BaseException:
+            medium.close()
+            raise
+
+    # -- loading and validation ---------------------------------------------
+    def _load(self) -> None:
+        m = self.medium
+        size = m.size
+        h = Header.parse(m.read(0, min(size, 1 << 21)), size)
+        cs = h.cluster_size
+        self.header = h
+        if h.incompatible_features & ~INCOMPAT_KNOWN:
+            raise UnsupportedError(f"qcow2 header at offset 0x48: unknown incompatible feature bits "
+                                   f"{h.incompatible_features & ~INCOMPAT_KNOWN:#x}; refusing to open")
+        if self.writable and h.incompatible_features & INCOMPAT_CORRUPT:
+            raise UsageError(f"{self.path}: the corrupt bit is set; qjournal opens it read-only only "
+                             "(repair it with qjournal check -r all)")
+        if self.writable and h.crypt_method:
+            raise UnsupportedError(f"{self.path}: encrypted images are not supported for writing")
+        c0_len = min(cs, size)
+        self._cluster0 = m.read(0, c0_len)
+        self.extensions = parse_extensions(self._cluster0, h.length, c0_len)
+        exts = {e.type: e for e in self.extensions}
+        self.backing_name: bytes | None = None
+        if h.backing_file_offset:
+            end = h.backing_file_offset + h.backing_file_size
+            if end > c0_len:
+                raise FormatError("qcow2 header", 8, "backing file name lies past the end of the file")
+            self.backing_name = self._cluster0[h.backing_file_offset:end]
+            ext_end = Cluster0(h, self.extensions, None).ext_end
+            if h.backing_file_offset < ext_end:
+                raise FormatError("qcow2 header", 8, f"backing file name at {h.backing_file_offset:#x} overlaps "
+                                  f"the header extensions (which end at {ext_end:#x})")
+        self.backing_format = _text(exts, EXT_BACKING_FORMAT)
+        self.data_file = _text(exts, EXT_DATA_FILE)
+        if h.has_data_file and self.data_file is None:
+            raise FormatError("qcow2 header", 72, "external data file bit set but no data file name extension")
+        self.snapshots = ()
+        if h.nb_snapshots:
+            n = min(size - h.snapshots_offset, 65536 * 2048)
+            self.snapshots = parse_snapshots(m.read(h.snapshots_offset, n), h.snapshots_offset,
+                                             h.nb_snapshots, cs, size)
+        self.entries: list[bm.DirectoryEntry] = []
+        self.bitmaps_ext: bm.BitmapsExtension | None = None
+        self.stale_bitmaps_ext = EXT_BITMAPS in exts and not h.bitmaps_consistent
+        if EXT_BITMAPS in exts:
+            if h.version < 3:
+                self.stale_bitmaps_ext = True
+            ext = exts[EXT_BITMAPS]
+            if len(ext.data) != bm.EXT_SIZE:
+                raise FormatError("bitmaps extension", ext.offset, f"length {len(ext.data)} is not {bm.EXT_SIZE}")
+            if not self.stale_bitmaps_ext:
+                try:
+                    self._load_bitmaps(ext)
+                except FormatError as err:
+                    if not self.salvage:
+                        raise
+                    # check -r all drops what it cannot read, by the autoclear rule.
+                    self.bitmaps_damage = str(err)
+                    self.bitmaps_ext, self.entries, self.stale_bitmaps_ext = None, [], True
+        self._check_overlaps(self.metadata_ranges())
+
+    def _load_bitmaps(self, ext: Extension) -> None:
+        m, cs, size = self.medium, self.header.cluster_size, self.medium.size
+        self.bitmaps_ext = be = bm.BitmapsExtension.parse(ext.data, ext.offset, cs, size)
+        self.entries = list(bm.parse_directory(m.read(be.directory_offset, be.directory_size),
+                                               be.directory_offset, be.nb_bitmaps, cs, size, self.header.size))
+        for e in self.entries:
+            bm.validate_table(self.bitmap_table(e), e.name, e.table_offset, cs, size)
+        self._check_overlaps(self.metadata_ranges(), bitmaps=True)
+
+    def bitmap_table(self, e: bm.DirectoryEntry) -> np.ndarray:
+        """The bitmap table of ``e`` as uint64 (a copy)."""
+        return self.reader.array(e.table_offset, e.table_size, ">u8").astype(np.uint64)
+
+    def metadata_ranges(self) -> list[tuple[int, int, str]]:
+        """(offset, length, what) of every metadata structure except L2 tables and refcount blocks."""
+        h, cs = self.header, self.header.cluster_size
+        out = [(0, cs, "header cluster"),
+               (h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")]
+        if h.l1_size:
+            out.append((h.l1_table_offset, h.l1_size * 8, "L1 table"))
+        if h.nb_snapshots:
+            end = self.snapshots[-1].offset + len(self.snapshots[-1].pack()) if self.snapshots else h.snapshots_offset
+            out.append((h.snapshots_offset, end - h.snapshots_offset, "snapshot table"))
+        if self.bitmaps_ext:
+            out.append((self.bitmaps_ext.directory_offset, self.bitmaps_ext.directory_size, "bitmap directory"))
+            for e in self.entries:
+                if e.table_size:
+                    out.append((e.table_offset, e.table_size * 8, f"bitmap table of {e.name!r}"))
+        return out
+
+    def _check_overlaps(self, ranges: list[tuple[int, int, str]], bitmaps: bool = False) -> None:
+        """QEMU's overlap rule: no two structures share a cluster."""
+        cs = self.header.cluster_size
+        owner: dict[int, str] = {}
+        for off, length, what in ranges:
+            for c in range(off // cs, (off + max(length, 1) - 1) // cs + 1):
+                if c in owner:
+                    raise FormatError(what, off, f"overlaps the {owner[c]} in cluster {c * cs:#x}")
+                owner[c] = what
+        for e in self.entries if bitmaps else ():
+            t = self.bitmap_table(e)
+            offs = t & np.uint64(bm.TE_OFFSET_MASK)
+            offs = offs[offs != 0] // np.uint64(cs)
+            uniq, counts = np.unique(offs, return_counts=True)
+            if len(uniq) and counts.max() > 1:
+                c = int(uniq[np.argmax(counts)])
+                raise FormatError(f"bitmap table of {e.name!r}", e.table_offset,
+                                  f"data cluster {c * cs:#x} is used twice")
+            for c in uniq:
+                if int(c) in owner:
+                    raise FormatError(f"bitmap table of {e.name!r}", e.table_offset,
+                                      f"data cluster {int(c) * cs:#x} overlaps the {owner[int(c)]}")
+                owner[int(c)] = f"bitmap data of {e.name!r}"
+
+    def l1_table(self) -> np.ndarray:
+        h = self.header
+        return self.medium.array(h.l1_table_offset, h.l1_size, ">u8").astype(np.uint64)
+
+    def l2_offsets(self) -> np.ndarray:
+        l1 = self.l1_table() & np.uint64(L1E_OFFSET_MASK)
+        return l1[l1 != 0]
+
+    # -- info ---------------------------------------------------------------
+    def info(self) -> ImageInfo:
+        h = self.header
+        bitmaps = None
+        if h.version >= 3 and self.entries:
+            bitmaps = tuple(BitmapInfo(e.name, e.granularity,
+                                       tuple(f for f, on in (("in-use", e.in_use), ("auto", e.auto)) if on))
+                            for e in self.entries)
+        backing = self.backing_name.decode("utf-8", "replace") if self.backing_name is not None else None
+        full = None
+        if backing is not None:
+            full = backing if os.path.isabs(backing) or ":" in backing.split("/")[0] else \
+                os.path.join(os.path.dirname(self.path), backing)
+        try:
+            st = os.stat(self.path)
+            actual = st.st_blocks * 512
+        except OSError:
+            actual = self.medium.size
+        unknown = tuple((e.type, len(e.data)) for e in self.extensions if e.type not in KNOWN)
+        return ImageInfo(
+            filename=self.path, virtual_size=h.size, cluster_size=h.cluster_size, actual_size=actual,
+            dirty_flag=bool(h.incompatible_features & INCOMPAT_DIRTY),
+            compat="1.1" if h.version >= 3 else "0.10",
+            compression_type=COMPRESSION_NAMES[h.compression_type],
+            lazy_refcounts=bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS) if h.version >= 3 else None,
+            refcount_bits=h.refcount_bits, corrupt=bool(h.incompatible_features & INCOMPAT_CORRUPT),
+            extended_l2=h.extended_l2, bitmaps=bitmaps, backing_filename=backing, full_backing_filename=full,
+            backing_format=self.backing_format, data_file=self.data_file,
+            data_file_raw=bool(h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW) if self.data_file is not None else None,
+            snapshots=self.snapshots, unknown_extensions=unknown, encrypted=bool(h.crypt_method))
+
+    # -- transactions -------------------------------------------------------
+    @property
+    def bitmaps(self) -> "Any":
+        from .bitmaps import Bitmaps
+        return Bitmaps(self)
+
+    @contextlib.contextmanager
+    def transaction(self, description: str = "transaction") -> Iterator[TxState]:
+        """Make every operation inside one atomic unit (nested calls join the outer one)."""
+        if self._tx is not None:
+            self._tx.description.append(description)
+            yield self._tx
+            return
+        if not self.writable:
+            raise UsageError(f"{self.path}: the image is open read-only")
+        h = self.header
+        self._tx = TxState(Allocator(self.medium, h.cluster_bits, h.refcount_order, h.refcount_table_offset,
+                                     h.refcount_table_clusters), list(self.entries), description=[description])
+        try:
+            yield self._tx
+            self._commit(self._tx)
+        finally:
+            self._tx = None
+            self._load()
+
+    def _staged(self) -> TxState:
+        if self._tx is None:
+            raise RuntimeError("no transaction is open")
+        return self._tx
+
+    def precommit_write(self, off: int, data: bytes) -> None:
+        """Stage a write into clusters this transaction allocated.
+
+        Nothing reaches the file before commit, so a refused transaction leaves the
+        image byte-identical; reads inside the transaction see the staged bytes.
+        """
+        self._staged().precommit.append((off, bytes(data)))
+
+    @property
+    def reader(self) -> Medium:
+        """The medium as this transaction sees it (staged new clusters included)."""
+        if self._tx is not None and self._tx.precommit:
+            return OverlayMedium(self.medium, self._tx.precommit)
+        return self.medium
+
+    def _commit(self, tx: TxState) -> None:
+        steps = self._build_steps(tx)
+        if not steps:
+            return
+        # Ordered mode: everything written into new clusters is durable before the
+        # commit that makes anything point at it. A crash before the commit leaves
+        # unreferenced clusters (and perhaps a longer file): invisible to every reader.
+        for off, data in tx.precommit:
+            self.medium.write(off, data)
+        self.medium.flush([(off, len(data)) for off, data in tx.precommit])
+        jt = Transaction(description="; ".join(tx.description))
+        for name, writes in steps:
+            jt.step(name)
+            for off, data in writes:
+                jt.write(off, data)
+        self.journal.commit(jt)
+
+    def _build_steps(self, tx: TxState) -> list[tuple[str, list[tuple[int, bytes]]]]:
+        """The ordered steps of the transaction (see the ordering rule in DESIGN.md)."""
+        h, cs, alloc = self.header, self.header.cluster_size, tx.alloc
+        old_c0 = Cluster0(h, self.extensions, self.backing_name, self._header_tail())
+        exts = [e for e in self.extensions if not (e.type == EXT_BITMAPS)]
+        bitmap_steps: list[tuple[str, list[tuple[int, bytes]]]] = []
+        new_ext: Extension | None = None
+        bitmaps_changed = tx.entries != self.entries or self.stale_bitmaps_ext or tx.force_guard
+        old_ext = next((e for e in self.extensions if e.type == EXT_BITMAPS), None)
+        if bitmaps_changed and self._in_place_possible(tx):
+            # The seed protocol: clear autoclear, rewrite the directory in place, set
+            # autoclear. A crash between the first and last write leaves bitmaps that
+            # every reader drops, never a half-written directory that claims to be valid.
+            be = self.bitmaps_ext
+            assert be is not None
+            ac = h.autoclear_features & AUTOCLEAR_KNOWN
+            ac_off = 88
+            bitmap_steps = [
+                ("autoclear-cleared", [(ac_off, (ac & ~AUTOCLEAR_BITMAPS).to_bytes(8, "big"))]),
+                ("directory-written", [(be.directory_offset, bm.pack_directory(tx.entries))]),
+                ("autoclear-set", [(ac_off, (ac | AUTOCLEAR_BITMAPS).to_bytes(8, "big"))]),
+            ]
+            new_ext = old_ext
+        elif bitmaps_changed:
+            if tx.entries:
+                directory = bm.pack_directory(tx.entries)
+                if len(directory) > bm.MAX_DIRECTORY_SIZE:
+                    raise UsageError(f"bitmap directory of {len(directory)} bytes exceeds QEMU's limit of "
+                                     f"{bm.MAX_DIRECTORY_SIZE}")
+                n = -(-len(directory) // cs)
+                doff = alloc.alloc(n)
+                self.precommit_write(doff, directory + bytes(n * cs - len(directory)))
+                new_ext = Extension(EXT_BITMAPS, bm.BitmapsExtension(len(tx.entries), len(directory), doff).pack())
+            if self.bitmaps_ext:
+                alloc.free_clusters_of([(self.bitmaps_ext.directory_offset, self.bitmaps_ext.directory_size)])
+        elif old_ext is not None and not self.stale_bitmaps_ext:
+            new_ext = old_ext
+        if new_ext is not None:
+            exts.append(Extension(EXT_BITMAPS, new_ext.data))
+        rplan = alloc.materialize()
+        for off, data in rplan.precommit:
+            self.precommit_write(off, data)
+
+        steps: list[tuple[str, list[tuple[int, bytes]]]] = []
+        if rplan.increase:
+            steps.append(("refcounts-increased", rplan.increase))
+        if rplan.hook:
+            steps.append(("refcount-blocks-hooked", rplan.hook))
+        header = h
+        cur_bytes = self._cluster0
+        cur_c0 = old_c0
+        if rplan.new_reftable:
+            header = h.replace(refcount_table_offset=rplan.new_reftable[0],
+                               refcount_table_clusters=rplan.new_reftable[1])
+            mid = Cluster0(header, self.extensions, self.backing_name, self._header_tail())
+            for name, writes in plan_cluster0(cur_bytes, cur_c0, mid, False):
+                steps.append(("refcount-table-switched", writes))
+            cur_bytes, cur_c0 = mid.render(len(cur_bytes)), mid
+        ac = header.autoclear_features & AUTOCLEAR_KNOWN
+        ac = (ac | AUTOCLEAR_BITMAPS) if new_ext is not None else (ac & ~AUTOCLEAR_BITMAPS)
+        if bitmap_steps:
+            steps += bitmap_steps
+            ac = header.autoclear_features & AUTOCLEAR_KNOWN | AUTOCLEAR_BITMAPS
+        header = header.replace(autoclear_features=ac)
+        # Extensions keep their order; a new bitmaps extension goes last, where QEMU puts it.
+        ordered = sorted(exts, key=lambda e: [x.type for x in self.extensions].index(e.type)
+                         if e.type in [x.type for x in self.extensions] else len(self.extensions))
+        new_c0 = Cluster0(header, tuple(ordered), self.backing_name,
+                          self._header_tail()).place(self._backing_span())
+        if not bitmap_steps or new_c0.header != cur_c0.header.replace(autoclear_features=ac):
+            if bitmap_steps:
+                cur_bytes = bytearray(cur_bytes)
+                cur_bytes[88:96] = ac.to_bytes(8, "big")
+                cur_bytes = bytes(cur_bytes)
+                cur_c0 = attrs.evolve(cur_c0, header=cur_c0.header.replace(autoclear_features=ac))
+            steps += plan_cluster0(cur_bytes, cur_c0, new_c0, guard_bitmaps=bitmaps_changed)
+        if rplan.free:
+            steps.append(("clusters-freed", rplan.free))
+        return steps
+
+    def _in_place_possible(self, tx: TxState) -> bool:
+        """Only flags changed: the directory can be rewritten in place under the seed protocol."""
+        if not self.bitmaps_ext or self.stale_bitmaps_ext or len(tx.entries) != len(self.entries):
+            return False
+        if any(d for d in tx.alloc.deltas.values()):
+            return False
+        return all(attrs.evolve(a, flags=0) == attrs.evolve(b, flags=0) for a, b in zip(tx.entries, self.entries))
+
+    def _header_tail(self) -> bytes:
+        h = self.header
+        return self._cluster0[105:h.header_length] if h.version >= 3 and h.header_length > 105 else b""
+
+    def _backing_span(self) -> tuple[int, int] | None:
+        if self.backing_name is None:
+            return None
+        return self.header.backing_file_offset, self.header.backing_file_size
+
+    # -- lifetime -------------------------------------------------------------
+    def close(self) -> None:
+        if getattr(self, "journal", None) is not None:
+            self.journal.close()
+        self.medium.close()
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _text(exts: dict[int, Extension], etype: int) -> str | None:
+    e = exts.get(etype)
+    return e.data.decode("utf-8", "replace") if e is not None else None

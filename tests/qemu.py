@@ -1,0 +1,95 @@
+"""The oracle: real qemu-img, qemu-io and qemu-nbd, run as subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, check=check)
+
+
+def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run("qemu-img", *args, check=check)
+
+
+def qemu_io(path: str | Path, *commands: str) -> str:
+    args = ["qemu-io", "-f", "qcow2"]
+    for c in commands:
+        args += ["-c", c]
+    res = run(*args, str(path))
+    if "error" in res.stdout.lower() or "failed" in res.stdout.lower() or "Pattern verification failed" in res.stdout:
+        raise AssertionError(f"qemu-io {commands}: {res.stdout}{res.stderr}")
+    return res.stdout
+
+
+def info(path: str | Path) -> dict[str, Any]:
+    return json.loads(qemu_img("info", "--output=json", "-U", str(path)).stdout)
+
+
+def check(path: str | Path) -> tuple[int, dict[str, Any]]:
+    res = qemu_img("check", "--output=json", str(path), check=False)
+    try:
+        return res.returncode, json.loads(res.stdout)
+    except json.JSONDecodeError:
+        return res.returncode, {"error": res.stderr.strip()}
+
+
+def assert_clean(path: str | Path) -> dict[str, Any]:
+    code, out = check(path)
+    assert code == 0, f"qemu-img check {path}: exit {code}: {out}"
+    assert not out.get("leaks") and not out.get("corruptions"), out
+    return out
+
+
+def bitmaps(path: str | Path) -> list[dict[str, Any]]:
+    return info(path)["format-specific"]["data"].get("bitmaps", [])
+
+
+def create(path: str | Path, size: str = "1G", *opts: str) -> Path:
+    args = ["create", "-q", "-f", "qcow2"]
+    if opts:
+        args += ["-o", ",".join(opts)]
+    qemu_img(*args, str(path), size)
+    return Path(path)
+
+
+def nbd_dirty_extents(path: str | Path, bitmap: str) -> list[tuple[int, int]]:
+    """The dirty extents of ``bitmap`` as qemu-nbd -B exports them (via qemu-img map)."""
+    with tempfile.TemporaryDirectory() as d:
+        sock = os.path.join(d, "nbd.sock")
+        proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-k", sock, "-f", "qcow2", "-B", bitmap, str(path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(200):
+                if os.path.exists(sock):
+                    try:
+                        s = socket.socket(socket.AF_UNIX)
+                        s.connect(sock)
+                        s.close()
+                        break
+                    except OSError:
+                        pass
+                if proc.poll() is not None:
+                    raise AssertionError(f"qemu-nbd failed: {proc.stderr.read() if proc.stderr else ''}")
+                time.sleep(0.02)
+            res = qemu_img("map", "--output=json", "--image-opts",
+                           f"driver=nbd,server.type=unix,server.path={sock},"
+                           f"x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}")
+        finally:
+            proc.terminate()
+            proc.wait()
+    out: list[tuple[int, int]] = []
+    for e in json.loads(res.stdout):
+        if not e["data"]:
+            if out and out[-1][0] + out[-1][1] == e["start"]:
+                out[-1] = (out[-1][0], out[-1][1] + e["length"])
+            else:
+                out.append((e["start"], e["length"]))
+    return out

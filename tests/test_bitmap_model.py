@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from hypothesis import settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import qemu
 import qjournal
@@ -43,10 +43,6 @@ class BitmapMachine(RuleBasedStateMachine):
         self.path = qemu.create(self.dir / "m.qcow2", str(DISK), "cluster_size=4096")
         self.model: dict[str, dict] = {}
         self.steps = 0
-
-    @initialize()
-    def start(self) -> None:
-        pass
 
     @rule(name=NAMES, g=GRANS, disabled=st.booleans())
     def add(self, name: str, g: int, disabled: bool) -> None:

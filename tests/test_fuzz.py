@@ -78,10 +78,11 @@ def _run(*args: str) -> int:
 
 def _mutate(rng: random.Random, raw: bytearray, hot: list[int], cs: int) -> str:
     base = rng.choice(hot)
-    if base == 0 and rng.random() < 0.7:
+    if rng.random() < 0.5:  # the header and its extensions: most rules live there
         off = rng.randrange(0, min(cs, 1024))
     else:
         off = base + rng.randrange(0, cs)
+    off = min(off, len(raw) - 8)
     kind = rng.randrange(4)
     if kind == 0:
         raw[off] ^= 1 << rng.randrange(8)

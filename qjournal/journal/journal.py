@@ -143,9 +143,11 @@ class Journal:
         # Every earlier transaction is checkpointed, so its image writes are durable
         # (each step ended with a barrier): the old records are needed no more and the
         # new generation overwrites them from the start. Until the sync below, a crash
-        # leaves the old header with records of the new salt (invalid), or the new
-        # header with old records (invalid), or a prefix of the new records: in every
-        # case no committed transaction the image lacks.
+        # leaves, sector by sector, either generation: under the new header, a prefix of
+        # the new records (old ones have the old salt); under the old header, a prefix
+        # of the old records, perhaps without the last CHECKPOINT, so recovery may
+        # rewrite after-images the image already holds. In no case a committed
+        # transaction the image lacks, or a change to it.
         old = self._log.header
         salt = secrets.randbits(64)
         while old is not None and salt == old.salt:

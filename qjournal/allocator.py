@@ -57,7 +57,7 @@ class Allocator:
             i = int(bad[0])
             raise FormatError("refcount table", reftable_offset + 8 * i, f"entry {i} has reserved bits set")
         self.reftable = raw
-        for i in np.nonzero(raw)[0]:
+        for i in np.nonzero(raw)[0].tolist():
             off = int(raw[i])
             if off % self.cs or off + self.cs > medium.size:
                 raise FormatError("refcount table", reftable_offset + 8 * int(i),
@@ -111,7 +111,7 @@ class Allocator:
                 if prev is not None and c == prev + 1:
                     run_len += 1
                 else:
-                    run_start, run_len = c, 1
+                    run_start, run_len = int(c), 1
                 prev = c
                 if run_len == n:
                     start = run_start

@@ -18,6 +18,7 @@ journal (a disk sector of 512 bytes is the unit that cannot tear):
 from __future__ import annotations
 
 import attrs
+import numpy as np
 
 from .errors import UsageError
 from .format.extensions import Extension, padded, pack_extensions
@@ -80,25 +81,22 @@ class Cluster0:
         return bytes(buf)
 
 
-def _in_ranges(pos: int, ranges: list[tuple[int, int]]) -> bool:
-    return any(o <= pos < o + n for o, n in ranges)
+def _mask(length: int, ranges: list[tuple[int, int]]) -> np.ndarray:
+    m = np.zeros(length, dtype=bool)
+    for o, n in ranges:
+        m[o:o + n] = True
+    return m
 
 
-def _runs(cur: bytes | bytearray, new: bytes, positions: list[int]) -> list[Write]:
-    """Coalesce differing byte positions into writes."""
-    out: list[Write] = []
-    start = prev = None
-    for p in positions:
-        if start is None:
-            start = prev = p
-        elif p == prev + 1:  # type: ignore[operator]
-            prev = p
-        else:
-            out.append((start, bytes(new[start:prev + 1])))  # type: ignore[operator]
-            start = prev = p
-    if start is not None:
-        out.append((start, bytes(new[start:prev + 1])))  # type: ignore[operator]
-    return out
+def _runs(new: bytes, where: np.ndarray) -> list[Write]:
+    """Coalesce the byte positions marked in ``where`` into writes of ``new``."""
+    idx = np.nonzero(where)[0]
+    if not len(idx):
+        return []
+    breaks = np.nonzero(np.diff(idx) != 1)[0]
+    starts = np.concatenate(([idx[0]], idx[breaks + 1])).tolist()
+    ends = np.concatenate((idx[breaks], [idx[-1]])).tolist()
+    return [(s, bytes(new[s:e + 1])) for s, e in zip(starts, ends)]
 
 
 def plan(old_bytes: bytes, old: Cluster0, new: Cluster0, guard_bitmaps: bool) -> list[tuple[str, list[Write]]]:
@@ -107,11 +105,16 @@ def plan(old_bytes: bytes, old: Cluster0, new: Cluster0, guard_bitmaps: bool) ->
                  (new.header.backing_file_offset + len(new.backing_name or b"")))
     cur = bytearray(old_bytes) + bytearray(max(0, length - len(old_bytes)))
     target = new.render(len(cur))
-    diff = [i for i in range(len(cur)) if cur[i] != target[i]]
-    if not diff:
+    tgt = np.frombuffer(target, dtype=np.uint8)
+
+    def differs() -> np.ndarray:
+        return np.frombuffer(bytes(cur), dtype=np.uint8) != tgt
+
+    diff = np.nonzero(differs())[0]
+    if not len(diff):
         return []
     if diff[-1] // SECTOR == diff[0] // SECTOR:
-        return [("header-switched", _runs(cur, target, diff))]
+        return [("header-switched", _runs(target, differs()))]
 
     steps: list[tuple[str, list[Write]]] = []
 
@@ -125,17 +128,14 @@ def plan(old_bytes: bytes, old: Cluster0, new: Cluster0, guard_bitmaps: bool) ->
     old_ac = int.from_bytes(cur[ac_off:ac_off + ac_len], "big")
     if guard_bitmaps and old_ac & 1:
         emit("autoclear-cleared", [(ac_off, (old_ac & ~1).to_bytes(8, "big"))])
-    old_visible = old.visible()
-    emit("header-tail-written", _runs(cur, target, [i for i in range(len(cur))
-                                                     if cur[i] != target[i] and not _in_ranges(i, old_visible)]))
+    emit("header-tail-written", _runs(target, differs() & ~_mask(len(cur), old.visible())))
     bf = FIELD_OFFSET["backing_file_offset"]
     if old.backing_name and new.backing_name and \
             old.header.backing_file_offset != new.header.backing_file_offset:
         emit("backing-name-moved", [(bf, target[bf:bf + 12])])
-    new_visible = new.visible()
-    rest = [i for i in range(len(cur)) if cur[i] != target[i] and _in_ranges(i, new_visible)]
-    sectors = sorted({i // SECTOR for i in rest}, reverse=True)
-    for s in sectors:
-        emit("header-switched", _runs(cur, target, [i for i in rest if i // SECTOR == s]))
-    emit("header-cleanup", _runs(cur, target, [i for i in range(len(cur)) if cur[i] != target[i]]))
+    rest = differs() & _mask(len(cur), new.visible())
+    sector_of = np.arange(len(cur)) // SECTOR
+    for s in sorted(set(sector_of[rest].tolist()), reverse=True):
+        emit("header-switched", _runs(target, rest & (sector_of == s)))
+    emit("header-cleanup", _runs(target, differs()))
     return steps

@@ -24,7 +24,7 @@ from . import lock
 from .allocator import Allocator
 from .errors import FormatError, UnsupportedError, UsageError
 from .format import bitmaps as bm
-from .format.extensions import (EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_DATA_FILE, EXT_FEATURE_TABLE, KNOWN,
+from .format.extensions import (EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_DATA_FILE, KNOWN,
                                 Extension, parse_extensions)
 from .format.header import (AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS,
                             COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_KNOWN, Header)
@@ -208,7 +208,7 @@ class Image:
         self.data_file = _text(exts, EXT_DATA_FILE)
         if h.has_data_file and self.data_file is None:
             raise FormatError("qcow2 header", 72, "external data file bit set but no data file name extension")
-        self.snapshots = ()
+        self.snapshots: tuple[Snapshot, ...] = ()
         if h.nb_snapshots:
             n = min(size - h.snapshots_offset, 65536 * 2048)
             self.snapshots = parse_snapshots(m.read(h.snapshots_offset, n), h.snapshots_offset,
@@ -459,9 +459,7 @@ class Image:
                           self._header_tail()).place(self._backing_span())
         if not bitmap_steps or new_c0.header != cur_c0.header.replace(autoclear_features=ac):
             if bitmap_steps:
-                cur_bytes = bytearray(cur_bytes)
-                cur_bytes[88:96] = ac.to_bytes(8, "big")
-                cur_bytes = bytes(cur_bytes)
+                cur_bytes = cur_bytes[:88] + ac.to_bytes(8, "big") + cur_bytes[96:]
                 cur_c0 = attrs.evolve(cur_c0, header=cur_c0.header.replace(autoclear_features=ac))
             steps += plan_cluster0(cur_bytes, cur_c0, new_c0, guard_bitmaps=bitmaps_changed)
         if rplan.free:

@@ -17,6 +17,7 @@ import attrs
 import numpy as np
 
 from .format import bitmaps as bm
+from .format.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from .format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, compressed_geometry,
                             l2_entries)
 from .image import Image
@@ -175,8 +176,9 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
     result.corruptions += len(low)
     used = np.nonzero(np.maximum(expected, ondisk))[0]
     result.image_end_offset = (int(used[-1]) + 1) * cs if len(used) else cs
-    if repair in ("leaks", "all") and (len(leaks) or (repair == "all" and (len(low) or drop_bitmaps
-                                                                              or any(e.in_use for e in img.entries)))):
+    flags = h.incompatible_features & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
+    if repair in ("leaks", "all") and (len(leaks) or (repair == "all" and (
+            len(low) or drop_bitmaps or flags or any(e.in_use for e in img.entries)))):
         _repair(img, repair, expected, ondisk, result, drop_bitmaps)
     return result
 
@@ -199,6 +201,8 @@ def _repair(img: Image, repair: str, expected: np.ndarray, ondisk: np.ndarray, r
                 else:
                     fixed_corr += 1
         if repair == "all":
+            # Everything is counted again: the image is neither dirty nor corrupt any more.
+            tx.clear_incompatible |= INCOMPAT_DIRTY | INCOMPAT_CORRUPT
             for e in list(tx.entries):
                 if e.in_use:
                     img.bitmaps.repair(e.name)

@@ -339,9 +339,12 @@ def parse_options(spec: str) -> CreateOptions:
                 raise _fail(f"cluster_size={value}: expected a size such as 64k") from None
         elif key == "refcount_bits":
             try:
-                values[key] = _strtou64(value)
+                bits = _strtou64(value)
             except (ValueError, OverflowError):
                 raise _fail(f"refcount_bits={value}: expected a number") from None
+            if not (0 < bits <= 64 and bits & (bits - 1) == 0):
+                raise _fail(f"refcount_bits={value}: must be a power of two no larger than 64")
+            values[key] = bits
         elif key in ("lazy_refcounts", "extended_l2", "data_file_raw"):
             values[key] = _parse_bool(key, value)
         elif key == "compat":
@@ -788,6 +791,8 @@ def create_image(path: str, size: int | None, options: CreateOptions) -> None:
         if target is not None:
             if os.path.isdir(target):
                 raise _fail(f"could not create {target!r}: {os.strerror(errno.EISDIR)}")
+            if not os.path.isdir(os.path.dirname(os.path.realpath(target))):
+                raise _fail(f"could not create {target!r}: {os.strerror(errno.ENOENT)}")
             _check_not_in_use(target)
     layout = _layout(size, options)
     if options.data_file is not None:

@@ -130,6 +130,7 @@ class TxState:
     precommit: list[tuple[int, bytes]] = attrs.Factory(list)
     description: list[str] = attrs.Factory(list)
     force_guard: bool = False  # the seed protocol: rewrite the directory in place under autoclear
+    clear_incompatible: int = 0  # dirty / corrupt bits that a repair clears
 
 
 class Image:
@@ -171,6 +172,11 @@ class Image:
             else:
                 self.medium = medium
             self._load()
+            if self.writable and not salvage and self.header.incompatible_features & INCOMPAT_DIRTY:
+                # Lazy refcounts left the image dirty: rebuild the refcounts first, as QEMU
+                # does at a writable open, in one transaction that also clears the bit.
+                from .check import check
+                check(self, "all")
         except BaseException:
             medium.close()
             raise
@@ -179,13 +185,17 @@ class Image:
     def _load(self) -> None:
         m = self.medium
         size = m.size
-        h = Header.parse(m.read(0, min(size, 1 << 21)), size)
+        head = m.read(0, min(size, 4096))
+        hl = int.from_bytes(head[100:104], "big") if len(head) >= 104 and head[4:8] == b"\0\0\0\3" else 0
+        if hl > len(head):
+            head = m.read(0, min(size, hl))
+        h = Header.parse(head, size)
         cs = h.cluster_size
         self.header = h
         if h.incompatible_features & ~INCOMPAT_KNOWN:
             raise UnsupportedError(f"qcow2 header at offset 0x48: unknown incompatible feature bits "
                                    f"{h.incompatible_features & ~INCOMPAT_KNOWN:#x}; refusing to open")
-        if self.writable and h.incompatible_features & INCOMPAT_CORRUPT:
+        if self.writable and h.incompatible_features & INCOMPAT_CORRUPT and not self.salvage:
             raise UsageError(f"{self.path}: the corrupt bit is set; qjournal opens it read-only only "
                              "(repair it with qjournal check -r all)")
         if self.writable and h.crypt_method:
@@ -238,9 +248,10 @@ class Image:
         self.bitmaps_ext = be = bm.BitmapsExtension.parse(ext.data, ext.offset, cs, size)
         self.entries = list(bm.parse_directory(m.read(be.directory_offset, be.directory_size),
                                                be.directory_offset, be.nb_bitmaps, cs, size, self.header.size))
+        tables = {e.name: self.bitmap_table(e) for e in self.entries}
         for e in self.entries:
-            bm.validate_table(self.bitmap_table(e), e.name, e.table_offset, cs, size)
-        self._check_overlaps(self.metadata_ranges(), bitmaps=True)
+            bm.validate_table(tables[e.name], e.name, e.table_offset, cs, size)
+        self._check_overlaps(self.metadata_ranges(), tables)
 
     def bitmap_table(self, e: bm.DirectoryEntry) -> np.ndarray:
         """The bitmap table of ``e`` as uint64 (a copy)."""
@@ -263,7 +274,8 @@ class Image:
                     out.append((e.table_offset, e.table_size * 8, f"bitmap table of {e.name!r}"))
         return out
 
-    def _check_overlaps(self, ranges: list[tuple[int, int, str]], bitmaps: bool = False) -> None:
+    def _check_overlaps(self, ranges: list[tuple[int, int, str]],
+                        tables: dict[str, np.ndarray] | None = None) -> None:
         """QEMU's overlap rule: no two structures share a cluster."""
         cs = self.header.cluster_size
         owner: dict[int, str] = {}
@@ -272,8 +284,8 @@ class Image:
                 if c in owner:
                     raise FormatError(what, off, f"overlaps the {owner[c]} in cluster {c * cs:#x}")
                 owner[c] = what
-        for e in self.entries if bitmaps else ():
-            t = self.bitmap_table(e)
+        for e in self.entries if tables is not None else ():
+            t = tables[e.name]  # type: ignore[index]
             offs = t & np.uint64(bm.TE_OFFSET_MASK)
             offs = offs[offs != 0] // np.uint64(cs)
             uniq, counts = np.unique(offs, return_counts=True)
@@ -436,11 +448,11 @@ class Image:
             steps.append(("refcounts-increased", rplan.increase))
         if rplan.hook:
             steps.append(("refcount-blocks-hooked", rplan.hook))
-        header = h
+        header = h.replace(incompatible_features=h.incompatible_features & ~tx.clear_incompatible)
         cur_bytes = self._cluster0
         cur_c0 = old_c0
         if rplan.new_reftable:
-            header = h.replace(refcount_table_offset=rplan.new_reftable[0],
+            header = header.replace(refcount_table_offset=rplan.new_reftable[0],
                                refcount_table_clusters=rplan.new_reftable[1])
             mid = Cluster0(header, self.extensions, self.backing_name, self._header_tail())
             for name, writes in plan_cluster0(cur_bytes, cur_c0, mid, False):

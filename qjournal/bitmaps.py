@@ -319,6 +319,10 @@ class Bitmaps(Mapping[str, Bitmap]):
         if src_img.header.size != img.header.size:
             raise BitmapError(f"cannot merge bitmap {source!r} of a {src_img.header.size}-byte disk into "
                               f"{name!r} of a {img.header.size}-byte disk")
+        if src_e.granularity_bits == dst_e.granularity_bits and \
+                src_img.header.cluster_size == img.header.cluster_size:
+            self._merge_by_cluster(name, src_img, src_e)
+            return
         src_bits = _load_bits(src_img, src_e)
         dst_bits = _load_bits(img, dst_e)
         if src_e.granularity_bits == dst_e.granularity_bits:
@@ -328,6 +332,51 @@ class Bitmaps(Mapping[str, Bitmap]):
         if np.array_equal(merged, dst_bits):
             return
         self._replace(name, "merge", merged)
+
+    def _merge_by_cluster(self, name: str, src_img: "Image", src_e: bm.DirectoryEntry) -> None:
+        """Merge table entry by table entry; clusters that do not change are kept as they are.
+
+        A kept data cluster moves from the old table to the new one: its single reference
+        switches with the header, so its refcount stays 1 throughout.
+        """
+        img = self.image
+        cs = img.header.cluster_size
+        mask, ones = np.uint64(bm.TE_OFFSET_MASK), np.uint64(bm.TE_ALL_ONES)
+        with img.transaction(f"bitmap merge {name}") as tx:
+            i, e = self._get(name)
+            old = img.bitmap_table(e)
+            src = src_img.bitmap_table(src_e)
+            new = old.copy()
+            src_ones = ((src & mask) == 0) & ((src & ones) != 0)
+            new[src_ones & ((old & mask) == 0) & ((old & ones) == 0)] = ones
+            new[src_ones & ((old & mask) != 0)] = ones
+            todo = np.nonzero(((src & mask) != 0) & ~(((old & mask) == 0) & ((old & ones) != 0)))[0]
+            out = np.empty((len(todo), cs), dtype=np.uint8)
+            idx: list[int] = []
+            for k in todo.tolist():
+                merged = out[len(idx)]
+                merged[:] = src_img.reader.array(int(src[k] & mask), cs, "u1")
+                doff = int(old[k] & mask)
+                if doff:
+                    dchunk = img.reader.array(doff, cs, "u1")
+                    merged |= dchunk
+                    if np.array_equal(merged, dchunk):
+                        continue
+                idx.append(k)
+            if idx:
+                start = tx.alloc.alloc(len(idx))
+                img.precommit_write(start, out[:len(idx)].reshape(-1))
+                new[idx] = np.uint64(start) + np.arange(len(idx), dtype=np.uint64) * np.uint64(cs)
+            if np.array_equal(new, old):
+                return
+            for off in (old[((old & mask) != 0) & (new != old)] & mask).tolist():
+                tx.alloc.free(int(off), 1)
+            tx.alloc.free_clusters_of([(e.table_offset, e.table_size * 8)])
+            tclusters = -(-e.table_size * 8 // cs)
+            toff = tx.alloc.alloc(tclusters)
+            raw = new.astype(">u8").tobytes()
+            img.precommit_write(toff, raw + bytes(tclusters * cs - len(raw)))
+            tx.entries[i] = attrs.evolve(e, table_offset=toff)
 
     def repair(self, name: str) -> bool:
         """Make a bitmap left ``in_use`` all-dirty and consistent again.

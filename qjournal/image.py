@@ -127,7 +127,7 @@ class TxState:
 
     alloc: Allocator
     entries: list[bm.DirectoryEntry]
-    precommit: list[tuple[int, bytes]] = attrs.Factory(list)
+    precommit: list[tuple[int, Any]] = attrs.Factory(list)  # (offset, bytes or uint8 array)
     description: list[str] = attrs.Factory(list)
     force_guard: bool = False  # the seed protocol: rewrite the directory in place under autoclear
     clear_incompatible: int = 0  # dirty / corrupt bits that a repair clears
@@ -368,13 +368,15 @@ class Image:
             raise RuntimeError("no transaction is open")
         return self._tx
 
-    def precommit_write(self, off: int, data: bytes) -> None:
+    def precommit_write(self, off: int, data: Any) -> None:
         """Stage a write into clusters this transaction allocated.
 
         Nothing reaches the file before commit, so a refused transaction leaves the
         image byte-identical; reads inside the transaction see the staged bytes.
         """
-        self._staged().precommit.append((off, bytes(data)))
+        if not isinstance(data, (bytes, np.ndarray)):
+            data = bytes(data)
+        self._staged().precommit.append((off, data))
 
     @property
     def reader(self) -> Medium:

@@ -87,7 +87,7 @@ class MmapMedium:
             raise PermissionError(f"{self.path} is open read-only")
         if off + len(data) > self._size:
             self.resize(off + len(data))
-        if data:
+        if len(data):
             assert self._map is not None
             self._map[off:off + len(data)] = data
 
@@ -145,7 +145,7 @@ class MemoryMedium:
     def write(self, off: int, data: bytes) -> None:
         if off + len(data) > len(self.buf):
             self.resize(off + len(data))
-        self.buf[off:off + len(data)] = data
+        self.buf[off:off + len(data)] = bytes(data)
 
     def flush(self, ranges: Iterable[Range] | None = None) -> None:
         pass

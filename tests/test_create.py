@@ -23,6 +23,7 @@ import pytest
 from qjournal import create as qcreate
 from qjournal.create import CreateOptions, create_image, parse_options, parse_size
 from qjournal.errors import LockError, UsageError
+from qjournal.lock import acquire
 
 IMG = "img.qcow2"
 BASE_QCOW2_SIZE = "1G"
@@ -47,7 +48,7 @@ def twin_dirs(tmp_path: Path, bases: Path) -> tuple[Path, Path]:
     """Two directories holding the same backing files: one for QEMU, one for us."""
     dirs = (tmp_path / "qemu", tmp_path / "ours")
     for d in dirs:
-        d.mkdir()
+        d.mkdir(parents=True)
         for b in ("base.qcow2", "base.raw"):
             shutil.copy(bases / b, d / b)
     return dirs
@@ -87,8 +88,7 @@ def assert_qemu_io_roundtrip(d: Path, name: str = IMG) -> None:
 
 
 def data_file_of(spec: str) -> str | None:
-    m = re.search(r"(?:^|,)data_file=([^,]+)", spec)
-    return m.group(1) if m else None
+    return parse_options(spec).data_file
 
 
 def compare_with_qemu(tmp_path: Path, bases: Path, monkeypatch: pytest.MonkeyPatch, spec: str,
@@ -349,6 +349,19 @@ def test_failed_write_leaves_the_old_file(tmp_path: Path, monkeypatch: pytest.Mo
     assert os.listdir(tmp_path) == [IMG]
 
 
+def held_by_another(path: Path) -> bool:
+    """Whether some process holds QEMU's write lock bytes on ``path`` (a probe that
+    changes nothing: our own locks go with the descriptor)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        acquire(fd, str(path), writable=True)
+    except LockError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def test_image_in_use_is_refused(tmp_path: Path) -> None:
     """qemu-img refuses to recreate an image QEMU has open for writing; so do we."""
     run(["qemu-img", "create", "-q", "-f", "qcow2", IMG, "1M"], tmp_path)
@@ -357,13 +370,11 @@ def test_image_in_use_is_refused(tmp_path: Path) -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
-        while True:  # wait until qemu-io holds its locks
-            res = qemu_create(tmp_path, "", "2M", check=False)
-            if res.returncode != 0:
-                break
+        while not held_by_another(tmp_path / IMG):  # wait until qemu-io holds its locks
             assert time.monotonic() < deadline, "qemu-io never locked the image"
             time.sleep(0.05)
-        assert 'Failed to get "write" lock' in res.stderr
+        res = qemu_create(tmp_path, "", "2M", check=False)
+        assert res.returncode != 0 and 'Failed to get "write" lock' in res.stderr
         with pytest.raises(LockError, match='failed to get "write" lock'):
             create_image(str(tmp_path / IMG), 4 << 20, CreateOptions())
     finally:

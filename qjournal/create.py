@@ -81,12 +81,9 @@ _BOOL_WORDS = {"on": True, "yes": True, "true": True, "y": True,
                "off": False, "no": False, "false": False, "n": False}
 
 
-def _fail(rule: str) -> UsageError:
-    return UsageError(rule)
-
-
 def _convert_compat(value: str) -> str:
-    return COMPAT_ALIASES.get(value, value)
+    """QEMU's aliases: v2 is compat 0.10, v3 is compat 1.1."""
+    return COMPAT_ALIASES.get(value, value) if isinstance(value, str) else value
 
 
 @attrs.frozen
@@ -110,48 +107,57 @@ class CreateOptions:
     data_file_raw: bool = False
 
     def __attrs_post_init__(self) -> None:
+        for name, kind in (("compat", str), ("cluster_size", int), ("refcount_bits", int),
+                           ("lazy_refcounts", bool), ("extended_l2", bool), ("compression_type", str),
+                           ("backing_file", str), ("backing_fmt", str), ("data_file", str),
+                           ("data_file_raw", bool)):
+            value = getattr(self, name)
+            optional = name in ("backing_file", "backing_fmt", "data_file")
+            if not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+                    or optional and value is None):
+                raise UsageError(f"{name}={value!r}: must be of type {kind.__name__}")
         # The rules in the order qcow2_co_create checks them, so the first broken one
         # is the one QEMU reports.
         if self.compat not in ("0.10", "1.1"):
-            raise _fail(f"compat={self.compat}: expected 0.10 (v2) or 1.1 (v3)")
+            raise UsageError(f"compat={self.compat}: expected 0.10 (v2) or 1.1 (v3)")
         v2 = self.compat == "0.10"
         if self.extended_l2 and v2:
-            raise _fail("extended_l2=on needs compat=1.1")
+            raise UsageError("extended_l2=on needs compat=1.1")
         cs = self.cluster_size
         if not (MIN_CLUSTER_SIZE <= cs <= MAX_CLUSTER_SIZE and cs & (cs - 1) == 0):
-            raise _fail(f"cluster_size={cs}: must be a power of two between 512 and 2M")
+            raise UsageError(f"cluster_size={cs}: must be a power of two between 512 and 2M")
         if self.extended_l2 and cs < MIN_EXTL2_CLUSTER_SIZE:
-            raise _fail(f"extended_l2=on needs cluster_size of at least 16k, not {cs}")
+            raise UsageError(f"extended_l2=on needs cluster_size of at least 16k, not {cs}")
         if self.backing_fmt is not None and self.backing_file is None:
-            raise _fail(f"backing_fmt={self.backing_fmt} given without backing_file")
+            raise UsageError(f"backing_fmt={self.backing_fmt} given without backing_file")
         if self.lazy_refcounts and v2:
-            raise _fail("lazy_refcounts=on needs compat=1.1")
+            raise UsageError("lazy_refcounts=on needs compat=1.1")
         rb = self.refcount_bits
         if not (0 < rb <= 64 and rb & (rb - 1) == 0):
-            raise _fail(f"refcount_bits={rb}: must be a power of two no larger than 64")
+            raise UsageError(f"refcount_bits={rb}: must be a power of two no larger than 64")
         if v2 and rb != 16:
-            raise _fail(f"refcount_bits={rb} needs compat=1.1 (a compat=0.10 image has 16-bit refcounts)")
+            raise UsageError(f"refcount_bits={rb} needs compat=1.1 (a compat=0.10 image has 16-bit refcounts)")
         if self.data_file_raw and self.data_file is None:
-            raise _fail("data_file_raw=on needs data_file")
+            raise UsageError("data_file_raw=on needs data_file")
         if self.data_file_raw and self.backing_file is not None:
-            raise _fail("data_file_raw=on and backing_file cannot be used together")
+            raise UsageError("data_file_raw=on and backing_file cannot be used together")
         if self.data_file is not None and v2:
-            raise _fail("data_file needs compat=1.1")
+            raise UsageError("data_file needs compat=1.1")
         if self.compression_type not in COMPRESSION_TYPES:
-            raise _fail(f"compression_type={self.compression_type}: expected zlib or zstd")
+            raise UsageError(f"compression_type={self.compression_type}: expected zlib or zstd")
         if self.compression_type != "zlib" and v2:
-            raise _fail(f"compression_type={self.compression_type} needs compat=1.1")
+            raise UsageError(f"compression_type={self.compression_type} needs compat=1.1")
         if self.backing_file == "":
-            raise _fail("backing_file is an empty string: expected a file name")
+            raise UsageError("backing_file is an empty string: expected a file name")
         if self.data_file == "":
-            raise _fail("data_file is an empty string: expected a file name")
+            raise UsageError("data_file is an empty string: expected a file name")
         if self.backing_fmt is not None and self.backing_fmt not in BACKING_FORMATS:
-            raise _fail(f"backing_fmt={self.backing_fmt}: qjournal reads only qcow2 and raw backing files")
+            raise UsageError(f"backing_fmt={self.backing_fmt}: qjournal reads only qcow2 and raw backing files")
         for name in ("backing_file", "data_file"):
             value = getattr(self, name)
             if value is not None and _has_protocol(value):
-                raise _fail(f"{name}={value}: protocol prefixes are not supported "
-                            f"(write ./{value} for a local file)")
+                raise UsageError(f"{name}={value}: protocol prefixes are not supported "
+                                 f"(write ./{value} for a local file)")
 
     @property
     def version(self) -> int:
@@ -161,9 +167,7 @@ class CreateOptions:
 
 def _has_protocol(name: str) -> bool:
     """QEMU's ``path_has_protocol``: a colon before any slash names a protocol."""
-    head = re.match(r"[^:/]*", name)
-    assert head is not None
-    return name[head.end():head.end() + 1] == ":"
+    return ":" in name.split("/", 1)[0]
 
 
 # --------------------------------------------------------------------------- parsing
@@ -180,11 +184,11 @@ def _strtosz(text: str) -> int:
     bytes; leading white space allowed, nothing after the suffix. Raises ValueError
     (syntax) or OverflowError (above 2^64 - 1).
     """
-    m = re.match(r"[ \t\n\v\f\r]*[+-]?", text)
-    assert m is not None
-    if "-" in m.group():
+    rest = text.lstrip(_SPACE)
+    if rest[:1] == "-":
         raise ValueError(text)
-    rest = text[m.end():]
+    if rest[:1] == "+":
+        rest = rest[1:]
     frac = 0  # 64-bit fixed-point fraction
     hexm = re.match(r"0[xX]([0-9a-fA-F]+)", rest)
     if hexm:
@@ -240,12 +244,12 @@ def parse_size(text: str) -> int:
     try:
         value = _strtosz(text)
     except OverflowError:
-        raise _fail(f"size {text!r} is out of range: must be between 0 and {INT64_MAX}") from None
+        raise UsageError(f"size {text!r} is out of range: must be between 0 and {INT64_MAX}") from None
     except ValueError:
-        raise _fail(f"size {text!r} is not a size: use a number with an optional k, M, G, T, P or E "
-                    "suffix (binary multiples; B for bytes), e.g. 1G or 1.5G") from None
+        raise UsageError(f"size {text!r} is not a size: use a number with an optional k, M, G, T, P or E "
+                         "suffix (binary multiples; B for bytes), e.g. 1G or 1.5G") from None
     if value > INT64_MAX:
-        raise _fail(f"size {text!r} is out of range: must be between 0 and {INT64_MAX}")
+        raise UsageError(f"size {text!r} is out of range: must be between 0 and {INT64_MAX}")
     return value
 
 
@@ -271,14 +275,13 @@ def _split_options(spec: str) -> list[tuple[str, str]]:
     inside a value, a bare ``key`` meaning ``key=on`` and ``nokey`` meaning ``key=off``."""
     trailing = len(spec) - len(spec.rstrip(","))
     if spec.startswith(",") or trailing % 2:
-        raise _fail(f"invalid option list {spec!r}: a leading or trailing comma (write ,, for a comma "
-                    "inside a value)")
+        raise UsageError(f"invalid option list {spec!r}: a leading or trailing comma (write ,, for a comma "
+                         "inside a value)")
     out: list[tuple[str, str]] = []
     p = 0
     while p < len(spec):
-        m = re.compile(r"[^=,]*").match(spec, p)
-        assert m is not None
-        key, p = m.group(), m.end()
+        end = min((i for i in (spec.find("=", p), spec.find(",", p)) if i >= 0), default=len(spec))
+        key, p = spec[p:end], end
         if p < len(spec) and spec[p] == "=":
             p += 1
             value = ""
@@ -307,7 +310,7 @@ def _split_options(spec: str) -> list[tuple[str, str]]:
 
 def _parse_bool(key: str, value: str) -> bool:
     if value not in _BOOL_WORDS:
-        raise _fail(f"{key}={value}: expected on or off")
+        raise UsageError(f"{key}={value}: expected on or off")
     return _BOOL_WORDS[value]
 
 
@@ -323,39 +326,39 @@ def parse_options(spec: str) -> CreateOptions:
     values: dict[str, object] = {}
     for key, value in _split_options(spec):
         if key in ("help", "?"):
-            raise _fail("qcow2 create options: " + ", ".join(f.name for f in attrs.fields(CreateOptions)))
+            raise UsageError("qcow2 create options: " + ", ".join(f.name for f in attrs.fields(CreateOptions)))
         if key == "id":
             continue  # QEMU ignores it too
         if key in _UNSUPPORTED:
             if _UNSUPPORTED[key] is not None and value == _UNSUPPORTED[key]:
                 continue
-            raise _fail(f"{key}={value}: not supported by qjournal create")
+            raise UsageError(f"{key}={value}: not supported by qjournal create")
         if key == "size":
-            raise _fail("size: give the size as the SIZE argument, not as an option")
+            raise UsageError("size: give the size as the SIZE argument, not as an option")
         if key == "cluster_size":
             try:
                 values[key] = _strtosz(value)
             except (ValueError, OverflowError):
-                raise _fail(f"cluster_size={value}: expected a size such as 64k") from None
+                raise UsageError(f"cluster_size={value}: expected a size such as 64k") from None
         elif key == "refcount_bits":
             try:
                 bits = _strtou64(value)
             except (ValueError, OverflowError):
-                raise _fail(f"refcount_bits={value}: expected a number") from None
+                raise UsageError(f"refcount_bits={value}: expected a number") from None
             if not (0 < bits <= 64 and bits & (bits - 1) == 0):
-                raise _fail(f"refcount_bits={value}: must be a power of two no larger than 64")
+                raise UsageError(f"refcount_bits={value}: must be a power of two no larger than 64")
             values[key] = bits
         elif key in ("lazy_refcounts", "extended_l2", "data_file_raw"):
             values[key] = _parse_bool(key, value)
         elif key == "compat":
             if value not in COMPAT_ALIASES:
-                raise _fail(f"compat={value}: expected 0.10, 1.1, v2 or v3")
+                raise UsageError(f"compat={value}: expected 0.10, 1.1, v2 or v3")
             values[key] = value
         elif key in ("compression_type", "backing_file", "backing_fmt", "data_file"):
             values[key] = value
         else:
-            raise _fail(f"unknown option {key!r}: known are "
-                        + ", ".join(f.name for f in attrs.fields(CreateOptions)))
+            raise UsageError(f"unknown option {key!r}: known are "
+                             + ", ".join(f.name for f in attrs.fields(CreateOptions)))
     return CreateOptions(**values)  # type: ignore[arg-type]
 
 
@@ -424,7 +427,8 @@ class _QemuAllocator:
             bigger[:len(self.rc)] = self.rc
             self.rc = bigger
 
-    def _written(self, offset: int, length: int) -> None:
+    def note_write(self, offset: int, length: int) -> None:
+        """QEMU wrote ``length`` bytes at ``offset``: the file reaches at least their end."""
         self.end = max(self.end, offset + length)
 
     def alloc_noref(self, nb_clusters: int) -> int:
@@ -483,7 +487,7 @@ class _QemuAllocator:
             self.rc[block_cluster] = 1  # the block describes itself
         else:
             self.update(new_block, cs)  # counted by another block (may raise _Again)
-        self._written(new_block, cs)
+        self.note_write(new_block, cs)
         if table_index < len(self.reftable):
             self.reftable[table_index] = new_block
             self.max_reftable_index = max(self.max_reftable_index, table_index)
@@ -513,7 +517,7 @@ class _QemuAllocator:
         for i in range(area_index, total):
             if not new_table[i]:
                 new_table[i] = block_offset
-                self._written(block_offset, cs)
+                self.note_write(block_offset, cs)
                 block_offset += cs
             first_covered = i * self.block_entries * cs
             if first_covered < end_offset:
@@ -522,7 +526,7 @@ class _QemuAllocator:
                 base = i * self.block_entries
                 self._grow(base + stop)
                 self.rc[base + j:base + stop] = 1
-        self._written(table_offset, table_size * 8)
+        self.note_write(table_offset, table_size * 8)
         old_offset, old_table = self.reftable_offset, self.reftable
         self.stale.append((old_offset, struct.pack(f">{len(old_table)}Q", *old_table)))
         self.reftable, self.reftable_offset = new_table, table_offset
@@ -600,13 +604,13 @@ def _check_cluster0_room(options: CreateOptions) -> None:
     """Refuse names that QEMU cannot fit into cluster 0 (EINVAL / ENOSPC in QEMU)."""
     backing = os.fsencode(options.backing_file) if options.backing_file is not None else b""
     if len(backing) > MAX_BACKING_NAME:
-        raise _fail(f"backing_file name is {len(backing)} bytes; qcow2 allows at most {MAX_BACKING_NAME}")
+        raise UsageError(f"backing_file name is {len(backing)} bytes; qcow2 allows at most {MAX_BACKING_NAME}")
     probe = _cluster0(options, 0, _QemuAllocator(options.cluster_size.bit_length() - 1,
                                                   options.refcount_bits.bit_length() - 1), 0, 0)
     if len(probe) > options.cluster_size:
         what = " and ".join(n for n in ("backing_file", "data_file") if getattr(options, n) is not None)
-        raise _fail(f"{what} name too long: the header would take {len(probe)} bytes of a "
-                    f"{options.cluster_size}-byte cluster 0; use a shorter name or larger clusters")
+        raise UsageError(f"{what} name too long: the header would take {len(probe)} bytes of a "
+                         f"{options.cluster_size}-byte cluster 0; use a shorter name or larger clusters")
 
 
 def _layout(size: int, options: CreateOptions) -> _Layout:
@@ -620,12 +624,12 @@ def _layout(size: int, options: CreateOptions) -> _Layout:
     l1_offset = 0
     if l1_size:
         l1_offset = alloc.alloc(l1_size * 8)
-        alloc._written(l1_offset, l1_size * 8)
+        alloc.note_write(l1_offset, l1_size * 8)
     l2_tables: list[int] = []
     if options.data_file_raw:
         for _ in range(l1_size):
             l2 = alloc.alloc(cs)
-            alloc._written(l2, cs)
+            alloc.note_write(l2, cs)
             l2_tables.append(l2)
     writes: list[tuple[int, bytes]] = list(alloc.stale)
     writes.append((0, _cluster0(options, size, alloc, l1_size, l1_offset)))
@@ -657,31 +661,29 @@ def _l2_table(index: int, size: int, cluster_bits: int, extended_l2: bool) -> by
 
 # --------------------------------------------------------------------------- creation
 
-def _backing_size(image: str, options: CreateOptions) -> int:
-    """Open the backing file as QEMU does (relative to the image's directory) and
-    return its virtual size; refuse a missing ``backing_fmt`` as QEMU 7.2 does."""
-    assert options.backing_file is not None
-    name = options.backing_file
+def _backing_size(image: str, name: str, fmt: str | None) -> int:
+    """Open the backing file ``name`` as QEMU does (relative to the image's directory)
+    and return its virtual size; refuse a missing ``fmt`` as QEMU 7.2 does."""
     full = name if os.path.isabs(name) else os.path.join(os.path.dirname(image), name)
     try:
         with open(full, "rb") as f:
             head = f.read(MAX_CLUSTER_SIZE)
             file_size = f.seek(0, os.SEEK_END)
     except OSError as e:
-        raise _fail(f"could not open backing file {full!r}: {e.strerror}") from None
+        raise UsageError(f"could not open backing file {full!r}: {e.strerror}") from None
     detected = "qcow2" if head[:4] == MAGIC else "raw"
-    if options.backing_fmt is None:
-        raise _fail(f"backing_file given without backing_fmt (it looks like {detected}); "
-                    f"add backing_fmt={detected}")
-    if options.backing_fmt == "raw":
+    if fmt is None:
+        raise UsageError(f"backing_file given without backing_fmt (it looks like {detected}); "
+                         f"add backing_fmt={detected}")
+    if fmt == "raw":
         return file_size
     try:
         header = Header.parse(head, file_size)
     except FormatError as e:
-        raise _fail(f"backing file {full!r} is not a usable qcow2 image: {e}") from None
+        raise UsageError(f"backing file {full!r} is not a usable qcow2 image: {e}") from None
     unknown = header.incompatible_features & ~INCOMPAT_KNOWN
     if unknown:
-        raise _fail(f"backing file {full!r} uses unknown incompatible qcow2 features {unknown:#x}")
+        raise UsageError(f"backing file {full!r} uses unknown incompatible qcow2 features {unknown:#x}")
     return header.size
 
 
@@ -692,7 +694,7 @@ def _check_not_in_use(path: str) -> None:
     except FileNotFoundError:
         return
     except OSError as e:
-        raise _fail(f"could not create {path!r}: {e.strerror}") from None
+        raise UsageError(f"could not create {path!r}: {e.strerror}") from None
     try:
         acquire(fd, path, writable=True)
     finally:
@@ -721,7 +723,7 @@ def _replace_file(path: str, length: int, writes: Iterable[tuple[int, bytes]]) -
         except FileExistsError:
             continue
         except OSError as e:
-            raise _fail(f"could not create {path!r}: {e.strerror}") from None
+            raise UsageError(f"could not create {path!r}: {e.strerror}") from None
     try:
         try:
             if old_mode is not None:
@@ -739,7 +741,7 @@ def _replace_file(path: str, length: int, writes: Iterable[tuple[int, bytes]]) -
         except OSError:
             pass
         if isinstance(e, OSError):
-            raise _fail(f"could not write {path!r}: {e.strerror or e}") from None
+            raise UsageError(f"could not write {path!r}: {e.strerror or e}") from None
         raise
     fsync_directory(target)
 
@@ -768,31 +770,30 @@ def create_image(path: str, size: int | None, options: CreateOptions) -> None:
     path = os.fspath(path)
     if options.backing_file is not None:
         if options.backing_file == path:
-            raise _fail(f"backing_file {path!r} is the image being created")
-        backing_size = _backing_size(path, options)
+            raise UsageError(f"backing_file {path!r} is the image being created")
+        backing_size = _backing_size(path, options.backing_file, options.backing_fmt)
         if size is None:
             size = backing_size
     if size is None:
-        raise _fail("no size given (and no backing file to take it from)")
-    if size < 0:
-        raise _fail(f"image size {size} is negative")
+        raise UsageError("no size given (and no backing file to take it from)")
+    if not 0 <= size <= INT64_MAX - SECTOR + 1:
+        raise UsageError(f"image size {size} is out of range: must be between 0 and {INT64_MAX - SECTOR + 1} "
+                         "(it is rounded up to a multiple of 512)")
     size += -size % SECTOR
-    if size > INT64_MAX:
-        raise _fail(f"image size {size} is out of range: must be at most {INT64_MAX - SECTOR + 1}")
     bits = options.cluster_size.bit_length() - 1
     if _l1_entries(size, bits, options.extended_l2) > MAX_L1_ENTRIES:
-        raise _fail(f"image size {size} is too large for qcow2 with {options.cluster_size}-byte clusters"
-                    f"{' and extended L2' if options.extended_l2 else ''} (the L1 table would exceed "
-                    "32 MiB); use larger clusters")
+        raise UsageError(f"image size {size} is too large for qcow2 with {options.cluster_size}-byte clusters"
+                         f"{' and extended L2' if options.extended_l2 else ''} (the L1 table would exceed "
+                         "32 MiB); use larger clusters")
     _check_cluster0_room(options)
     if options.data_file is not None and os.path.realpath(options.data_file) == os.path.realpath(path):
-        raise _fail(f"data_file {options.data_file!r} is the image being created")
+        raise UsageError(f"data_file {options.data_file!r} is the image being created")
     for target in (path, options.data_file):
         if target is not None:
             if os.path.isdir(target):
-                raise _fail(f"could not create {target!r}: {os.strerror(errno.EISDIR)}")
+                raise UsageError(f"could not create {target!r}: {os.strerror(errno.EISDIR)}")
             if not os.path.isdir(os.path.dirname(os.path.realpath(target))):
-                raise _fail(f"could not create {target!r}: {os.strerror(errno.ENOENT)}")
+                raise UsageError(f"could not create {target!r}: {os.strerror(errno.ENOENT)}")
             _check_not_in_use(target)
     layout = _layout(size, options)
     if options.data_file is not None:

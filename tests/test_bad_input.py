@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -162,7 +163,7 @@ def _hl100(raw: bytearray, lay: Layout) -> None:
     put(raw, 100, "I", 100)
 
 
-@case("header-length-105", "qcow2 header", "header_length 105", "multiple of 8")
+@case("header-length-105", "qcow2 header", "header_length 105", "multiple of 8", qemu=False)
 def _hl105(raw: bytearray, lay: Layout) -> None:
     """header_length 105, not a multiple of 8."""
     put(raw, 100, "I", 105)
@@ -210,13 +211,13 @@ def _crypt3(raw: bytearray, lay: Layout) -> None:
     put(raw, 32, "I", 3)
 
 
-@case("data-file-bit-without-name", "qcow2 header", "data file")
+@case("data-file-bit-without-name", "qcow2 header", "data file", qemu=False)
 def _datafile(raw: bytearray, lay: Layout) -> None:
     """The external data file bit set, with no data file name extension."""
     put(raw, 72, "Q", 1 << 2)
 
 
-@case("refcount-table-past-eof", "qcow2 header", "refcount table", "past the end")
+@case("refcount-table-past-eof", "qcow2 header", "refcount table", "past the end", qemu=False)
 def _rt_eof(raw: bytearray, lay: Layout) -> None:
     """The refcount table offset lies past the end of the file."""
     put(raw, 48, "Q", lay.past_eof(raw))
@@ -264,7 +265,7 @@ def _l1_unaligned(raw: bytearray, lay: Layout) -> None:
     put(raw, 40, "Q", lay.l1_offset + 8)
 
 
-@case("l1-table-past-eof", "qcow2 header", "L1 table", "past the end")
+@case("l1-table-past-eof", "qcow2 header", "L1 table", "past the end", qemu=False)
 def _l1_eof(raw: bytearray, lay: Layout) -> None:
     """The L1 table offset lies past the end of the file."""
     put(raw, 40, "Q", lay.past_eof(raw))
@@ -283,7 +284,7 @@ def _l1_on_header(raw: bytearray, lay: Layout) -> None:
 
 
 # -- snapshots -----------------------------------------------------------------------
-@case("snapshot-table-past-eof", "qcow2 header", "snapshot", "past the end")
+@case("snapshot-table-past-eof", "qcow2 header", "snapshot table", "past the end", qemu=False)
 def _snap_eof(raw: bytearray, lay: Layout) -> None:
     """The snapshot table offset lies past the end of the file."""
     put(raw, 64, "Q", lay.past_eof(raw))
@@ -295,7 +296,7 @@ def _snap_unaligned(raw: bytearray, lay: Layout) -> None:
     put(raw, 64, "Q", lay.snapshots_offset + 8)
 
 
-@case("nb-snapshots-larger-than-file", "snapshot table", "past the end")
+@case("nb-snapshots-larger-than-file", "qcow2 header", "snapshot table", "past the end")
 def _snap_count(raw: bytearray, lay: Layout) -> None:
     """nb_snapshots 65536: the table would run past the end of the file."""
     put(raw, 60, "I", 65536)
@@ -307,16 +308,22 @@ def _snap_limit(raw: bytearray, lay: Layout) -> None:
     put(raw, 60, "I", 65537)
 
 
-@case("snapshot-l1-past-eof", "snapshot table", "L1", "past the end")
+@case("snapshot-l1-past-eof", "snapshot table", "L1", "past the end", qemu=False)
 def _snap_l1_eof(raw: bytearray, lay: Layout) -> None:
     """Snapshot 0's L1 table lies past the end of the file."""
     put(raw, lay.snapshots_offset, "Q", lay.past_eof(raw))
 
 
-@case("snapshot-l1-unaligned", "snapshot table", "L1", "aligned")
+@case("snapshot-l1-unaligned", "snapshot table", "L1", "aligned", qemu=False)
 def _snap_l1_unaligned(raw: bytearray, lay: Layout) -> None:
     """Snapshot 0's L1 table offset is not cluster aligned."""
     put(raw, lay.snapshots_offset, "Q", struct.unpack_from(">Q", raw, lay.snapshots_offset)[0] + 8)
+
+
+@case("snapshot-extra-data-too-large", "snapshot table", "extra data", "exceeds")
+def _snap_extra(raw: bytearray, lay: Layout) -> None:
+    """Snapshot 0 claims 2000 bytes of extra data (QEMU's limit is 1024)."""
+    put(raw, lay.snapshots_offset + 36, "I", 2000)
 
 
 @case("snapshot-table-overlapping-refcount-table", "snapshot table", "overlaps", "refcount table", qemu=False)
@@ -332,7 +339,7 @@ def _ext_long(raw: bytearray, lay: Layout) -> None:
     put(raw, lay.exts[EXT_FEATURES] + 4, "I", lay.cs)
 
 
-@case("duplicate-extension", "header extension", "twice")
+@case("duplicate-extension", "header extension", "twice", qemu=False)
 def _ext_dup(raw: bytearray, lay: Layout) -> None:
     """The bitmaps extension appears twice."""
     ext = bytes(raw[lay.exts[EXT_BITMAPS]:lay.ext_end])
@@ -421,6 +428,18 @@ def _dir_unaligned(raw: bytearray, lay: Layout) -> None:
     put(raw, lay.bm_ext + 16, "Q", lay.dir_offset + 8)
 
 
+@case("directory-offset-zero", "bitmaps extension", "directory offset 0x0")
+def _dir_zero(raw: bytearray, lay: Layout) -> None:
+    """The directory offset is 0: the header cluster."""
+    put(raw, lay.bm_ext + 16, "Q", 0)
+
+
+@case("directory-on-snapshot-table", "bitmap directory", "extra data")
+def _dir_on_snap(raw: bytearray, lay: Layout) -> None:
+    """The directory offset points at the snapshot table, which does not parse as entries."""
+    put(raw, lay.bm_ext + 16, "Q", lay.snapshots_offset)
+
+
 @case("directory-overlapping-l1-table", "bitmap directory", "overlaps", "L1 table", qemu=False)
 def _dir_on_l1(raw: bytearray, lay: Layout) -> None:
     """The L1 table moved onto the bitmap directory's cluster."""
@@ -469,6 +488,12 @@ def _name_long(raw: bytearray, lay: Layout) -> None:
     put(raw, lay.entries[1].at + 18, "H", 1000)
 
 
+@case("directory-entry-name-not-utf8", "bitmap directory", "UTF-8", qemu=False)
+def _name_utf8(raw: bytearray, lay: Layout) -> None:
+    """bitmap directory entry 0: a name that is not UTF-8."""
+    raw[lay.entries[0].at + 24:lay.entries[0].at + 26] = b"\xff\xfe"
+
+
 @case("duplicate-bitmap-names", "bitmap directory", "'b0'", "twice")
 def _dup_name(raw: bytearray, lay: Layout) -> None:
     """Two bitmaps named alike: b1 renamed to b0."""
@@ -481,13 +506,13 @@ def _tab_unaligned(raw: bytearray, lay: Layout) -> None:
     put(raw, lay.entries[0].at, "Q", lay.entries[0].table_offset + 512)
 
 
-@case("bitmap-table-offset-zero", "bitmap directory", "table", "0x0")
+@case("bitmap-table-offset-zero", "bitmap directory", "table offset is 0x0")
 def _tab_zero(raw: bytearray, lay: Layout) -> None:
     """bitmap directory entry 0: table offset 0 (the header cluster)."""
     put(raw, lay.entries[0].at, "Q", 0)
 
 
-@case("bitmap-table-past-eof", "bitmap directory", "table", "past the end")
+@case("bitmap-table-past-eof", "bitmap directory", "table", "past the end", qemu=False)
 def _tab_eof(raw: bytearray, lay: Layout) -> None:
     """bitmap directory entry 0: table offset past the end of the file."""
     put(raw, lay.entries[0].at, "Q", lay.past_eof(raw))
@@ -505,10 +530,23 @@ def _tab_limit(raw: bytearray, lay: Layout) -> None:
     put(raw, lay.entries[0].at + 8, "I", 0x8000001)
 
 
-@case("bitmap-table-size-zero", "bitmap directory", "table", "entries")
+@case("bitmap-table-size-zero", "bitmap directory", "table_size is 0")
 def _tab_size0(raw: bytearray, lay: Layout) -> None:
     """bitmap directory entry 0: table_size 0 for a bitmap that needs one cluster."""
     put(raw, lay.entries[0].at + 8, "I", 0)
+
+
+@case("in-use-bitmap-table-size-zero", "bitmap directory", "table_size is 0")
+def _tab_size0_in_use(raw: bytearray, lay: Layout) -> None:
+    """bitmap directory entry 0: in use (so its size may be stale) but table_size 0."""
+    put(raw, lay.entries[0].at + 8, "I", 0)
+    put(raw, lay.entries[0].at + 12, "I", lay.entries[0].flags | 1)
+
+
+@case("bitmap-table-size-larger-than-needed", "bitmap directory", "2 entries", "needs 1")
+def _tab_size2(raw: bytearray, lay: Layout) -> None:
+    """bitmap directory entry 0: table_size 2 where the disk needs 1 (QEMU refuses it at load)."""
+    put(raw, lay.entries[0].at + 8, "I", 2)
 
 
 @case("bitmap-table-overlapping-other-table", "bitmap table of 'b1'", "overlaps", "bitmap table of 'b0'",
@@ -549,10 +587,23 @@ def _te_unaligned(raw: bytearray, lay: Layout) -> None:
     put(raw, lay.entries[0].table_offset, "Q", lay.entries[0].table[0] + 512)
 
 
-@case("table-entry-past-eof", "bitmap table of 'b1'", "entry 0", "past the end")
+@case("table-entry-past-eof", "bitmap table of 'b1'", "entry 0", "past the end", qemu=False)
 def _te_eof(raw: bytearray, lay: Layout) -> None:
     """b1's table entry 0: data offset past the end of the file."""
     put(raw, lay.entries[1].table_offset, "Q", lay.past_eof(raw))
+
+
+@case("table-entry-data-used-twice", "bitmap table of 'b1'", "used twice", qemu=False)
+def _te_twice(raw: bytearray, lay: Layout) -> None:
+    """b1's table entries 0 and 1 point at the same data cluster."""
+    put(raw, lay.entries[1].table_offset + 8, "Q", lay.entries[1].table[0])
+
+
+@case("in-use-bitmap-table-reserved-bit", "bitmap table of 'b0'", "entry 0", "reserved", qemu=False)
+def _te_in_use(raw: bytearray, lay: Layout) -> None:
+    """b0 is in use (QEMU never reads its table) and its table entry 0 has reserved bit 1."""
+    put(raw, lay.entries[0].at + 12, "I", lay.entries[0].flags | 1)
+    put(raw, lay.entries[0].table_offset, "Q", lay.entries[0].table[0] | 2)
 
 
 @case("table-entry-data-shared", "bitmap table of 'b1'", "overlaps", "bitmap data of 'b0'", qemu=False)
@@ -589,8 +640,8 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("bases")
     full = qemu.create(d / "full.qcow2", "1G")
     qemu.qemu_img("bitmap", "--add", str(full), "b0")
-    qemu.qemu_img("bitmap", "--add", "-g", "4096", str(full), "b1")
-    qemu.qemu_io(full, "write -P 0x5a 0 1M", "write 100M 64k")
+    qemu.qemu_img("bitmap", "--add", "-g", "512", str(full), "b1")  # 4 table entries, 2 with data
+    qemu.qemu_io(full, "write -P 0x5a 0 1M", "write 100M 64k", "write 300M 64k")
     qemu.qemu_img("snapshot", "-c", "s1", str(full))
     qemu.qemu_io(full, "write 200M 64k")
     qemu.create(d / "backing-base.qcow2", "64M")
@@ -626,14 +677,106 @@ def test_refused(c: Case, bases: dict[str, Path], tmp_path: Path, capsys: pytest
             assert w in m["rule"], f"{what}: {w!r} missing from the rule: {lines[0]!r}"
         assert img.read_bytes() == data, f"{what}: {' '.join(cmd)} changed the image"
         assert not sidecar.exists(), f"{what}: {' '.join(cmd)} left {sidecar.name} behind"
-    res = qemu.qemu_img("info", "-f", "qcow2", "-U", str(img), check=False)
+    # Bytes, not text: a damaged header can hand qemu-img a backing name that is not UTF-8.
+    res = subprocess.run(["qemu-img", "info", "-f", "qcow2", "-U", str(img)], capture_output=True)
     if c.qemu:
-        assert res.returncode != 0, f"{what}: qemu-img info accepts it:\n{res.stdout}"
+        assert res.returncode != 0, f"{what}: qemu-img info accepts it:\n{res.stdout!r}"
     else:
-        # qjournal is stricter than QEMU here (QEMU checks overlaps only before it writes).
-        assert res.returncode == 0, f"{what}: qemu-img info refuses it too, set qemu=True: {res.stderr}"
+        # qjournal is stricter than qemu-img info here: QEMU reads past the end of the
+        # file as zeros, checks overlaps only before it writes, and checks snapshot L1
+        # tables only in qemu-img check.
+        assert res.returncode == 0, f"{what}: qemu-img info refuses it too, set qemu=True: {res.stderr!r}"
     assert img.read_bytes() == data
 
 
 def test_enough_cases() -> None:
     assert len(CASES) >= 30
+
+
+# -- damage that only a write finds ------------------------------------------------------
+# Refcounts are read only to allocate and free clusters: `info` and `bitmap --dump` read
+# these images as qemu-img info does, and every command that would write refuses.
+WRITE_CASES: list[object] = []
+
+
+def write_case(name: str, structure: str, *words: str) -> Callable[[Damage], Damage]:
+    def register(fn: Damage) -> Damage:
+        WRITE_CASES.append(pytest.param(Case(fn, "full", structure, words, False), id=name))
+        return fn
+    return register
+
+
+def _refcount_entry(raw: bytes, lay: Layout, offset: int) -> int:
+    """Where the 16-bit refcount of the cluster at ``offset`` sits (qemu-made images: one block)."""
+    block = struct.unpack_from(">Q", raw, lay.rt_offset)[0]
+    return block + 2 * (offset // lay.cs)
+
+
+@write_case("refcount-table-entry-past-eof", "refcount table", "past the end")
+def _rte_eof(raw: bytearray, lay: Layout) -> None:
+    """Refcount table entry 0 points past the end of the file."""
+    put(raw, lay.rt_offset, "Q", lay.past_eof(raw))
+
+
+@write_case("refcount-table-entry-unaligned", "refcount table", "unaligned")
+def _rte_unaligned(raw: bytearray, lay: Layout) -> None:
+    """Refcount table entry 0 is not cluster aligned."""
+    put(raw, lay.rt_offset, "Q", struct.unpack_from(">Q", raw, lay.rt_offset)[0] + 512)
+
+
+@write_case("refcount-table-entry-reserved", "refcount table", "reserved")
+def _rte_reserved(raw: bytearray, lay: Layout) -> None:
+    """Refcount table entry 0 has reserved bit 0 set."""
+    put(raw, lay.rt_offset, "Q", struct.unpack_from(">Q", raw, lay.rt_offset)[0] | 1)
+
+
+@write_case("directory-refcount-zero", "refcount block", "below zero")
+def _dir_refcount0(raw: bytearray, lay: Layout) -> None:
+    """The bitmap directory's cluster has refcount 0: freeing it would go below zero."""
+    put(raw, _refcount_entry(raw, lay, lay.dir_offset), "H", 0)
+
+
+@pytest.mark.parametrize("c", WRITE_CASES)
+def test_write_refused(c: Case, bases: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = bytearray(bases[c.base].read_bytes())
+    c.damage(raw, Layout(raw))
+    data = bytes(raw)
+    img = tmp_path / "disk.qcow2"
+    img.write_bytes(data)
+    sidecar = Path(str(img) + ".qjournal")
+    what = c.damage.__doc__
+    for cmd in COMMANDS:
+        capsys.readouterr()
+        code = qj(*_argv(cmd, img))
+        err = capsys.readouterr().err
+        if cmd[-1] in ("--add", "--remove"):
+            assert code == 1, f"{what}: {' '.join(cmd)} exited {code}: {err}"
+            lines = err.splitlines()
+            assert len(lines) == 1, f"{what}: {' '.join(cmd)}: stderr is not one line: {err!r}"
+            m = ERROR_LINE.match(lines[0])
+            assert m and m["structure"] == c.structure, f"{what}: {lines[0]!r}"
+            for w in c.words:
+                assert w in m["rule"], f"{what}: {w!r} missing from the rule: {lines[0]!r}"
+        else:
+            assert code == 0, f"{what}: {' '.join(cmd)} exited {code}: {err}"
+        assert img.read_bytes() == data, f"{what}: {' '.join(cmd)} changed the image"
+        assert not sidecar.exists(), f"{what}: {' '.join(cmd)} left {sidecar.name} behind"
+    assert qemu.qemu_img("info", "-f", "qcow2", "-U", str(img), check=False).returncode == 0
+
+
+# -- not too strict ----------------------------------------------------------------------
+def test_long_header_is_accepted(bases: dict[str, Path], tmp_path: Path) -> None:
+    """header_length 8192 (QEMU reads it: the fields past byte 112 are unknown ones)."""
+    raw = bytearray(bases["full"].read_bytes())
+    lay = Layout(raw)
+    exts = bytes(raw[lay.header_length:lay.ext_end + 8])
+    raw[lay.header_length:lay.ext_end + 8] = bytes(len(exts))
+    raw[8192:8192 + len(exts)] = exts
+    put(raw, 100, "I", 8192)
+    img = tmp_path / "disk.qcow2"
+    img.write_bytes(bytes(raw))
+    assert [b["name"] for b in qemu.bitmaps(img)] == ["b0", "b1"]
+    assert qj("info", img) == 0
+    assert qj("bitmap", "--add", img, "new") == 0
+    assert [b["name"] for b in qemu.bitmaps(img)] == ["b0", "b1", "new"]
+    qemu.assert_clean(img)

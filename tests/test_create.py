@@ -10,6 +10,7 @@ Refusals are checked against qemu-img refusing the same request, and must leave 
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from qjournal import create as qcreate
 from qjournal.create import CreateOptions, create_image, parse_options, parse_size
 from qjournal.errors import LockError, UsageError
 from qjournal.lock import acquire
+
+qcreate = importlib.import_module("qjournal.create")  # the module (qjournal.create is also a function)
 
 IMG = "img.qcow2"
 BASE_QCOW2_SIZE = "1G"
@@ -238,7 +240,7 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("spec,size,message", REFUSALS, ids=[f"{s}@{z}" for s, z, _ in REFUSALS])
+@pytest.mark.parametrize("spec,size,message", REFUSALS, ids=[f"{s[:50]}@{z}" for s, z, _ in REFUSALS])
 def test_refused_like_qemu(tmp_path: Path, bases: Path, monkeypatch: pytest.MonkeyPatch,
                            spec: str, size: str | None, message: str) -> None:
     qdir, odir = twin_dirs(tmp_path, bases)
@@ -267,6 +269,10 @@ def test_options_are_checked_on_construction() -> None:
         CreateOptions(backing_file="b.vmdk", backing_fmt="vmdk")
     with pytest.raises(UsageError, match=r"protocol prefixes are not supported"):
         CreateOptions(data_file="nbd:localhost:10809")
+    with pytest.raises(UsageError, match=r"cluster_size='64k': must be of type int"):
+        CreateOptions(cluster_size="64k")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"lazy_refcounts=1: must be of type bool"):
+        CreateOptions(lazy_refcounts=1)  # type: ignore[arg-type]
     assert CreateOptions(compat="v2").compat == "0.10"
     assert CreateOptions(compat="v3").version == 3
 

@@ -156,15 +156,20 @@ def parse_directory(buf: bytes, offset: int, nb: int, cluster_size: int, file_si
             raise FormatError("bitmap directory", at, f"bitmap {name!r} table offset {toff:#x} is not cluster aligned")
         if tsize > MAX_TABLE_ENTRIES:
             raise FormatError("bitmap directory", at + 8, f"bitmap {name!r} table of {tsize} entries exceeds {MAX_TABLE_ENTRIES}")
+        if tsize == 0:
+            raise FormatError("bitmap directory", at + 8, f"bitmap {name!r} table_size is 0 (QEMU refuses an empty table)")
+        # Bounds before sizes: a hostile size is refused for what it is, past the end of the file.
+        if toff == 0:
+            raise FormatError("bitmap directory", at, f"bitmap {name!r} table offset is 0x0 (the header cluster)")
+        if toff + tsize * 8 > file_size:
+            raise FormatError("bitmap directory", at, f"bitmap {name!r} table ({tsize} entries at {toff:#x}) "
+                              f"runs past the end of the file ({file_size:#x})")
         expected = table_size_for(disk_size, gbits, cluster_size)
         if not flags & FLAG_IN_USE and tsize != expected:
             raise FormatError("bitmap directory", at + 8,
                               f"bitmap {name!r} table has {tsize} entries, the disk needs {expected}")
         if -(-disk_size // (1 << gbits)) > MAX_BITMAP_BYTES * 8:
             raise FormatError("bitmap directory", at + 17, f"bitmap {name!r} is larger than 512 MiB")
-        if toff + tsize * 8 > file_size or (tsize and toff == 0):
-            raise FormatError("bitmap directory", at,
-                              f"bitmap {name!r} table ({tsize} entries at {toff:#x}) lies outside the file")
         entries.append(DirectoryEntry(name, toff, tsize, flags, gbits, btype))
         pos = end
     if pos != len(buf):
@@ -201,4 +206,4 @@ def validate_table(table: np.ndarray, name: str, offset: int, cluster_size: int,
     if len(bad):
         i = int(bad[0])
         raise FormatError(f"bitmap table of {name!r}", offset + 8 * i,
-                          f"entry {i} data offset {int(offs[i]):#x} lies past the end of the file")
+                          f"entry {i} data cluster {int(offs[i]):#x} runs past the end of the file ({file_size:#x})")

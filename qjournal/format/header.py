@@ -37,6 +37,7 @@ from typing import Any
 import attrs
 
 from ..errors import FormatError
+from .snapshots import FIXED as SNAPSHOT_ENTRY_MIN, MAX_SNAPSHOTS
 
 MAGIC = b"QFI\xfb"
 V2_LENGTH = 72
@@ -88,6 +89,14 @@ COMPRESSION_TYPE_OFFSET = 104
 
 def _fail(rule: str, offset: int | None = 0) -> FormatError:
     return FormatError("qcow2 header", offset, rule)
+
+
+def _within_file(file_size: int, what: str, start: int, length: int, offset_field: str, size_field: str) -> None:
+    """Refuse a table that runs past the end of the file, blaming its offset field if it
+    starts there and its size field otherwise."""
+    if start + length > file_size:
+        field = offset_field if start >= file_size else size_field
+        raise _fail(f"{what} at {start:#x} runs past the end of the file ({file_size:#x})", FIELD_OFFSET[field])
 
 
 @attrs.frozen
@@ -157,9 +166,13 @@ class Header:
             if hl < V3_LENGTH or hl % 8:
                 raise _fail(f"header_length {hl} must be a multiple of 8 and at least {V3_LENGTH}",
                             FIELD_OFFSET["header_length"])
-            if hl > len(buf):
-                raise _fail(f"header_length {hl} runs past the end of the file", FIELD_OFFSET["header_length"])
+            # ``buf`` may be a prefix of the file: only ``file_size`` says where the file ends.
+            if file_size is not None and hl > file_size:
+                raise _fail(f"header_length {hl} runs past the end of the file ({file_size:#x})",
+                            FIELD_OFFSET["header_length"])
             if hl > COMPRESSION_TYPE_OFFSET:
+                if len(buf) <= COMPRESSION_TYPE_OFFSET:
+                    raise _fail(f"file ends at {len(buf):#x} inside the v3 header", COMPRESSION_TYPE_OFFSET)
                 values["compression_type"] = buf[COMPRESSION_TYPE_OFFSET]
         header = cls(**values)
         header.validate(file_size)
@@ -198,20 +211,9 @@ class Header:
                             FIELD_OFFSET["backing_file_offset"])
         if self.size > (1 << 63) - 1:
             raise _fail("virtual size too large", FIELD_OFFSET["size"])
-        if file_size is not None:
-            rt_end = self.refcount_table_offset + self.refcount_table_clusters * cs
-            if rt_end > file_size:
-                raise _fail(f"refcount table ({self.refcount_table_clusters} clusters at "
-                            f"{self.refcount_table_offset:#x}) ends past the end of the file "
-                            f"({file_size:#x})", FIELD_OFFSET["refcount_table_offset"])
-            if self.l1_size and self.l1_table_offset + self.l1_size * 8 > file_size:
-                raise _fail(f"L1 table ({self.l1_size} entries at {self.l1_table_offset:#x}) ends past the "
-                            f"end of the file ({file_size:#x})", FIELD_OFFSET["l1_size"])
-            if self.nb_snapshots and self.snapshots_offset >= file_size:
-                raise _fail(f"snapshot table offset {self.snapshots_offset:#x} is past the end of the file",
-                            FIELD_OFFSET["snapshots_offset"])
-        if self.nb_snapshots > 65536:
-            raise _fail(f"{self.nb_snapshots} snapshots exceed the limit of 65536", FIELD_OFFSET["nb_snapshots"])
+        if self.nb_snapshots > MAX_SNAPSHOTS:
+            raise _fail(f"{self.nb_snapshots} snapshots exceed the limit of {MAX_SNAPSHOTS}",
+                        FIELD_OFFSET["nb_snapshots"])
         l2_entries = cs // (16 if self.extended_l2 else 8)
         needed_l1 = -(-self.size // (l2_entries * cs))
         if self.l1_size < needed_l1:
@@ -220,6 +222,19 @@ class Header:
         if self.l1_size > 0x2000000:
             raise _fail(f"l1_size {self.l1_size} exceeds QEMU's limit of 32 MiB of L1 entries",
                         FIELD_OFFSET["l1_size"])
+        if file_size is not None:
+            # Bound every table by the file before anyone reads it.
+            _within_file(file_size, f"refcount table ({self.refcount_table_clusters} clusters)",
+                         self.refcount_table_offset, self.refcount_table_clusters * cs,
+                         "refcount_table_offset", "refcount_table_clusters")
+            if self.l1_size:
+                _within_file(file_size, f"L1 table ({self.l1_size} entries)", self.l1_table_offset,
+                             self.l1_size * 8, "l1_table_offset", "l1_size")
+            if self.nb_snapshots:
+                # Each snapshot entry takes at least SNAPSHOT_ENTRY_MIN bytes.
+                _within_file(file_size, f"snapshot table ({self.nb_snapshots} entries of at least "
+                             f"{SNAPSHOT_ENTRY_MIN} bytes)", self.snapshots_offset,
+                             self.nb_snapshots * SNAPSHOT_ENTRY_MIN, "snapshots_offset", "nb_snapshots")
 
     @property
     def length(self) -> int:

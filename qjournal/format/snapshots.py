@@ -22,6 +22,7 @@ import attrs
 from ..errors import FormatError
 
 FIXED = 40
+MAX_SNAPSHOTS = 65536  # QEMU's QCOW_MAX_SNAPSHOTS
 MAX_EXTRA = 1024
 
 

@@ -59,9 +59,13 @@ class Allocator:
         self.reftable = raw
         for i in np.nonzero(raw)[0].tolist():
             off = int(raw[i])
-            if off % self.cs or off + self.cs > medium.size:
-                raise FormatError("refcount table", reftable_offset + 8 * int(i),
-                                  f"refcount block offset {off:#x} is unaligned or past the end of the file")
+            if off % self.cs:
+                raise FormatError("refcount table", reftable_offset + 8 * i,
+                                  f"entry {i}: refcount block offset {off:#x} is not cluster aligned")
+            if off + self.cs > medium.size:
+                raise FormatError("refcount table", reftable_offset + 8 * i,
+                                  f"entry {i}: refcount block at {off:#x} runs past the end of the file "
+                                  f"({medium.size:#x})")
         self._blocks: dict[int, np.ndarray] = {}
         self._free: SortedList | None = None
         self._end = -(-medium.size // self.cs)

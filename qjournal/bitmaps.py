@@ -236,6 +236,9 @@ class Bitmaps(Mapping[str, Bitmap]):
                               "upgrade it with qemu-img amend -o compat=1.1")
         _check_name(name)
         gbits = _granularity_bits(granularity)
+        if bm.table_size_for(img.header.size, gbits, img.header.cluster_size) == 0:
+            raise BitmapError(f"{img.path}: a zero-size disk cannot hold a persistent bitmap "
+                              "(QEMU refuses a bitmap table of 0 entries)")
         nbits = -(-img.header.size // (1 << gbits))
         if -(-nbits // 8) > bm.MAX_BITMAP_BYTES:
             raise BitmapError(f"bitmap {name!r} with granularity {granularity} would take "

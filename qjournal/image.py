@@ -217,7 +217,9 @@ class Image:
         self.backing_format = _text(exts, EXT_BACKING_FORMAT)
         self.data_file = _text(exts, EXT_DATA_FILE)
         if h.has_data_file and self.data_file is None:
-            raise FormatError("qcow2 header", 72, "external data file bit set but no data file name extension")
+            raise UnsupportedError("qcow2 header at offset 0x48: external data file bit set without a data file "
+                                   "name extension; the data file must be named at open, which qjournal "
+                                   "does not support")
         self.snapshots: tuple[Snapshot, ...] = ()
         if h.nb_snapshots:
             n = min(size - h.snapshots_offset, 65536 * 2048)

@@ -6,8 +6,8 @@ commands a user would (`info`, `info --output=json`, `bitmap --add`, `bitmap
 ``qjournal: STRUCTURE at offset 0x..: RULE``, leave the image byte-identical and
 leave no ``IMAGE.qjournal`` sidecar behind.
 
-Oracle: ``qemu-img info``. Where QEMU also refuses the damaged image (``qemu=True``)
-the test asserts that it fails; where QEMU accepts it (``qemu=False``) the test
+Oracle: ``qemu-img info``. Where QEMU also refuses the damaged image (the default)
+the test asserts that it fails; where QEMU accepts it (``qemu_refuses=False``) the test
 asserts that too, so that the cases where qjournal is stricter than QEMU stay listed.
 """
 from __future__ import annotations
@@ -88,15 +88,16 @@ class Case(NamedTuple):
     base: str  # which qemu-made image it starts from
     structure: str  # the structure the error must name
     words: tuple[str, ...]  # words the rule must contain
-    qemu: bool  # does qemu-img info refuse the damaged image too?
+    qemu_refuses: bool  # does qemu-img info refuse the damaged image too?
 
 
 CASES: list[object] = []
 
 
-def case(name: str, structure: str, *words: str, base: str = "full", qemu: bool = True) -> Callable[[Damage], Damage]:
+def case(name: str, structure: str, *words: str, base: str = "full",
+         qemu_refuses: bool = True) -> Callable[[Damage], Damage]:
     def register(fn: Damage) -> Damage:
-        CASES.append(pytest.param(Case(fn, base, structure, words, qemu), id=name))
+        CASES.append(pytest.param(Case(fn, base, structure, words, qemu_refuses), id=name))
         return fn
     return register
 
@@ -163,7 +164,7 @@ def _hl100(raw: bytearray, lay: Layout) -> None:
     put(raw, 100, "I", 100)
 
 
-@case("header-length-105", "qcow2 header", "header_length 105", "multiple of 8", qemu=False)
+@case("header-length-105", "qcow2 header", "header_length 105", "multiple of 8", qemu_refuses=False)
 def _hl105(raw: bytearray, lay: Layout) -> None:
     """header_length 105, not a multiple of 8."""
     put(raw, 100, "I", 105)
@@ -211,13 +212,13 @@ def _crypt3(raw: bytearray, lay: Layout) -> None:
     put(raw, 32, "I", 3)
 
 
-@case("data-file-bit-without-name", "qcow2 header", "data file", qemu=False)
+@case("data-file-bit-without-name", "qcow2 header", "data file", qemu_refuses=False)
 def _datafile(raw: bytearray, lay: Layout) -> None:
     """The external data file bit set, with no data file name extension."""
     put(raw, 72, "Q", 1 << 2)
 
 
-@case("refcount-table-past-eof", "qcow2 header", "refcount table", "past the end", qemu=False)
+@case("refcount-table-past-eof", "qcow2 header", "refcount table", "past the end", qemu_refuses=False)
 def _rt_eof(raw: bytearray, lay: Layout) -> None:
     """The refcount table offset lies past the end of the file."""
     put(raw, 48, "Q", lay.past_eof(raw))
@@ -244,7 +245,7 @@ def _rt_none(raw: bytearray, lay: Layout) -> None:
 @case("l1-size-larger-than-file", "qcow2 header", "L1 table", "past the end")
 def _l1_big(raw: bytearray, lay: Layout) -> None:
     """l1_size runs the L1 table past the end of the file (under QEMU's limit)."""
-    put(raw, 36, "I", 0x1000000)
+    put(raw, 36, "I", 0x300000)
 
 
 @case("l1-size-over-limit", "qcow2 header", "l1_size", "limit")
@@ -265,26 +266,26 @@ def _l1_unaligned(raw: bytearray, lay: Layout) -> None:
     put(raw, 40, "Q", lay.l1_offset + 8)
 
 
-@case("l1-table-past-eof", "qcow2 header", "L1 table", "past the end", qemu=False)
+@case("l1-table-past-eof", "qcow2 header", "L1 table", "past the end", qemu_refuses=False)
 def _l1_eof(raw: bytearray, lay: Layout) -> None:
     """The L1 table offset lies past the end of the file."""
     put(raw, 40, "Q", lay.past_eof(raw))
 
 
-@case("l1-table-overlapping-refcount-table", "L1 table", "overlaps", "refcount table", qemu=False)
+@case("l1-table-overlapping-refcount-table", "L1 table", "overlaps", "refcount table", qemu_refuses=False)
 def _l1_on_rt(raw: bytearray, lay: Layout) -> None:
     """The L1 table placed on the refcount table."""
     put(raw, 40, "Q", lay.rt_offset)
 
 
-@case("l1-table-overlapping-header", "L1 table", "overlaps", "header cluster", qemu=False)
+@case("l1-table-overlapping-header", "L1 table", "overlaps", "header cluster", qemu_refuses=False)
 def _l1_on_header(raw: bytearray, lay: Layout) -> None:
     """The L1 table placed at offset 0, on the header."""
     put(raw, 40, "Q", 0)
 
 
 # -- snapshots -----------------------------------------------------------------------
-@case("snapshot-table-past-eof", "qcow2 header", "snapshot table", "past the end", qemu=False)
+@case("snapshot-table-past-eof", "qcow2 header", "snapshot table", "past the end", qemu_refuses=False)
 def _snap_eof(raw: bytearray, lay: Layout) -> None:
     """The snapshot table offset lies past the end of the file."""
     put(raw, 64, "Q", lay.past_eof(raw))
@@ -308,13 +309,13 @@ def _snap_limit(raw: bytearray, lay: Layout) -> None:
     put(raw, 60, "I", 65537)
 
 
-@case("snapshot-l1-past-eof", "snapshot table", "L1", "past the end", qemu=False)
+@case("snapshot-l1-past-eof", "snapshot table", "L1", "past the end", qemu_refuses=False)
 def _snap_l1_eof(raw: bytearray, lay: Layout) -> None:
     """Snapshot 0's L1 table lies past the end of the file."""
     put(raw, lay.snapshots_offset, "Q", lay.past_eof(raw))
 
 
-@case("snapshot-l1-unaligned", "snapshot table", "L1", "aligned", qemu=False)
+@case("snapshot-l1-unaligned", "snapshot table", "L1", "aligned", qemu_refuses=False)
 def _snap_l1_unaligned(raw: bytearray, lay: Layout) -> None:
     """Snapshot 0's L1 table offset is not cluster aligned."""
     put(raw, lay.snapshots_offset, "Q", struct.unpack_from(">Q", raw, lay.snapshots_offset)[0] + 8)
@@ -326,7 +327,7 @@ def _snap_extra(raw: bytearray, lay: Layout) -> None:
     put(raw, lay.snapshots_offset + 36, "I", 2000)
 
 
-@case("snapshot-table-overlapping-refcount-table", "snapshot table", "overlaps", "refcount table", qemu=False)
+@case("snapshot-table-overlapping-refcount-table", "snapshot table", "overlaps", "refcount table", qemu_refuses=False)
 def _snap_on_rt(raw: bytearray, lay: Layout) -> None:
     """The snapshot table placed on the refcount table (which parses as one empty snapshot)."""
     put(raw, 64, "Q", lay.rt_offset)
@@ -339,14 +340,14 @@ def _ext_long(raw: bytearray, lay: Layout) -> None:
     put(raw, lay.exts[EXT_FEATURES] + 4, "I", lay.cs)
 
 
-@case("duplicate-extension", "header extension", "twice", qemu=False)
+@case("duplicate-extension", "header extension", "twice", qemu_refuses=False)
 def _ext_dup(raw: bytearray, lay: Layout) -> None:
     """The bitmaps extension appears twice."""
     ext = bytes(raw[lay.exts[EXT_BITMAPS]:lay.ext_end])
     raw[lay.ext_end:lay.ext_end + len(ext) + 8] = ext + bytes(8)
 
 
-@case("no-extension-end-marker", "header extension", "without an end marker", qemu=False)
+@case("no-extension-end-marker", "header extension", "without an end marker", qemu_refuses=False)
 def _ext_noend(raw: bytearray, lay: Layout) -> None:
     """Unknown empty extensions fill cluster 0 to its end: no end marker."""
     for i, off in enumerate(range(lay.ext_end, lay.cs, 8)):
@@ -372,7 +373,7 @@ def _backing_long(raw: bytearray, lay: Layout) -> None:
 
 
 @case("backing-name-overlapping-extensions", "qcow2 header", "backing file", "overlaps", base="backing",
-      qemu=False)
+      qemu_refuses=False)
 def _backing_on_exts(raw: bytearray, lay: Layout) -> None:
     """The backing file name placed on the header extensions."""
     put(raw, 8, "Q", lay.header_length)
@@ -440,7 +441,7 @@ def _dir_on_snap(raw: bytearray, lay: Layout) -> None:
     put(raw, lay.bm_ext + 16, "Q", lay.snapshots_offset)
 
 
-@case("directory-overlapping-l1-table", "bitmap directory", "overlaps", "L1 table", qemu=False)
+@case("directory-overlapping-l1-table", "bitmap directory", "overlaps", "L1 table", qemu_refuses=False)
 def _dir_on_l1(raw: bytearray, lay: Layout) -> None:
     """The L1 table moved onto the bitmap directory's cluster."""
     put(raw, 40, "Q", lay.dir_offset)
@@ -488,7 +489,7 @@ def _name_long(raw: bytearray, lay: Layout) -> None:
     put(raw, lay.entries[1].at + 18, "H", 1000)
 
 
-@case("directory-entry-name-not-utf8", "bitmap directory", "UTF-8", qemu=False)
+@case("directory-entry-name-not-utf8", "bitmap directory", "UTF-8", qemu_refuses=False)
 def _name_utf8(raw: bytearray, lay: Layout) -> None:
     """bitmap directory entry 0: a name that is not UTF-8."""
     raw[lay.entries[0].at + 24:lay.entries[0].at + 26] = b"\xff\xfe"
@@ -512,7 +513,7 @@ def _tab_zero(raw: bytearray, lay: Layout) -> None:
     put(raw, lay.entries[0].at, "Q", 0)
 
 
-@case("bitmap-table-past-eof", "bitmap directory", "table", "past the end", qemu=False)
+@case("bitmap-table-past-eof", "bitmap directory", "table", "past the end", qemu_refuses=False)
 def _tab_eof(raw: bytearray, lay: Layout) -> None:
     """bitmap directory entry 0: table offset past the end of the file."""
     put(raw, lay.entries[0].at, "Q", lay.past_eof(raw))
@@ -550,13 +551,13 @@ def _tab_size2(raw: bytearray, lay: Layout) -> None:
 
 
 @case("bitmap-table-overlapping-other-table", "bitmap table of 'b1'", "overlaps", "bitmap table of 'b0'",
-      qemu=False)
+      qemu_refuses=False)
 def _tab_shared(raw: bytearray, lay: Layout) -> None:
     """b1's table offset points at b0's table."""
     put(raw, lay.entries[1].at, "Q", lay.entries[0].table_offset)
 
 
-@case("bitmap-table-overlapping-l1-table", "bitmap table of 'b0'", "overlaps", "L1 table", qemu=False)
+@case("bitmap-table-overlapping-l1-table", "bitmap table of 'b0'", "overlaps", "L1 table", qemu_refuses=False)
 def _tab_on_l1(raw: bytearray, lay: Layout) -> None:
     """The L1 table moved onto b0's bitmap table (so the table's entries still parse)."""
     put(raw, 40, "Q", lay.entries[0].table_offset)
@@ -587,32 +588,32 @@ def _te_unaligned(raw: bytearray, lay: Layout) -> None:
     put(raw, lay.entries[0].table_offset, "Q", lay.entries[0].table[0] + 512)
 
 
-@case("table-entry-past-eof", "bitmap table of 'b1'", "entry 0", "past the end", qemu=False)
+@case("table-entry-past-eof", "bitmap table of 'b1'", "entry 0", "past the end", qemu_refuses=False)
 def _te_eof(raw: bytearray, lay: Layout) -> None:
     """b1's table entry 0: data offset past the end of the file."""
     put(raw, lay.entries[1].table_offset, "Q", lay.past_eof(raw))
 
 
-@case("table-entry-data-used-twice", "bitmap table of 'b1'", "used twice", qemu=False)
+@case("table-entry-data-used-twice", "bitmap table of 'b1'", "used twice", qemu_refuses=False)
 def _te_twice(raw: bytearray, lay: Layout) -> None:
     """b1's table entries 0 and 1 point at the same data cluster."""
     put(raw, lay.entries[1].table_offset + 8, "Q", lay.entries[1].table[0])
 
 
-@case("in-use-bitmap-table-reserved-bit", "bitmap table of 'b0'", "entry 0", "reserved", qemu=False)
+@case("in-use-bitmap-table-reserved-bit", "bitmap table of 'b0'", "entry 0", "reserved", qemu_refuses=False)
 def _te_in_use(raw: bytearray, lay: Layout) -> None:
     """b0 is in use (QEMU never reads its table) and its table entry 0 has reserved bit 1."""
     put(raw, lay.entries[0].at + 12, "I", lay.entries[0].flags | 1)
     put(raw, lay.entries[0].table_offset, "Q", lay.entries[0].table[0] | 2)
 
 
-@case("table-entry-data-shared", "bitmap table of 'b1'", "overlaps", "bitmap data of 'b0'", qemu=False)
+@case("table-entry-data-shared", "bitmap table of 'b1'", "overlaps", "bitmap data of 'b0'", qemu_refuses=False)
 def _te_shared(raw: bytearray, lay: Layout) -> None:
     """b1's data cluster is b0's data cluster."""
     put(raw, lay.entries[1].table_offset, "Q", lay.entries[0].table[0])
 
 
-@case("table-entry-data-on-l1-table", "bitmap table of 'b0'", "overlaps", "L1 table", qemu=False)
+@case("table-entry-data-on-l1-table", "bitmap table of 'b0'", "overlaps", "L1 table", qemu_refuses=False)
 def _te_on_l1(raw: bytearray, lay: Layout) -> None:
     """b0's data cluster is the L1 table's cluster."""
     put(raw, lay.entries[0].table_offset, "Q", lay.l1_offset)
@@ -632,6 +633,22 @@ def _argv(cmd: tuple[str, ...], img: Path) -> list[object]:
     if cmd[0] == "bitmap":
         return [*cmd, img, "new" if cmd[1] == "--add" else "b0"]
     return [*cmd, img]
+
+
+def _assert_refused(c: Case, cmd: tuple[str, ...], img: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``cmd`` exits 1 with one line ``qjournal: STRUCTURE at offset 0x..: RULE`` and no traceback."""
+    what = f"{c.damage.__doc__}: {' '.join(cmd)}"
+    capsys.readouterr()
+    code = qj(*_argv(cmd, img))  # an exception other than the exit code would be a traceback
+    err = capsys.readouterr().err
+    assert code == 1, f"{what} exited {code}: {err}"
+    lines = err.splitlines()
+    assert len(lines) == 1, f"{what}: stderr is not one line: {err!r}"
+    m = ERROR_LINE.match(lines[0])
+    assert m, f"{what}: not 'qjournal: STRUCTURE at offset 0x..: RULE': {lines[0]!r}"
+    assert m["structure"] == c.structure, f"{what}: {lines[0]!r}"
+    for w in c.words:
+        assert w in m["rule"], f"{what}: {w!r} missing from the rule: {lines[0]!r}"
 
 
 @pytest.fixture(scope="module")
@@ -663,34 +680,21 @@ def test_refused(c: Case, bases: dict[str, Path], tmp_path: Path, capsys: pytest
         shutil.copy(bases[c.base].parent / "backing-base.qcow2", tmp_path)
     sidecar = Path(str(img) + ".qjournal")
     what = c.damage.__doc__
-    capsys.readouterr()
     for cmd in COMMANDS:
-        code = qj(*_argv(cmd, img))
-        err = capsys.readouterr().err
-        assert code == 1, f"{what}: {' '.join(cmd)} exited {code}: {err}"
-        lines = err.splitlines()
-        assert len(lines) == 1, f"{what}: {' '.join(cmd)}: stderr is not one line: {err!r}"
-        m = ERROR_LINE.match(lines[0])
-        assert m, f"{what}: {' '.join(cmd)}: not 'qjournal: STRUCTURE at offset 0x..: RULE': {lines[0]!r}"
-        assert m["structure"] == c.structure, f"{what}: {lines[0]!r}"
-        for w in c.words:
-            assert w in m["rule"], f"{what}: {w!r} missing from the rule: {lines[0]!r}"
+        _assert_refused(c, cmd, img, capsys)
         assert img.read_bytes() == data, f"{what}: {' '.join(cmd)} changed the image"
         assert not sidecar.exists(), f"{what}: {' '.join(cmd)} left {sidecar.name} behind"
     # Bytes, not text: a damaged header can hand qemu-img a backing name that is not UTF-8.
     res = subprocess.run(["qemu-img", "info", "-f", "qcow2", "-U", str(img)], capture_output=True)
-    if c.qemu:
+    if c.qemu_refuses:
         assert res.returncode != 0, f"{what}: qemu-img info accepts it:\n{res.stdout!r}"
     else:
         # qjournal is stricter than qemu-img info here: QEMU reads past the end of the
-        # file as zeros, checks overlaps only before it writes, and checks snapshot L1
-        # tables only in qemu-img check.
-        assert res.returncode == 0, f"{what}: qemu-img info refuses it too, set qemu=True: {res.stderr!r}"
+        # file as zeros, checks overlaps only before it writes, checks snapshot L1 tables
+        # only in qemu-img check, never reads the table of an in-use bitmap, and lets a
+        # second extension of one type replace the first.
+        assert res.returncode == 0, f"{what}: qemu-img info refuses it too: drop qemu_refuses=False: {res.stderr!r}"
     assert img.read_bytes() == data
-
-
-def test_enough_cases() -> None:
-    assert len(CASES) >= 30
 
 
 # -- damage that only a write finds ------------------------------------------------------
@@ -746,19 +750,12 @@ def test_write_refused(c: Case, bases: dict[str, Path], tmp_path: Path, capsys: 
     sidecar = Path(str(img) + ".qjournal")
     what = c.damage.__doc__
     for cmd in COMMANDS:
-        capsys.readouterr()
-        code = qj(*_argv(cmd, img))
-        err = capsys.readouterr().err
         if cmd[-1] in ("--add", "--remove"):
-            assert code == 1, f"{what}: {' '.join(cmd)} exited {code}: {err}"
-            lines = err.splitlines()
-            assert len(lines) == 1, f"{what}: {' '.join(cmd)}: stderr is not one line: {err!r}"
-            m = ERROR_LINE.match(lines[0])
-            assert m and m["structure"] == c.structure, f"{what}: {lines[0]!r}"
-            for w in c.words:
-                assert w in m["rule"], f"{what}: {w!r} missing from the rule: {lines[0]!r}"
+            _assert_refused(c, cmd, img, capsys)
         else:
-            assert code == 0, f"{what}: {' '.join(cmd)} exited {code}: {err}"
+            capsys.readouterr()
+            code = qj(*_argv(cmd, img))
+            assert code == 0, f"{what}: {' '.join(cmd)} exited {code}: {capsys.readouterr().err}"
         assert img.read_bytes() == data, f"{what}: {' '.join(cmd)} changed the image"
         assert not sidecar.exists(), f"{what}: {' '.join(cmd)} left {sidecar.name} behind"
     assert qemu.qemu_img("info", "-f", "qcow2", "-U", str(img), check=False).returncode == 0

@@ -172,7 +172,11 @@ def assert_steps_safe(recorded: Steps, etype: int, data: bytes) -> None:
             for off, d in writes:
                 if off < len(cur):
                     cur[off:off + len(d)] = d[:len(cur) - off]
-            exts = parse_exts(cur)
+            try:
+                exts = parse_exts(cur)
+            except AssertionError as e:
+                raise AssertionError(f"after step {step} ({[(o, len(d)) for o, d in writes]}), "
+                                     f"QEMU cannot parse the extension list: {e}") from None
             assert (etype, data) in [(t, d) for _, t, d in exts], f"after step {step}"
             if name is not None:
                 assert backing_name(cur) == name, f"backing name after step {step}: {backing_name(cur)!r}"
@@ -231,6 +235,14 @@ def bump_refcount_of_cluster0(img: Path) -> None:
         assert struct.unpack(">H", f.read(2))[0] == 1
         f.seek(rb)
         f.write(struct.pack(">H", 2))
+
+
+def assert_no_live_bitmaps_ext(img: Path) -> None:
+    """No bitmaps extension, or one that autoclear bit 0 declares stale (QEMU ignores it,
+    and it is the only crash-safe way to drop an extension that other extensions follow
+    across a sector boundary)."""
+    ac, ext = bitmaps_fields(cluster0(img))
+    assert ext is None or not ac
 
 
 def clear_autoclear_bitmaps(img: Path) -> None:
@@ -315,7 +327,7 @@ def test_every_write_keeps_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert qj("bitmap", "--remove", img, "b0") == 0
     assert qj("bitmap", "--remove", img, "src") == 0
     after([])
-    assert EXT_BITMAPS not in [t for _, t, _ in parse_exts(cluster0(img))]
+    assert_no_live_bitmaps_ext(img)
 
     # check -r all with a leak to repair (refcounts only).
     bump_refcount_of_cluster0(img)
@@ -330,7 +342,7 @@ def test_every_write_keeps_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     clear_autoclear_bitmaps(img)
     assert qj("check", "-r", "all", img) == 0
     after([])
-    assert EXT_BITMAPS not in [t for _, t, _ in parse_exts(cluster0(img))]
+    assert_no_live_bitmaps_ext(img)
     assert_steps_safe(header_steps, UNKNOWN, data)
 
     # QEMU still works on it afterwards, and keeps the extension too.
@@ -353,6 +365,24 @@ def test_in_use_repair_keeps_it(tmp_path: Path, header_steps: Steps) -> None:
     assert_kept(img, UNKNOWN, data, order)
     qemu.assert_clean(img)
     assert bitmap_set(img) == [("b0", 65536, ["auto"])]
+    assert_steps_safe(header_steps, UNKNOWN, data)
+
+
+@pytest.mark.parametrize("n", [5, 300, 600])
+def test_remove_last_bitmap_in_qemu_layout(tmp_path: Path, header_steps: Steps, n: int) -> None:
+    """QEMU writes unknown extensions after the bitmaps extension. Dropping the bitmaps
+    extension moves them towards the header, across the first sector boundary."""
+    img = qemu.create(tmp_path / "disk.qcow2", "1G")
+    data = payload(n)
+    insert_extension(img, UNKNOWN, data)
+    qemu.qemu_img("bitmap", "--add", str(img), "b0")  # QEMU rewrites cluster 0: ..., bitmaps, unknown
+    assert [t for _, t, _ in parse_exts(cluster0(img))] == [EXT_FEATURE_TABLE, EXT_BITMAPS, UNKNOWN]
+    order = [t for _, t, _ in parse_exts(cluster0(img))]
+    assert qj("bitmap", "--remove", img, "b0") == 0
+    assert_kept(img, UNKNOWN, data, order)
+    assert_no_live_bitmaps_ext(img)
+    qemu.assert_clean(img)
+    assert bitmap_set(img) == []
     assert_steps_safe(header_steps, UNKNOWN, data)
 
 
@@ -494,27 +524,37 @@ class TestBackingFile:
         qemu.qemu_io(top, "write -P 0xef 1536k 4k", "read -P 0xab 0 1M", "read -P 0xef 1536k 4k")
         qemu.assert_clean(top)
 
-    def test_backing_name_must_move_in_a_full_cluster(self, tmp_path: Path, base: Path, header_steps: Steps) -> None:
-        """4 KiB clusters, the name ending exactly at the end of cluster 0 once the
-        bitmaps extension is added: the only place left for it is right after the list."""
+    def test_backing_name_must_move_in_a_full_cluster(self, tmp_path: Path, header_steps: Steps,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+        """4 KiB clusters, and once the bitmaps extension is added, list and name fill
+        cluster 0: the name can only go right after the new list, over its old place.
+        Either qjournal finds a crash-safe sequence, or it refuses and changes nothing."""
+        deep = tmp_path / ("d" * 60)
+        deep.mkdir()
+        far = qemu.create(deep / "base.qcow2", "64M")
+        qemu.qemu_io(far, "write -P 0xab 0 2M")
         top = tmp_path / "top.qcow2"
-        qemu.run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", str(base),
+        qemu.run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", str(far),
                  "-F", "qcow2", str(top))
         c0 = cluster0(top)
         name = backing_name(c0)
-        assert name is not None
-        # After our extension and a 32-byte bitmaps extension, list + name fill the cluster.
+        assert name is not None and len(name) > 32
         n = (4096 - ext_end(c0) - 8 - 32 - len(name)) & ~7
         data = payload(n)
         insert_extension(top, UNKNOWN, data)
         order = [t for _, t, _ in parse_exts(cluster0(top))]
         qemu.assert_clean(top)
-        assert qj("bitmap", "--add", top, "b0") == 0
+        before = top.read_bytes()
+        code = qj("bitmap", "--add", top, "b0")
+        if code != 0:
+            assert "backing file name" in capsys.readouterr().err
+            assert top.read_bytes() == before
+            return
         c0 = cluster0(top)
         assert_kept(top, UNKNOWN, data, order)
         assert backing_name(c0) == name
         qemu.assert_clean(top)
-        assert qemu.info(top)["backing-filename"] == str(base)
+        assert qemu.info(top)["backing-filename"] == str(far)
         assert bitmap_set(top) == [("b0", 65536, ["auto"])]
         qemu_read(top, "read -P 0xab 0 2M")
         assert_steps_safe(header_steps, UNKNOWN, data)

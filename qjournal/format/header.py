@@ -59,6 +59,8 @@ AUTOCLEAR_BITMAPS = 1 << 0
 AUTOCLEAR_DATA_FILE_RAW = 1 << 1
 AUTOCLEAR_KNOWN = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW
 
+MAX_L1_ENTRIES = (32 << 20) // 8  # QEMU's QCOW_MAX_L1_SIZE is 32 MiB
+
 COMPRESSION_ZLIB = 0
 COMPRESSION_ZSTD = 1
 COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
@@ -219,8 +221,9 @@ class Header:
         if self.l1_size < needed_l1:
             raise _fail(f"l1_size {self.l1_size} is too small for a disk of {self.size} bytes "
                         f"(needs {needed_l1})", FIELD_OFFSET["l1_size"])
-        if self.l1_size > 0x2000000:
-            raise _fail(f"l1_size {self.l1_size} exceeds QEMU's limit of 32 MiB of L1 entries",
+        if self.l1_size > MAX_L1_ENTRIES:
+            raise _fail(f"l1_size {self.l1_size} exceeds QEMU's limit of a 32 MiB L1 table "
+                        f"({MAX_L1_ENTRIES} entries)",
                         FIELD_OFFSET["l1_size"])
         if file_size is not None:
             # Bound every table by the file before anyone reads it.

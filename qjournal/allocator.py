@@ -61,7 +61,7 @@ class Allocator:
             off = int(raw[i])
             if off % self.cs:
                 raise FormatError("refcount table", reftable_offset + 8 * i,
-                                  f"entry {i}: refcount block offset {off:#x} is not cluster aligned")
+                                  f"entry {i}: refcount block offset {off:#x} is unaligned (not a multiple of the cluster size)")
             if off + self.cs > medium.size:
                 raise FormatError("refcount table", reftable_offset + 8 * i,
                                   f"entry {i}: refcount block at {off:#x} runs past the end of the file "

@@ -14,11 +14,25 @@ from .errors import QcowError, UsageError
 
 
 def _human_size(n: int) -> str:
-    for unit, shift in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            v = n / (1 << shift)
-            return f"{v:.3g} {unit}"
-    return f"{n} B"
+    """qemu's size_to_str(): three significant digits, switching unit at 1000 of the smaller one."""
+    import math
+    exp = math.frexp(n / (1000.0 / 1024.0))[1]
+    i = max(0, (exp - 1) // 10)
+    v = n / (1 << (i * 10))
+    return f"{v:0.3g} {('', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei')[i]}B"
+
+
+def _dump_qobject(obj: Any, indent: int) -> None:
+    """qemu-img's dump_qobject(): the human form of format-specific data."""
+    items = obj.items() if isinstance(obj, dict) else ((f"[{i}]", v) for i, v in enumerate(obj))
+    for key, val in items:
+        if isinstance(obj, dict):
+            key = key.replace("-", " ")
+        if isinstance(val, (dict, list)):
+            print(f"{'':{indent * 4}}{key}:")
+            _dump_qobject(val, indent + 1)
+        else:
+            print(f"{'':{indent * 4}}{key}: {str(val).lower() if isinstance(val, bool) else val}")
 
 
 def _print_json(obj: Any) -> None:
@@ -37,30 +51,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"virtual size: {_human_size(info.virtual_size)} ({info.virtual_size} bytes)")
     print(f"disk size: {_human_size(info.actual_size)}")
     print(f"cluster_size: {info.cluster_size}")
+    if info.encrypted:
+        print("encrypted: yes")
+    if info.dirty_flag:
+        print("cleanly shut down: no")
     if info.backing_filename is not None:
-        print(f"backing file: {info.backing_filename}")
+        actual = "" if info.full_backing_filename == info.backing_filename else \
+            f" (actual path: {info.full_backing_filename})"
+        print(f"backing file: {info.backing_filename}{actual}")
         if info.backing_format:
             print(f"backing file format: {info.backing_format}")
     if info.snapshots:
+        import time
         print("Snapshot list:")
-        print(f"{'ID':<10}{'TAG':<18}{'VM SIZE':>8}{'DATE':>21}{'VM CLOCK':>13}")
+        print(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
         for s in info.snapshots:
-            import time
             date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.date_sec))
-            secs = s.vm_clock_nsec / 1e9
-            clock = f"{int(secs // 3600):02d}:{int(secs // 60 % 60):02d}:{secs % 60:06.3f}"
-            print(f"{s.id:<10}{s.name:<18}{_human_size(s.vm_state_size):>8}{date:>21}{clock:>13}")
+            secs, ms = s.vm_clock_nsec // 1_000_000_000, s.vm_clock_nsec // 1_000_000 % 1000
+            clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{ms:03d}"
+            icount = "" if s.icount is None or s.icount == (1 << 64) - 1 else str(s.icount)
+            print(f"{s.id:<9} {s.name:<16} {_human_size(s.vm_state_size):>8}{date:>20}{clock:>13}{icount:>11}")
     print("Format specific information:")
-    data = info.to_json()["format-specific"]["data"]
-    for key, val in data.items():
-        if key == "bitmaps":
-            print("    bitmaps:")
-            for b in val:
-                print(f"        {b['name']}:")
-                print(f"            flags: {', '.join(b['flags']) or '-'}")
-                print(f"            granularity: {b['granularity']}")
-        else:
-            print(f"    {key.replace('-', ' ')}: {str(val).lower() if isinstance(val, bool) else val}")
+    _dump_qobject(info.to_json()["format-specific"]["data"], 1)
     for t, n in info.unknown_extensions:
         print(f"unknown header extension: type {t:#010x}, {n} bytes (kept as is)")
     return 0

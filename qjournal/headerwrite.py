@@ -139,3 +139,44 @@ def plan(old_bytes: bytes, old: Cluster0, new: Cluster0, guard_bitmaps: bool) ->
         emit("header-switched", _runs(target, rest & (sector_of == s)))
     emit("header-cleanup", _runs(target, differs()))
     return steps
+
+
+def unsafe_boundary(old_bytes: bytes, old: Cluster0, new: Cluster0,
+                    steps: list[tuple[str, list[Write]]]) -> str | None:
+    """Why a reader that ignores the journal would find cluster 0 broken after some step
+    of ``steps`` (None when every step boundary is safe).
+
+    At every boundary the extension list must parse, every extension that both layouts
+    hold must be there with its data intact, the backing file name must be the old or
+    the new one, and a bitmaps extension declared consistent (autoclear bit 0) must be
+    the old or the new one.
+    """
+    from .format.extensions import EXT_BITMAPS, parse_extensions
+    from .format.header import FIELD_OFFSET as F
+    cs = len(old_bytes)
+    cur = bytearray(old_bytes)
+    keep = {(e.type, e.data) for e in old.extensions} & {(e.type, e.data) for e in new.extensions}
+    names = {old.backing_name or b"", new.backing_name or b""}
+    bm_ok = {e.data for e in old.extensions + new.extensions if e.type == EXT_BITMAPS}
+    start = old.header.length
+    for name, writes in steps:
+        for off, data in writes:
+            if off < cs:
+                cur[off:off + len(data)] = data[:cs - off]
+        try:
+            exts = parse_extensions(bytes(cur), start, cs)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the answer
+            return f"after step {name} the header extensions do not parse ({e})"
+        have = {(e.type, e.data) for e in exts}
+        if not keep <= have:
+            return f"after step {name} an extension kept by both layouts is damaged"
+        bo = int.from_bytes(cur[F["backing_file_offset"]:F["backing_file_offset"] + 8], "big")
+        bn = int.from_bytes(cur[F["backing_file_size"]:F["backing_file_size"] + 4], "big")
+        got = bytes(cur[bo:bo + bn]) if bo else b""
+        if got not in names:
+            return f"after step {name} the backing file name is neither the old nor the new one"
+        ac = int.from_bytes(cur[88:96], "big")
+        bme = next((e.data for e in exts if e.type == EXT_BITMAPS), None)
+        if ac & 1 and bme is not None and bme not in bm_ok:
+            return f"after step {name} the bitmaps extension is a mix of old and new"
+    return None

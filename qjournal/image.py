@@ -30,7 +30,7 @@ from .format.header import (AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEA
                             COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_KNOWN, Header)
 from .format.snapshots import Snapshot, parse_snapshots
 from .format.tables import L1E_OFFSET_MASK
-from .headerwrite import Cluster0, plan as plan_cluster0
+from .headerwrite import Cluster0, plan as plan_cluster0, unsafe_boundary
 from .journal import Journal, Transaction
 from .medium import Medium, MmapMedium
 from .overlay import OverlayMedium
@@ -477,7 +477,22 @@ class Image:
             if bitmap_steps:
                 cur_bytes = cur_bytes[:88] + ac.to_bytes(8, "big") + cur_bytes[96:]
                 cur_c0 = attrs.evolve(cur_c0, header=cur_c0.header.replace(autoclear_features=ac))
-            steps += plan_cluster0(cur_bytes, cur_c0, new_c0, guard_bitmaps=bitmaps_changed)
+            hsteps = plan_cluster0(cur_bytes, cur_c0, new_c0, guard_bitmaps=bitmaps_changed)
+            why = unsafe_boundary(cur_bytes, cur_c0, new_c0, hsteps)
+            if why and old_ext is not None and new_ext is None:
+                # Dropping the bitmaps extension would move the extensions after it
+                # across a sector boundary, and no order of sector writes keeps them
+                # intact. Keep it in place instead, declared stale by the clear
+                # autoclear bit: QEMU ignores it (and drops it at its next writable
+                # open), we treat it as absent.
+                new_c0 = Cluster0(header, self.extensions, self.backing_name,
+                                  self._header_tail()).place(self._backing_span())
+                hsteps = plan_cluster0(cur_bytes, cur_c0, new_c0, guard_bitmaps=bitmaps_changed)
+                why = unsafe_boundary(cur_bytes, cur_c0, new_c0, hsteps)
+            if why:
+                raise UsageError(f"{self.path}: no crash-safe way to rewrite the header cluster: {why} "
+                                 "(the header extensions and the backing file name do not fit side by side)")
+            steps += hsteps
         if rplan.free:
             steps.append(("clusters-freed", rplan.free))
         return steps

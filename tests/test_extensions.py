@@ -26,6 +26,7 @@ EXT_FEATURE_TABLE = 0x6803F857
 EXT_BITMAPS = 0x23852875
 SECTOR = 512
 MiB = 1 << 20
+Buf = bytes | bytearray
 
 
 def qj(*args: object) -> int:
@@ -48,10 +49,10 @@ def cluster0(path: Path) -> bytes:
         return head + f.read(cs - 32)
 
 
-def parse_exts(c0: bytes) -> list[tuple[int, int, bytes]]:
+def parse_exts(c0: Buf) -> list[tuple[int, int, bytes]]:
     """(offset of the type field, type, data) of every extension, in order (v3 header)."""
     off = struct.unpack_from(">I", c0, 100)[0]
-    out = []
+    out: list[tuple[int, int, bytes]] = []
     while True:
         assert off + 8 <= len(c0), f"extension list runs past cluster 0 at {off}"
         etype, n = struct.unpack_from(">II", c0, off)
@@ -62,7 +63,7 @@ def parse_exts(c0: bytes) -> list[tuple[int, int, bytes]]:
         off += 8 + pad8(n)
 
 
-def ext_end(c0: bytes) -> int:
+def ext_end(c0: Buf) -> int:
     """Offset just past the end marker."""
     exts = parse_exts(c0)
     if not exts:
@@ -71,7 +72,7 @@ def ext_end(c0: bytes) -> int:
     return off + 8 + pad8(len(data)) + 8
 
 
-def backing_name(c0: bytes) -> bytes | None:
+def backing_name(c0: Buf) -> bytes | None:
     off, n = struct.unpack_from(">QI", c0, 8)
     return bytes(c0[off:off + n]) if off else None
 
@@ -98,7 +99,7 @@ def insert_extension(path: Path, etype: int, data: bytes, before: int | None = N
         f.write(c0)
 
 
-def split_length(c0: bytes, before: int | None) -> int:
+def split_length(c0: Buf, before: int | None) -> int:
     """A data length for an extension inserted before ``before`` (or last) that puts the
     bitmaps extension's directory size and directory offset fields in different 512-byte
     sectors: the existing bitmaps extension if it comes after the insertion point, else
@@ -149,7 +150,7 @@ def header_steps(monkeypatch: pytest.MonkeyPatch) -> Steps:
     return recorded
 
 
-def bitmaps_fields(c0: bytes) -> tuple[bool, bytes | None]:
+def bitmaps_fields(c0: Buf) -> tuple[bool, bytes | None]:
     """(autoclear bit 0, data of the bitmaps extension or None)."""
     ac = struct.unpack_from(">Q", c0, 88)[0] & 1
     return bool(ac), next((d for _, t, d in parse_exts(c0) if t == EXT_BITMAPS), None)

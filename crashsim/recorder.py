@@ -2,7 +2,12 @@
 
 The image and its journal each get a :class:`RecordingMedium` that shares one
 :class:`Recording`, so the order of writes across the two files is kept. Each entry
-carries the call site in qjournal that caused it.
+carries the call site that caused it: the innermost frame outside the media, which is
+qjournal's code for a journaled operation and the workload's own for one that writes
+through ``img.medium`` directly.
+
+A barrier entry keeps the ranges it was given: ``flush()`` without ranges is recorded
+as the whole file, ``flush([])`` as no range at all (it covers nothing).
 """
 from __future__ import annotations
 
@@ -30,12 +35,15 @@ class Entry:
     site: str = ""
 
 
+_MEDIA = frozenset({__name__, "qjournal.medium", "qjournal.overlay"})
+
+
 def _call_site() -> str:
-    """The innermost frame in qjournal outside the media."""
+    """The innermost frame outside the media (qjournal's, or a workload's own)."""
     f = sys._getframe(2)
     while f is not None:
         mod = f.f_globals.get("__name__", "")
-        if mod.startswith("qjournal") and mod not in ("qjournal.medium", "qjournal.overlay"):
+        if mod not in _MEDIA:
             return f"{mod}:{f.f_lineno} {f.f_code.co_name}"
         f = f.f_back  # type: ignore[assignment]
     return "?"
@@ -55,6 +63,10 @@ class Recording:
 
     def writes(self) -> list[int]:
         return [i for i, e in enumerate(self.entries) if e.kind in ("write", "resize")]
+
+    def mark(self, name: str, file: str = IMAGE) -> None:
+        """A named point in the global order, made by the recorder's user (not by a medium)."""
+        self.entries.append(Entry("mark", file, name=name, site=_call_site()))
 
 
 def apply_entry(files: dict[str, bytearray], e: Entry) -> None:
@@ -95,7 +107,7 @@ class RecordingMedium(MemoryMedium):
         super().resize(n)
 
     def flush(self, ranges: Iterable[Range] | None = None) -> None:
-        if bytes(self.buf) != bytes(self.shadow):
+        if self.buf != self.shadow:
             a = np.frombuffer(bytes(self.buf[:len(self.shadow)]), dtype=np.uint8)
             b = np.frombuffer(bytes(self.shadow[:len(self.buf)]), dtype=np.uint8)
             where = np.nonzero(a != b)[0]

@@ -205,6 +205,40 @@ def _dump(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- guest writes ----------------------------------------------------------------
+def _int(text: str) -> int:
+    from .create import parse_size
+    return parse_size(text)
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    offset = _int(args.offset)
+    if args.input is not None:
+        if args.pattern is not None or args.length is not None:
+            raise UsageError("write: give either --input FILE or -P PATTERN LENGTH")
+        with open(args.input, "rb") as f:
+            data = f.read()
+    else:
+        if args.length is None:
+            raise UsageError("write: LENGTH is required with -P PATTERN")
+        pattern = int(args.pattern, 0) if args.pattern is not None else 0xCD
+        if not 0 <= pattern <= 255:
+            raise UsageError(f"write: pattern {args.pattern} is not a byte")
+        data = bytes([pattern]) * _int(args.length)
+    with Image(args.filename, "r+") as img:
+        img.write(offset, data)
+    print(f"wrote {len(data)}/{len(data)} bytes at offset {offset}")
+    return 0
+
+
+def cmd_zero(args: argparse.Namespace) -> int:
+    offset, length = _int(args.offset), _int(args.length)
+    with Image(args.filename, "r+") as img:
+        img.write_zeroes(offset, length)
+    print(f"wrote {length}/{length} bytes at offset {offset}")
+    return 0
+
+
 # -- journal -------------------------------------------------------------------
 def cmd_recover(args: argparse.Namespace) -> int:
     from .journal import Journal
@@ -291,6 +325,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("filename")
     b.add_argument("bitmap")
     b.set_defaults(func=cmd_bitmap, actions=None)
+
+    w = sub.add_parser("write", help="write guest data (qemu-io write)")
+    w.add_argument("-P", dest="pattern")
+    w.add_argument("--input")
+    w.add_argument("filename")
+    w.add_argument("offset")
+    w.add_argument("length", nargs="?")
+    w.set_defaults(func=cmd_write)
+    for name, what in (("zero", "make a range read as zeros"),
+                       ("discard", "discard a range (it reads as zeros afterwards)")):
+        z = sub.add_parser(name, help=what)
+        z.add_argument("filename")
+        z.add_argument("offset")
+        z.add_argument("length")
+        z.set_defaults(func=cmd_zero)
 
     r = sub.add_parser("recover", help="replay committed journal transactions")
     r.add_argument("filename")

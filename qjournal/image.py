@@ -131,6 +131,7 @@ class TxState:
     description: list[str] = attrs.Factory(list)
     force_guard: bool = False  # the seed protocol: rewrite the directory in place under autoclear
     clear_incompatible: int = 0  # dirty / corrupt bits that a repair clears
+    extra_steps: dict[str, list[tuple[int, bytes]]] = attrs.Factory(dict)  # guest-write mapping steps
 
 
 class Image:
@@ -340,6 +341,22 @@ class Image:
             data_file_raw=bool(h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW) if self.data_file is not None else None,
             snapshots=self.snapshots, unknown_extensions=unknown, encrypted=bool(h.crypt_method))
 
+    # -- guest data -----------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        """The guest disk's bytes at ``offset`` (any alignment; backing chain included)."""
+        from .guest import read
+        return read(self, offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write guest data (any alignment). Enabled bitmaps get their bits first."""
+        from .datawrite import write
+        write(self, offset, bytes(data))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make ``length`` bytes at ``offset`` read as zeros (written as zero data)."""
+        from .datawrite import write
+        write(self, offset, bytes(length))
+
     # -- transactions -------------------------------------------------------
     @property
     def bitmaps(self) -> "Any":
@@ -452,6 +469,10 @@ class Image:
             steps.append(("refcounts-increased", rplan.increase))
         if rplan.hook:
             steps.append(("refcount-blocks-hooked", rplan.hook))
+        # Guest writes: bits before the mapping, the L2 entry before the L1 entry.
+        for name in ("bitmap-bits-set", "l2-updated", "l1-updated"):
+            if tx.extra_steps.get(name):
+                steps.append((name, tx.extra_steps[name]))
         header = h.replace(incompatible_features=h.incompatible_features & ~tx.clear_incompatible)
         cur_bytes = self._cluster0
         cur_c0 = old_c0

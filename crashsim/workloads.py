@@ -1,0 +1,332 @@
+"""Workloads: what crashsim records, and the images they start from.
+
+A workload is a function that takes an open, writable :class:`qjournal.image.Image` and
+changes it. The built-in ones cover every journaled operation qjournal has (bitmap add,
+remove, clear, enable, disable, merge, repair; ``in_use`` set and cleared in place by
+the seed protocol; several operations in one transaction), plus *negative controls*
+that bypass the journal and write through ``img.medium`` in an order known to be unsafe,
+to prove the checker can fail.
+
+A user workload is ``module:function``. The function may carry attributes (set them
+with :func:`workload`): ``crashsim_base`` (the name of a base below, default
+``standard``), ``crashsim_journaled`` (default True) and ``crashsim_expect_failure``
+(default False).
+
+Each base is made by qemu-img and qemu-io commands in a temporary directory (and, for
+one, a rewrite of cluster 0 in Python); its bytes are cached per process.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import shlex
+import struct
+import subprocess
+import tempfile
+from typing import Callable, Iterable, TypeVar
+
+import attrs
+
+from qjournal.format.extensions import EXT_BITMAPS, parse_extensions
+from qjournal.image import Image
+
+from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium
+
+Write = tuple[int, bytes]
+F = TypeVar("F", bound=Callable[..., object])
+
+
+@attrs.frozen
+class Base:
+    """A starting image: commands run in a temporary directory on ``base.qcow2``."""
+
+    name: str
+    commands: tuple[tuple[str, ...], ...]
+    post: Callable[[str], None] | None = None     # a Python step on the file, after the commands
+    post_description: str = ""
+    may_fail: frozenset[int] = frozenset()        # indices of commands whose exit status is ignored
+
+    def describe(self) -> str:
+        lines = [" ".join(shlex.quote(a) for a in c) for c in self.commands]
+        if self.post is not None:
+            lines.append(f"# then: {self.post_description}")
+        return "\n".join(lines)
+
+    def build(self) -> bytes:
+        cached = _BASES.get(self.name)
+        if cached is not None:
+            return cached
+        with tempfile.TemporaryDirectory(prefix="crashsim-base-") as d:
+            for i, cmd in enumerate(self.commands):
+                res = subprocess.run(cmd, cwd=d, capture_output=True, text=True)
+                if res.returncode and i not in self.may_fail:
+                    raise RuntimeError(f"building base {self.name!r}: {' '.join(cmd)}: exit {res.returncode}: "
+                                       f"{res.stderr.strip()}")
+            path = os.path.join(d, "base.qcow2")
+            if self.post is not None:
+                self.post(path)
+            with open(path, "rb") as f:
+                data = f.read()
+        _BASES[self.name] = data
+        return data
+
+
+_BASES: dict[str, bytes] = {}
+
+IMG = "base.qcow2"
+
+
+def _img(*args: str) -> tuple[str, ...]:
+    return ("qemu-img", *args)
+
+
+def _io(*commands: str) -> tuple[str, ...]:
+    out = ["qemu-io", "-f", "qcow2"]
+    for c in commands:
+        out += ["-c", c]
+    return (*out, IMG)
+
+
+STANDARD = Base("standard", (
+    _img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "64M"),
+    _img("bitmap", "--add", IMG, "stale"),
+    _io("write 30M 4k", "abort"),                    # leaves "stale" in use, as a crashed QEMU does
+    _img("bitmap", "--add", IMG, "b0"),
+    _img("bitmap", "--add", "-g", "4096", IMG, "b1"),
+    _io("write 0 64k", "write 10M 64k", "write 63M 4k"),
+    _img("bitmap", "--disable", IMG, "b1"),
+    _img("bitmap", "--add", "-g", "512", IMG, "b2"),
+    _io("write 20M 8k"),
+    _img("bitmap", "--add", IMG, "fresh"),
+), may_fail=frozenset({2}))
+
+LONG = [f"long-{i}-" + "n" * 1000 for i in range(5)]
+LONG_NAMES = Base("long-names", (
+    _img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "64M"),
+    *(_img("bitmap", "--add", IMG, name) for name in LONG),
+    _io("write 0 64k", "write 40M 4k"),
+))
+
+# An unknown extension of this length, placed before the bitmaps extension (at byte 112
+# on a 4 KiB-cluster image, which has no feature table), puts the bitmaps extension's
+# header at byte 1000 and its data at 1008: nb_bitmaps at 1008, directory size at 1016
+# (sector 1) and directory offset at 1024 (sector 2).
+UNKNOWN_EXT = 0x71A0C0DE
+UNKNOWN_LEN = 880
+
+
+def _insert_unknown_extension(path: str) -> None:
+    """Rewrite cluster 0 with an unknown extension before the bitmaps extension.
+
+    QEMU itself writes unknown extensions after the bitmaps extension when it rewrites
+    the header, so the extension goes in after qemu-img made the bitmaps; QEMU and
+    qjournal both keep the order they find.
+    """
+    with open(path, "r+b") as f:
+        c0 = bytearray(f.read(4096))
+        hl = struct.unpack_from(">I", c0, 100)[0]
+        exts = parse_extensions(bytes(c0), hl, len(c0))
+        unknown = struct.pack(">II", UNKNOWN_EXT, UNKNOWN_LEN) + bytes(range(256)) * 3 + bytes(UNKNOWN_LEN - 768)
+        packed = unknown + b"".join(e.pack() for e in exts) + bytes(8)
+        c0[hl:] = packed + bytes(len(c0) - hl - len(packed))
+        f.seek(0)
+        f.write(c0)
+    ext = [e for e in parse_extensions(bytes(c0), hl, len(c0)) if e.type == EXT_BITMAPS][0]
+    # data at offset + 8: nb_bitmaps, reserved, directory size (+8), directory offset (+16)
+    assert (ext.offset + 8 + 8) // 512 != (ext.offset + 8 + 16) // 512, ext.offset
+
+
+SHIFTED = Base("shifted-header", (
+    _img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "64M"),
+    _img("bitmap", "--add", IMG, "b0"),
+    _img("bitmap", "--add", "-g", "4096", IMG, "b1"),
+    _io("write 0 64k", "write 5M 12k"),
+), post=_insert_unknown_extension,
+    post_description=f"insert an unknown header extension (type {UNKNOWN_EXT:#x}, {UNKNOWN_LEN} bytes) before "
+                     "the bitmaps extension, so that its directory size (byte 1016) and directory offset "
+                     "(byte 1024) lie in different 512-byte sectors")
+
+BASES = {b.name: b for b in (STANDARD, LONG_NAMES, SHIFTED)}
+
+
+@attrs.frozen
+class Workload:
+    name: str
+    description: str
+    fn: Callable[[Image], object]
+    base: Base = STANDARD
+    journaled: bool = True
+    expect_failure: bool = False
+    minimum: int = 0                    # barriers a bypassing workload's protocol needs (its steps)
+
+
+def workload(base: str = "standard", journaled: bool = True, expect_failure: bool = False) -> Callable[[F], F]:
+    """Declare how a user workload (``module:function``) starts and what it expects."""
+    def mark(fn: F) -> F:
+        setattr(fn, "crashsim_base", base)
+        setattr(fn, "crashsim_journaled", journaled)
+        setattr(fn, "crashsim_expect_failure", expect_failure)
+        return fn
+    return mark
+
+
+# -- journaled operations -----------------------------------------------------------------
+def _remove_all(img: Image) -> None:
+    with img.transaction("remove every bitmap"):
+        for name in list(img.bitmaps):
+            img.bitmaps.remove(name)
+
+
+def _several(img: Image) -> None:
+    with img.transaction("remove fresh, add new, merge b1 into new"):
+        img.bitmaps.remove("fresh")
+        img.bitmaps.add("new", 1 << 16)
+        img.bitmaps.merge("new", "b1")
+
+
+def _all_in_use(img: Image) -> None:
+    with img.transaction("set in_use on every bitmap"):
+        for name in list(img.bitmaps):
+            img.bitmaps.set_in_use(name, True)
+
+
+def _two_transactions(img: Image) -> None:
+    img.bitmaps.add("first", 4096)
+    img.bitmaps.disable("first")
+
+
+# -- planning through qjournal, applying without it (for the controls) ------------------------
+@attrs.frozen
+class Plan:
+    """What qjournal would write for an operation: precommit writes, steps, final image."""
+
+    precommit: tuple[Write, ...]
+    steps: tuple[tuple[str, tuple[Write, ...]], ...]
+    final: bytes
+
+    def step(self, *names: str) -> list[Write]:
+        return [w for name, ws in self.steps if name in names for w in ws]
+
+
+def plan(img: Image, op: Callable[[Image], object]) -> Plan:
+    """Run ``op`` through qjournal on an in-memory copy of ``img``; nothing of ``img`` changes."""
+    rec = Recording({IMAGE: img.medium.read(0, img.medium.size), JOURNAL: b""})
+    with Image("plan.qcow2", "r+", medium=RecordingMedium(rec, IMAGE),
+               journal_medium=RecordingMedium(rec, JOURNAL)) as scratch:
+        op(scratch)
+    precommit: list[Write] = []
+    steps: list[tuple[str, tuple[Write, ...]]] = []
+    pending: list[Write] = []
+    committed = False
+    for e in rec.entries:
+        if e.file != IMAGE:
+            continue
+        if e.kind == "write":
+            pending.append((e.off, e.data))
+        elif e.kind == "mark" and e.name == "commit":
+            precommit, pending, committed = pending, [], True
+        elif e.kind == "mark" and committed:
+            steps.append((e.name, tuple(pending)))
+            pending = []
+    return Plan(tuple(precommit), tuple(steps), rec.state(len(rec.entries))[IMAGE])
+
+
+def _apply(img: Image, name: str, writes: Iterable[Write]) -> None:
+    """One step of a protocol without the journal: writes, a barrier on them, a mark."""
+    ws = list(writes)
+    for off, data in ws:
+        img.medium.write(off, data)
+    img.medium.flush([(off, len(data)) for off, data in ws])
+    img.medium.mark(name)
+
+
+def control_seed_wrong_order(img: Image) -> None:
+    """The seed protocol with the directory written before autoclear is cleared.
+
+    qjournal plans "set in_use on every bitmap" (autoclear-cleared, directory-written,
+    autoclear-set); this applies the same writes without the journal, directory first.
+    The directory spans two pages, so a crash can keep one page of it and not the
+    other while autoclear still says the bitmaps are consistent.
+    """
+    p = plan(img, _all_in_use)
+    names = [n for n, _ in p.steps]
+    if p.precommit or names != ["autoclear-cleared", "directory-written", "autoclear-set"]:
+        raise RuntimeError(f"unexpected plan for the seed protocol: {names}")
+    for name in ("directory-written", "autoclear-cleared", "autoclear-set"):
+        _apply(img, name, p.step(name))
+
+
+def _qemu_header_rewrite(img: Image) -> None:
+    """Add a bitmap as QEMU would: every header update is one write of the whole cluster 0.
+
+    The seed protocol's order (autoclear cleared, synced; new directory, tables and
+    refcounts written into new clusters, synced; header with autoclear set and the new
+    bitmaps extension, synced; old clusters freed, synced), but the last header write
+    changes autoclear and the extension at once, in one write that may tear.
+    """
+    cs = img.header.cluster_size
+    p = plan(img, lambda s: s.bitmaps.add("added", 65536))
+    known = {"refcounts-increased", "refcount-blocks-hooked", "autoclear-cleared", "header-tail-written",
+             "header-switched", "header-cleanup", "clusters-freed"}
+    unknown = [n for n, _ in p.steps if n not in known]
+    if unknown:
+        raise RuntimeError(f"unexpected steps in the plan: {unknown}")
+    c0 = bytearray(img.medium.read(0, cs))
+    ac = int.from_bytes(c0[88:96], "big")
+    c0[88:96] = (ac & ~1).to_bytes(8, "big")
+    _apply(img, "autoclear-cleared", [(0, bytes(c0))])
+    _apply(img, "directory-written", list(p.precommit) + p.step("refcounts-increased", "refcount-blocks-hooked"))
+    _apply(img, "header-switched", [(0, p.final[:cs])])
+    _apply(img, "clusters-freed", p.step("clusters-freed"))
+
+
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (
+    Workload("add", "bitmap add, 4 KiB granularity", lambda img: img.bitmaps.add("added", 4096)),
+    Workload("add-disabled", "bitmap add, disabled, 1 MiB granularity",
+             lambda img: img.bitmaps.add("added", 1 << 20, disabled=True)),
+    Workload("remove", "bitmap remove", lambda img: img.bitmaps.remove("fresh")),
+    Workload("remove-all", "remove every bitmap in one transaction", _remove_all),
+    Workload("clear", "bitmap clear of a dirty bitmap", lambda img: img.bitmaps.clear("b1")),
+    Workload("enable", "bitmap enable", lambda img: img.bitmaps.enable("b1")),
+    Workload("disable", "bitmap disable", lambda img: img.bitmaps.disable("fresh")),
+    Workload("merge", "bitmap merge, different granularities (bit by bit)",
+             lambda img: img.bitmaps.merge("fresh", "b1")),
+    Workload("merge-same-granularity", "bitmap merge, same granularity (cluster by cluster)",
+             lambda img: img.bitmaps.merge("fresh", "b0")),
+    Workload("repair", "bitmap repair of a bitmap left in use", lambda img: img.bitmaps.repair("stale")),
+    Workload("set-in-use", "set in_use in place (the seed protocol)",
+             lambda img: img.bitmaps.set_in_use("fresh", True)),
+    Workload("clear-in-use", "clear in_use in place (the seed protocol)",
+             lambda img: img.bitmaps.set_in_use("stale", False)),
+    Workload("transaction", "remove, add and merge in one transaction", _several),
+    Workload("two-transactions", "add, then disable, as two transactions", _two_transactions),
+    Workload("set-in-use-two-pages", "set in_use on every bitmap, directory of two pages (seed protocol)",
+             _all_in_use, base=LONG_NAMES),
+    Workload("add-split-header", "bitmap add where the extension's fields straddle two sectors",
+             lambda img: img.bitmaps.add("added", 65536), base=SHIFTED),
+    Workload("qemu-header-rewrite", "QEMU's whole-cluster header write, default layout (safe: one sector)",
+             _qemu_header_rewrite, journaled=False, minimum=4),
+    Workload("control-seed-wrong-order", "NEGATIVE CONTROL: directory written before autoclear is cleared",
+             control_seed_wrong_order, base=LONG_NAMES, journaled=False, expect_failure=True, minimum=3),
+    Workload("control-header-tear", "NEGATIVE CONTROL: QEMU's whole-cluster header write, fields split "
+             "across sectors", _qemu_header_rewrite, base=SHIFTED, journaled=False, expect_failure=True, minimum=4),
+)}
+
+
+def find(name: str) -> Workload:
+    """A built-in workload by name, or a user one as ``module:function``."""
+    if name in WORKLOADS:
+        return WORKLOADS[name]
+    if ":" not in name:
+        raise KeyError(f"no workload named {name!r}; built-in: {', '.join(WORKLOADS)}; "
+                       "or give a user workload as module:function")
+    module, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise KeyError(f"cannot load workload {name!r}: {e}") from None
+    base = getattr(fn, "crashsim_base", "standard")
+    if base not in BASES:
+        raise KeyError(f"workload {name!r} asks for base {base!r}; known: {', '.join(BASES)}")
+    return Workload(name, (fn.__doc__ or name).strip().splitlines()[0], fn, BASES[base],
+                    bool(getattr(fn, "crashsim_journaled", True)), bool(getattr(fn, "crashsim_expect_failure", False)))

@@ -213,18 +213,20 @@ def _int(text: str) -> int:
 
 def cmd_write(args: argparse.Namespace) -> int:
     offset = _int(args.offset)
+    if (args.input is None) == (args.pattern is None):
+        raise UsageError("write: give either -P PATTERN LENGTH or --input FILE")
     if args.input is not None:
-        if args.pattern is not None or args.length is not None:
-            raise UsageError("write: give either --input FILE or -P PATTERN LENGTH")
         with open(args.input, "rb") as f:
             data = f.read()
     else:
-        if args.length is None:
-            raise UsageError("write: LENGTH is required with -P PATTERN")
-        pattern = int(args.pattern, 0) if args.pattern is not None else 0xCD
+        text, length = args.pattern
+        try:
+            pattern = int(text, 0)
+        except ValueError:
+            pattern = -1
         if not 0 <= pattern <= 255:
-            raise UsageError(f"write: pattern {args.pattern} is not a byte")
-        data = bytes([pattern]) * _int(args.length)
+            raise UsageError(f"write: pattern {text!r} is not a byte value (0..255)")
+        data = bytes([pattern]) * _int(length)
     with Image(args.filename, "r+") as img:
         img.write(offset, data)
     print(f"wrote {len(data)}/{len(data)} bytes at offset {offset}")
@@ -327,11 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bitmap, actions=None)
 
     w = sub.add_parser("write", help="write guest data (qemu-io write)")
-    w.add_argument("-P", dest="pattern")
+    w.add_argument("-P", dest="pattern", nargs=2, metavar=("PATTERN", "LENGTH"))
     w.add_argument("--input")
     w.add_argument("filename")
     w.add_argument("offset")
-    w.add_argument("length", nargs="?")
     w.set_defaults(func=cmd_write)
     for name, what in (("zero", "make a range read as zeros"),
                        ("discard", "discard a range (it reads as zeros afterwards)")):

@@ -197,16 +197,10 @@ def write(img: "Image", offset: int, data: bytes) -> None:
                 if l1i not in new_l2:
                     table = l2.copy() if l2 is not None else np.zeros(plan.per_l2, dtype=np.uint64)
                     if l2 is not None:
-                        # The old table is shared (a snapshot holds it): copy it, and every
-                        # cluster it maps gains the new table's reference.
-                        for other in table.tolist():
-                            if other & OFLAG_COMPRESSED:
-                                span = compressed_span(other, img.header.cluster_bits)
-                                for c in range(span[0] // cs, (span[0] + span[1] - 1) // cs + 1):
-                                    alloc.deltas[c] = alloc.deltas.get(c, 0) + 1
-                            elif other & L2E_OFFSET_MASK:
-                                c = (other & L2E_OFFSET_MASK) // cs
-                                alloc.deltas[c] = alloc.deltas.get(c, 0) + 1
+                        # The old table is shared (a snapshot holds it): copy it. A data
+                        # cluster's refcount counts the L1 tables that reach it, so the
+                        # clusters the copy maps keep their counts; only the old table
+                        # loses the active L1's reference.
                         alloc.free(l1e & L1E_OFFSET_MASK, 1)
                         table[(table & np.uint64(OFLAG_COPIED)) != 0] &= ~np.uint64(OFLAG_COPIED)
                     new_l2[l1i] = (alloc.alloc(1), table)

@@ -52,7 +52,7 @@ def test_overwrite_in_place_and_unaligned(tmp_path: Path) -> None:
     with qjournal.open(img, "r+") as q:
         q.write(4095, b"\x22" * 3)
         q.write(100 * KiB + 7, b"\x33" * 10000)
-    qemu.qemu_io(img, "read -P 0x11 0 4095", "read -P 0x22 4095 3", "read -P 0x11 4098 98k",
+    qemu.qemu_io(img, "read -P 0x11 0 4095", "read -P 0x22 4095 3", "read -P 0x11 4098 98309",
                  f"read -P 0x33 {100 * KiB + 7} 10000")
     qemu.assert_clean(img)
 
@@ -92,10 +92,10 @@ def test_compressed_cluster_is_copied_out(tmp_path: Path) -> None:
 
 def test_enabled_bitmaps_record_every_write(tmp_path: Path) -> None:
     img = qemu.create(tmp_path / "b.qcow2", "64M")
+    qemu.qemu_io(img, "write 1M 64k")  # before the bitmaps exist: allocated, not dirty
     qemu.qemu_img("bitmap", "--add", str(img), "on")
     qemu.qemu_img("bitmap", "--add", "-g", "4096", str(img), "fine")
     qemu.qemu_img("bitmap", "--add", "--disable", str(img), "off")
-    qemu.qemu_io(img, "write 1M 64k")
     with qjournal.open(img, "r+") as q:
         q.write(3 * MiB + 5, b"x" * 10)        # allocates
         q.write(1 * MiB + 100, b"y" * 5000)    # in place: bits first, then data
@@ -108,6 +108,7 @@ def test_enabled_bitmaps_record_every_write(tmp_path: Path) -> None:
 def test_cli_write_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     img = qemu.create(tmp_path / "c.qcow2", "16M")
     assert main(["write", str(img), "1M", "-P", "0xab", "128k"]) == 0
+    assert main(["write", str(img), "0", "-P", "0x1ff", "1"]) == 1
     qemu.qemu_io(img, "read -P 0xab 1M 128k")
     src = tmp_path / "in.bin"
     src.write_bytes(bytes(range(256)) * 16)

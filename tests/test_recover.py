@@ -167,3 +167,51 @@ def test_guest_write_crash(kind: str, base: bytes, tmp_path: Path) -> None:
         code, out = qemu.check(path)
         assert code in (0, 3) and not out.get("corruptions"), f"cut {cut}: qemu-img check: {out}"
     assert (True, True, False) in seen and (True, False, True) in seen, seen
+
+
+def _committed_unapplied(base: bytes, tmp_path: Path) -> Path:
+    """An image whose journal holds a committed transaction that never reached the image."""
+    rec = Recording({IMAGE: base, JOURNAL: b""})
+    with Image("rec.qcow2", "r+", medium=RecordingMedium(rec, IMAGE),
+               journal_medium=RecordingMedium(rec, JOURNAL)) as img:
+        img.bitmaps.add("pending", 65536)
+    commit = next(i for i, e in enumerate(rec.entries) if e.kind == "mark" and e.name == "commit")
+    files = rec.state(commit + 1)
+    path = tmp_path / "crashed.qcow2"
+    path.write_bytes(files[IMAGE])
+    Path(f"{path}.qjournal").write_bytes(files[JOURNAL])
+    return path
+
+
+class TestRecoverCommand:
+    def test_journal_shows_and_recover_replays(self, base: bytes, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+        from qjournal.cli import main
+        path = _committed_unapplied(base, tmp_path)
+        assert "pending" not in [b["name"] for b in qemu.bitmaps(path)]
+        assert main(["journal", str(path)]) == 0
+        assert "committed" in capsys.readouterr().out
+        # A read-only open shows the committed state and writes nothing.
+        before = path.read_bytes()
+        assert main(["info", str(path)]) == 0
+        assert "pending" in capsys.readouterr().out
+        assert path.read_bytes() == before
+        assert main(["recover", str(path)]) == 0
+        assert "1 transaction" in capsys.readouterr().out
+        assert "pending" in [b["name"] for b in qemu.bitmaps(path)]
+        qemu.assert_clean(path)
+        assert main(["recover", str(path)]) == 0
+        assert "nothing to recover" in capsys.readouterr().out
+
+    def test_recover_refuses_an_image_changed_since(self, base: bytes, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+        from qjournal.cli import main
+        path = _committed_unapplied(base, tmp_path)
+        qemu.qemu_img("bitmap", "--add", str(path), "by-qemu")  # QEMU wrote the image after the crash
+        image, journal = path.read_bytes(), Path(f"{path}.qjournal").read_bytes()
+        assert main(["recover", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "offset" in err, err
+        assert main(["bitmap", "--add", str(path), "x"]) == 1
+        assert path.read_bytes() == image and Path(f"{path}.qjournal").read_bytes() == journal
+        assert "by-qemu" in [b["name"] for b in qemu.bitmaps(path)]

@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--output", choices=("human", "json"), default="human")
     j.add_argument("filename")
     j.set_defaults(func=cmd_journal)
+
+    from .cli_guest import add_parsers
+    add_parsers(sub)
     return p
 
 

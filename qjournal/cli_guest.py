@@ -12,6 +12,7 @@ OUT (``-`` for standard output) instead of the summary. Sizes take qemu suffixes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Any, BinaryIO
 
@@ -67,31 +68,29 @@ def cmd_read(args: argparse.Namespace) -> int:
     _format(args.format)
     offset, length = parse_size(args.offset), parse_size(args.length)
     pattern = _pattern(args.pattern) if args.pattern is not None else None
-    out: BinaryIO | None = None
-    with Image(args.filename, "r", take_locks=not args.force_share) as img:
+    with contextlib.ExitStack() as stack:
+        img = stack.enter_context(Image(args.filename, "r", take_locks=not args.force_share))
         size = img.header.size
         if offset + length > size:
             raise UsageError(f"read of {length} bytes at offset {offset} lies past the end of the "
                              f"{size}-byte disk")
-        if args.output is not None:
-            out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")
-        try:
-            for pos in range(offset, offset + length, CHUNK):
-                data = guest.read(img, pos, min(CHUNK, offset + length - pos))
-                if pattern is not None:
-                    bad = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) != pattern)
-                    if len(bad):
-                        at = pos + int(bad[0])
-                        print(f"Pattern verification failed at offset {at}: byte {data[int(bad[0])]:#04x}, "
-                              f"expected {pattern:#04x} (read of {length} bytes at offset {offset})",
-                              file=sys.stderr)
-                        return 1
-                if out is not None:
-                    out.write(data)
-        finally:
-            if out is not None and out is not sys.stdout.buffer:
-                out.close()
-    if args.output != "-":
+        out: BinaryIO | None = None
+        if args.output == "-":
+            out = sys.stdout.buffer
+        elif args.output is not None:
+            out = stack.enter_context(open(args.output, "wb"))
+        for pos in range(offset, offset + length, CHUNK):
+            data = guest.read(img, pos, min(CHUNK, offset + length - pos))
+            if pattern is not None:
+                bad = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) != pattern)
+                if len(bad):
+                    at = pos + int(bad[0])
+                    print(f"Pattern verification failed at offset {at}: byte {data[int(bad[0])]:#04x}, "
+                          f"expected {pattern:#04x} (read of {length} bytes at offset {offset})", file=sys.stderr)
+                    return 1
+            if out is not None:
+                out.write(data)
+    if args.output is None:
         print(f"read {length}/{length} bytes at offset {offset}")
     return 0
 

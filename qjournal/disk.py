@@ -72,9 +72,9 @@ class GuestDisk(io.RawIOBase):
         return pos
 
     def _span(self, n: int) -> int:
-        """Bytes a read of ``n`` (``-1``: all) at the current position returns."""
+        """Bytes a read of ``n`` (negative: all) at the current position returns."""
         left = max(0, self.size - self._pos)
-        return left if n is None or n < 0 else min(n, left)
+        return left if n < 0 else min(n, left)
 
     def readinto(self, buffer: Any) -> int:
         """Fill ``buffer`` from the current position; returns the bytes read (0 at the end)."""
@@ -90,6 +90,8 @@ class GuestDisk(io.RawIOBase):
         """Up to ``size`` bytes (all to the end when negative); one copy for a run of data."""
         self._check_open()
         n = self._span(-1 if size is None else size)
+        if not n:
+            return b""
         data = self._reader.read(self._pos, n)
         self._pos += n
         return data

@@ -29,10 +29,12 @@ offset and the rule; only the entries a read touches are checked, so the rest of
 damaged disk stays readable.
 
 Cost: one pass of numpy over the L2 entries a request touches (decoded tables are
-kept in an LRU), one ``pread`` per run of host-contiguous data straight into the
-caller's buffer, one decompression per compressed cluster. Nothing is read through
-the memory map, so a sequential read of a large disk does not grow the process's
-resident set.
+kept in an LRU of 32 MiB), one ``pread`` per run of host-contiguous data straight
+into the caller's buffer (shared between threads from 4 MiB on), one decompression
+per compressed cluster. Guest data is never read through the memory map, so a
+sequential read of a large disk does not grow the process's resident set.
+
+A :class:`GuestReader` is not meant for use from several threads at once.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import os
 import weakref
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
 
 import numpy as np
@@ -65,6 +68,8 @@ Run = tuple[int, int, int, int]
 offset; an unallocated or zero run may have one (a preallocated cluster)."""
 
 SUBCLUSTERS = 32
+PARALLEL_MIN = 4 << 20  # a read of at least this much data (smaller shares cost more than they gain) ...
+PARALLEL_THREADS = min(4, os.cpu_count() or 1)  # ... is shared between this many threads, the caller's included
 L2_CACHE_BYTES = 32 << 20
 DESCRIPTOR_MASK = (1 << 62) - 1
 HOST_OFFSET_LIMIT = 1 << 56  # host offsets are bits 9..55
@@ -97,15 +102,63 @@ class Layer(Protocol):
     def close(self) -> None: ...
 
 
-def pread_into(fd: int, off: int, view: memoryview) -> int:
-    """Fill ``view`` from ``fd`` at ``off``; returns the bytes read (fewer only at the end of the file)."""
+Job = tuple[int, int, memoryview]
+"""A read to make: ``(file descriptor, offset, destination)``."""
+
+
+def pread_exact(fd: int, off: int, view: memoryview) -> None:
+    """Fill ``view`` from ``fd`` at ``off``; what lies past the end of the file reads as zeros."""
     done, n = 0, len(view)
     while done < n:
         got = os.preadv(fd, [view[done:]], off + done)
         if got == 0:
-            break
+            np.frombuffer(view, dtype=np.uint8)[done:] = 0
+            return
         done += got
-    return done
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    """The reader threads of this process (made anew in a forked child, which has none)."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(PARALLEL_THREADS - 1, thread_name_prefix="qjournal-read"))
+    return _pool[1]
+
+
+def run_preads(jobs: list[Job]) -> None:
+    """Run the reads; together at least ``PARALLEL_MIN`` bytes, they are cut into one
+    equal share per thread and read at once (``preadv`` releases the GIL, so the copies
+    from the page cache proceed on several cores, as QEMU's do)."""
+    total = sum(len(v) for _, _, v in jobs)
+    if total < PARALLEL_MIN or PARALLEL_THREADS < 2:
+        _run(jobs)
+        return
+    share = -(-total // PARALLEL_THREADS)
+    shares: list[list[Job]] = [[]]
+    room = share
+    for fd, off, view in jobs:
+        pos = 0
+        while pos < len(view):
+            take = min(room, len(view) - pos)
+            shares[-1].append((fd, off + pos, view[pos:pos + take]))
+            pos += take
+            room -= take
+            if not room:
+                shares.append([])
+                room = share
+    pool = _executor()
+    futures = [pool.submit(_run, s) for s in shares[1:] if s]
+    _run(shares[0])
+    for f in futures:
+        f.result()
+
+
+def _run(jobs: list[Job]) -> None:
+    for job in jobs:
+        pread_exact(*job)
 
 
 class RawFile:
@@ -120,7 +173,7 @@ class RawFile:
             self.fd = os.open(path, os.O_RDONLY)
         except OSError as e:
             raise UsageError(f"{path}: cannot open: {e.strerror}") from None
-        self.file_size = os.fstat(self.fd).st_size
+        self.file_size = os.lseek(self.fd, 0, os.SEEK_END)  # a block device's too
 
     @property
     def size(self) -> int:
@@ -128,9 +181,7 @@ class RawFile:
         return -(-self.file_size // 512) * 512
 
     def readinto(self, offset: int, buf: memoryview) -> None:
-        got = pread_into(self.fd, offset, buf) if offset < self.file_size else 0
-        if got < len(buf):
-            np.frombuffer(buf, dtype=np.uint8)[got:] = 0
+        run_preads([(self.fd, offset, buf)])
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -202,7 +253,7 @@ class GuestReader:
         self.data_file_raw = bool(h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW) and h.has_data_file
         self.encrypted = bool(h.crypt_method)
         self._l1: np.ndarray | None = None
-        self._l2s: OrderedDict[int, _L2] = OrderedDict()
+        self._l2s: OrderedDict[int, _L2] = OrderedDict()  # by L1 index, least recently used first
         self._l2_max = max(16, L2_CACHE_BYTES // cs)
         self._cluster: tuple[int, bytes] | None = None
         self._zstd: Any = None
@@ -278,28 +329,31 @@ class GuestReader:
             self._data = RawFile(resolve(self.img.path, self.img.data_file))
         return self._data
 
-    def _read_host(self, off: int, view: memoryview) -> None:
-        """Data clusters: ``view`` from the host file at ``off``, zeros past its end."""
+    def _host_read(self, g: int, off: int, view: memoryview) -> Job | None:
+        """Data clusters: ``view`` (guest offset ``g``) from the host file at ``off``, zeros past its end.
+
+        Returns the read as a pread job when the host file has a descriptor (the caller
+        runs the jobs, perhaps in parallel); otherwise copies through the medium.
+        """
         n = len(view)
         data = self.data_file
-        size = data.file_size if data is not None else self.img.reader.size
+        medium = self.img.reader
+        size = data.file_size if data is not None else medium.size
         last = (off + n - 1) & ~(self.cs - 1)
         if last >= size:
-            raise FormatError("L2 table", None, f"data cluster at {last:#x} lies past the end of "
-                              f"{data.path if data is not None else self.path} ({size:#x} bytes)")
+            # A cluster wholly past the end of the file was never written: corrupt.
+            raise self._entry_error(g + last - off, f"data cluster at {last:#x} lies past the end of "
+                                    f"{data.path if data is not None else self.path} ({size:#x} bytes)")
         if data is not None:
-            data.readinto(off, view)
-            return
-        medium = self.img.reader
-        avail = min(n, size - off)
+            return data.fd, off, view
         if isinstance(medium, MmapMedium):
             # pread, not the map: one copy, and no resident pages left behind.
-            got = pread_into(medium.fd, off, view[:avail])
-        else:
-            view[:avail] = medium.read(off, avail)
-            got = avail
-        if got < n:
-            np.frombuffer(view, dtype=np.uint8)[got:] = 0
+            return medium.fd, off, view
+        avail = min(n, size - off)
+        view[:avail] = medium.read(off, avail)
+        if avail < n:
+            np.frombuffer(view, dtype=np.uint8)[avail:] = 0
+        return None
 
     # -- tables -----------------------------------------------------------------
     def _l1_table(self) -> np.ndarray:
@@ -319,9 +373,9 @@ class GuestReader:
         off = e & L1E_OFFSET_MASK
         if not off:
             return None
-        cached = self._l2s.get(off)
+        cached = self._l2s.get(index)
         if cached is not None:
-            self._l2s.move_to_end(off)
+            self._l2s.move_to_end(index)
             return cached
         cs = self.cs
         if off % cs:
@@ -331,13 +385,18 @@ class GuestReader:
         if off + cs > medium.size:
             raise FormatError("L1 table", where, f"entry {index}: L2 table at {off:#x} runs past the end of "
                               f"the file ({medium.size:#x})")
-        raw = medium.array(off, cs // 8, ">u8").astype(np.uint64)
+        if isinstance(medium, MmapMedium):
+            # pread, as for data: reading tables through the map would leave their pages
+            # (and the kernel's fault-around neighbours) resident.
+            raw = np.frombuffer(os.pread(medium.fd, cs, off), dtype=">u8").astype(np.uint64)
+        else:
+            raw = medium.array(off, cs // 8, ">u8").astype(np.uint64)
         if self.extended:
             entries, bitmaps = raw[0::2].copy(), raw[1::2].copy()
         else:
             entries, bitmaps = raw, None
         table = _L2(off, entries, bitmaps, self._rules(index, entries, bitmaps))
-        self._l2s[off] = table
+        self._l2s[index] = table
         if len(self._l2s) > self._l2_max:
             self._l2s.popitem(last=False)
         return table
@@ -380,13 +439,20 @@ class GuestReader:
     def _fail(self, table: _L2, index: int, i: int) -> FormatError:
         e = int(table.entries[i])
         b = int(table.bitmaps[i]) if table.bitmaps is not None else 0
-        code = int(table.bad[i])
         guest = (index * self.per_table + i) * self.cs
-        rule = _RULES[code].format(reserved=e & L2E_RESERVED_MASK, offset=e & L2E_OFFSET_MASK,
-                                   coffset=e & compressed_geometry(self.cluster_bits)[0], bitmap=b, guest=guest)
+        rule = _RULES[int(table.bad[i])].format(
+            reserved=e & L2E_RESERVED_MASK, offset=e & L2E_OFFSET_MASK,
+            coffset=e & compressed_geometry(self.cluster_bits)[0], bitmap=b, guest=guest)
+        return self._entry_error(guest, rule)
+
+    def _entry_error(self, guest: int, rule: str) -> FormatError:
+        """A FormatError at the L2 entry that maps guest offset ``guest``."""
+        index, i = divmod(guest // self.cs, self.per_table)
+        table = self._l2(index)
+        assert table is not None
         size = 16 if self.extended else 8
         return FormatError("L2 table", table.offset + size * i,
-                           f"entry {i} (guest offset {guest:#x}): {rule}")
+                           f"entry {i} (guest offset {guest - guest % self.cs:#x}): {rule}")
 
     # -- classification ---------------------------------------------------------
     def runs(self, start: int, end: int) -> Iterator[Run]:
@@ -426,6 +492,13 @@ class GuestReader:
         bad = np.flatnonzero(table.bad[c0:c1])
         if len(bad):
             raise self._fail(table, t, c0 + int(bad[0]))
+        if table.bitmaps is None:
+            # The common case first: standard clusters of plain data, contiguous on the host.
+            e = table.entries[c0:c1]
+            off = e & _U(L2E_OFFSET_MASK)
+            if int(off[0]) and not (e & _U(OFLAG_COMPRESSED | OFLAG_ZERO)).any() and (
+                    len(off) == 1 or bool((np.diff(off) == _U(self.cs)).all())):
+                return [(start, end - start, DATA, int(off[0]) + start - (base + c0 * self.cs))]
         kind, host = self._classify(table, c0, c1)
         first = u0 - c0 * upc
         kind = kind[first:first + u1 - u0]
@@ -434,10 +507,8 @@ class GuestReader:
         if n > 1:
             step = np.where((host[:-1] >= 0) & (kind[:-1] != COMPRESSED), unit, 0)
             brk = (kind[1:] != kind[:-1]) | (host[1:] != host[:-1] + step)
-            if upc > 1:
-                # A compressed run never crosses a cluster boundary (the same descriptor
-                # may appear in two entries).
-                brk |= (kind[1:] == COMPRESSED) & ((np.arange(u0 + 1, u1) % upc) == 0)
+            # A compressed run never crosses a cluster boundary (two entries may share a descriptor).
+            brk |= (kind[1:] == COMPRESSED) & ((np.arange(u0 + 1, u1) % upc) == 0)
             cuts = (np.flatnonzero(brk) + 1).tolist()
         else:
             cuts = []
@@ -477,11 +548,12 @@ class GuestReader:
 
     # -- reading ----------------------------------------------------------------
     def _check_request(self, offset: int, length: int) -> None:
+        self._refresh()
         size = self.size
         if offset < 0 or length < 0 or offset + length > size:
             raise UsageError(f"{self.path}: read of {length} bytes at offset {offset} lies outside the "
                              f"{size}-byte disk")
-        if self.img.header.crypt_method:
+        if self.encrypted:
             raise UnsupportedError(f"{self.path}: the image is encrypted; qjournal cannot decrypt guest data")
 
     def read(self, offset: int, length: int) -> bytes:
@@ -506,19 +578,23 @@ class GuestReader:
 
     def _fill(self, offset: int, view: memoryview, runs: Iterable[Run]) -> None:
         out: np.ndarray | None = None
+        jobs: list[Job] = []
         for g, n, kind, host in runs:
             dst = view[g - offset:g - offset + n]
             if kind == DATA:
-                self._read_host(host, dst)
+                job = self._host_read(g, host, dst)
+                if job is not None:
+                    jobs.append(job)
             elif kind == COMPRESSED:
                 o = g % self.cs
-                dst[:] = self._decompress(host)[o:o + n]
+                dst[:] = self._decompress(host, g - o)[o:o + n]
             elif kind == UNALLOCATED and self.backing is not None:
                 self._read_backing(g, dst)
             else:
                 if out is None:
                     out = np.frombuffer(view, dtype=np.uint8)
                 out[g - offset:g - offset + n] = 0
+        run_preads(jobs)
 
     def _read_backing(self, g: int, dst: memoryview) -> None:
         backing = self.backing
@@ -530,32 +606,36 @@ class GuestReader:
         if avail < n:
             np.frombuffer(dst, dtype=np.uint8)[avail:] = 0
 
-    def _decompress(self, desc: int) -> bytes:
-        """The cluster a compressed descriptor holds (the last one is kept)."""
+    def _decompress(self, desc: int, g: int) -> bytes:
+        """The cluster (guest offset ``g``) a compressed descriptor holds; the last one is kept.
+
+        As QEMU: the stream must give at least a cluster (zlib may hold more, which is
+        ignored), and a zstd frame exactly one.
+        """
         if self._cluster is not None and self._cluster[0] == desc:
             return self._cluster[1]
         cs = self.cs
         coff, csize = compressed_span(desc, self.cluster_bits)
-        size = self.img.reader.size
-        if coff >= size:
-            raise FormatError("L2 table", None, f"compressed cluster at {coff:#x} lies past the end of "
-                              f"{self.path} ({size:#x} bytes)")
-        src = self.img.reader.read(coff, min(csize, size - coff))
-        h = self.img.header
+        medium = self.img.reader
+        if coff >= medium.size:
+            raise self._entry_error(g, f"compressed data at {coff:#x} lies past the end of {self.path} "
+                                    f"({medium.size:#x} bytes)")
+        src = medium.read(coff, min(csize, medium.size - coff))
+        where = f"of guest offset {g:#x} ({csize} bytes)"
         try:
-            if h.compression_type == COMPRESSION_ZSTD:
-                out = self._unzstd(src, coff)
+            if self.img.header.compression_type == COMPRESSION_ZSTD:
+                out = self._unzstd(src, coff, where)
             else:
                 out = zlib.decompressobj(-12).decompress(src, cs)
         except zlib.error as e:
-            raise FormatError("compressed cluster", coff, f"zlib: {e}") from None
+            raise FormatError("compressed cluster", coff, f"{where}: zlib: {e}") from None
         if len(out) != cs:
-            raise FormatError("compressed cluster", coff, f"decompresses to {len(out)} bytes, not one cluster "
-                              f"({cs})")
+            raise FormatError("compressed cluster", coff, f"{where}: decompresses to {len(out)} bytes, not one "
+                              f"cluster ({cs})")
         self._cluster = (desc, out)
         return out
 
-    def _unzstd(self, src: bytes, coff: int) -> bytes:
+    def _unzstd(self, src: bytes, coff: int, where: str) -> bytes:
         import zstandard
         if self._zstd is None:
             self._zstd = zstandard.ZstdDecompressor()
@@ -563,11 +643,11 @@ class GuestReader:
         try:
             declared = zstandard.frame_content_size(src)
             if declared > cs:
-                raise FormatError("compressed cluster", coff, f"zstd frame declares {declared} bytes, more than "
-                                  f"one cluster ({cs})")
+                raise FormatError("compressed cluster", coff, f"{where}: the zstd frame declares {declared} "
+                                  f"bytes, more than one cluster ({cs})")
             out: bytes = self._zstd.decompress(src, max_output_size=cs)
         except zstandard.ZstdError as e:
-            raise FormatError("compressed cluster", coff, f"zstd: {e}") from None
+            raise FormatError("compressed cluster", coff, f"{where}: zstd: {e}") from None
         return out
 
 

@@ -347,6 +347,11 @@ class Image:
         from .guest import read
         return read(self, offset, length)
 
+    def disk(self) -> "Any":
+        """The guest disk as a seekable, readable ``io.RawIOBase`` (see :class:`qjournal.disk.GuestDisk`)."""
+        from .disk import GuestDisk
+        return GuestDisk(self)
+
     def write(self, offset: int, data: bytes) -> None:
         """Write guest data (any alignment). Enabled bitmaps get their bits first."""
         from .datawrite import write
@@ -537,6 +542,8 @@ class Image:
 
     # -- lifetime -------------------------------------------------------------
     def close(self) -> None:
+        from .guest import release
+        release(self)
         if getattr(self, "journal", None) is not None:
             self.journal.close()
         self.medium.close()

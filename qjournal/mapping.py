@@ -124,8 +124,7 @@ class _Walk:
                 yield MapEntry(pos, n, depth, True, not is_data, is_data, pos, layer.path)
 
     def qcow2(self, r: GuestReader, start: int, end: int, depth: int) -> Iterator[MapEntry]:
-        img = r.img
-        crypt = bool(img.header.crypt_method)
+        crypt = r.encrypted
         data_file = r.data_file
         host_path = data_file.path if data_file is not None else r.path
         for g, n, kind, host in r.runs(start, end):

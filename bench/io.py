@@ -1,0 +1,128 @@
+"""Guest reads: a sequential read of 1 GiB of allocated data.
+
+The image holds 1 GiB of seeded random bytes, every cluster allocated, made by
+``qemu-img convert -f raw -O qcow2`` (64 KiB clusters, and 4 KiB clusters for the
+``-4k`` variants, where per-cluster costs show). Ours reads the whole disk through
+:class:`qjournal.disk.GuestDisk` ``readinto`` with an 8 MiB buffer, discarding the bytes.
+
+Peers, each a whole process:
+
+- ``io-read``, ``io-read-4k``: ``qemu-img convert -n --target-image-opts IMG
+  driver=null-co,size=N``, QEMU's read of every byte into a sink (qemu-img refuses
+  ``-O raw ... /dev/null``: it cannot grow a device file). Goal: at most 1.0x.
+- ``io-read-dissect``, ``io-read-4k-dissect`` (when ``dissect.hypervisor`` is installed):
+  dissect.hypervisor's qcow2 stream read with the same 8 MiB buffer. The process time
+  includes starting Python and importing dissect (about 0.2 s here: time
+  ``python -c "from dissect.hypervisor.disk.qcow2 import QCow2"``); goal: ten times
+  faster (at most 0.1x).
+
+``verify`` hashes what ours reads and compares it with the seeded bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .harness import Benchmark, Fixtures, benchmark, qemu_img
+
+SIZE = 1 << 30
+SEED = 4
+CHUNK = 8 << 20  # bytes per read, both sides
+GEN_CHUNK = 16 << 20
+
+DISSECT_READ = f"""
+import sys
+from dissect.hypervisor.disk.qcow2 import QCow2
+with open(sys.argv[1], "rb") as f:
+    stream = QCow2(f).open()
+    while stream.read({CHUNK}):
+        pass
+"""
+
+
+def seeded_bytes() -> "np.random.Generator":
+    """The generator of the template's bytes (``rng.bytes(GEN_CHUNK)`` chunk after chunk)."""
+    return np.random.default_rng(SEED)
+
+
+def expected_digest() -> bytes:
+    """sha256 of the 1 GiB the template holds (regenerated, 16 MiB at a time)."""
+    rng, h = seeded_bytes(), hashlib.sha256()
+    for _ in range(SIZE // GEN_CHUNK):
+        h.update(rng.bytes(GEN_CHUNK))
+    return h.digest()
+
+
+def build(path: Path, cluster_size: str) -> None:
+    raw = path.with_suffix(".raw")
+    rng = seeded_bytes()
+    with open(raw, "wb") as f:
+        for _ in range(SIZE // GEN_CHUNK):
+            f.write(rng.bytes(GEN_CHUNK))
+    try:
+        qemu_img("convert", "-f", "raw", "-O", "qcow2", "-o", f"cluster_size={cluster_size}", raw, path)
+    finally:
+        raw.unlink()
+
+
+def read_all(image: Path, digest: bool = False) -> bytes:
+    """Read the whole guest disk, 8 MiB at a time; the sha256 of what was read if asked."""
+    import qjournal
+    from qjournal.disk import GuestDisk
+    h = hashlib.sha256() if digest else None
+    buf = memoryview(bytearray(CHUNK))
+    with qjournal.open(image) as img, GuestDisk(img) as disk:
+        while n := disk.readinto(buf):
+            if h is not None:
+                h.update(buf[:n])
+    return h.digest() if h is not None else b""
+
+
+class _Read(Benchmark):
+    cluster_size = "64k"
+
+    def template(self, fx: Fixtures) -> Path:
+        return fx.image(f"random-1G-{self.cluster_size}", lambda p: build(p, self.cluster_size))
+
+    def ours(self, image: Path) -> None:
+        read_all(image)
+
+    def peer(self, image: Path) -> list[str]:
+        return ["qemu-img", "convert", "-n", "--target-image-opts", str(image), f"driver=null-co,size={SIZE}"]
+
+    def verify(self, ours_image: Path, peer_image: Path) -> None:
+        assert read_all(ours_image, digest=True) == expected_digest(), \
+            "qjournal read other bytes than the image holds"
+
+
+@benchmark("io-read")
+class IoRead(_Read):
+    """sequential read of 1 GiB of allocated data, 64 KiB clusters, vs qemu-img convert"""
+
+
+@benchmark("io-read-4k")
+class IoRead4k(_Read):
+    """sequential read of 1 GiB of allocated data, 4 KiB clusters, vs qemu-img convert"""
+
+    cluster_size = "4k"
+
+
+if importlib.util.find_spec("dissect") is not None and importlib.util.find_spec("dissect.hypervisor") is not None:
+    class _Dissect(_Read):
+        def peer(self, image: Path) -> list[str]:
+            return [sys.executable, "-c", DISSECT_READ, os.fspath(image)]
+
+    @benchmark("io-read-dissect", goal=0.1)
+    class IoReadDissect(_Dissect):
+        """sequential read of 1 GiB of allocated data, 64 KiB clusters, vs dissect.hypervisor"""
+
+    @benchmark("io-read-4k-dissect", goal=0.1)
+    class IoRead4kDissect(_Dissect):
+        """sequential read of 1 GiB of allocated data, 4 KiB clusters, vs dissect.hypervisor"""
+
+        cluster_size = "4k"

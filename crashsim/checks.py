@@ -13,6 +13,17 @@ Two readers look at the files a crash left (DESIGN.md, "Outcomes a crash may lea
   may be old, new, or the bitmaps dropped through a clear autoclear bit; leaks are
   allowed; corruption never.
 
+The semantic state is the disk size, every bitmap (name, granularity, flags, dirty
+extents) and the guest data (every cluster that does not read as zeros). Guest data
+compares exactly for qjournal after recovery. A plain reader may see, in the middle of
+an operation, each 512-byte sector of the guest disk as it was before or after (the
+data of a request is not atomic for QEMU either), but never bytes that were there at
+neither time. A workload marked *relaxed* (a guest write: bitmap bits are set before the data and
+its mapping) may also leave, for a plain reader and before it returns, bitmaps with
+more dirty bits than before and no more than after: the ordering rule's "a bit set
+early only costs a backup some extra bytes". When it also writes data *in place*
+(outside the journal, as QEMU does), qjournal after recovery gets the same latitude.
+
 After an operation returned (and before it started) only one state is allowed: the
 state of that moment, with no more leaks than it has.
 """
@@ -24,39 +35,161 @@ import subprocess
 from typing import Any
 
 import attrs
+import numpy as np
 
+from qjournal import guest
 from qjournal.check import check
 from qjournal.errors import QcowError
 from qjournal.format.bitmaps import FLAG_AUTO, FLAG_IN_USE
+from qjournal.format.tables import L1E_OFFSET_MASK
 from qjournal.image import Image
+from qjournal.journal import Journal
 from qjournal.medium import MemoryMedium
 
 from .model import OracleResult
 from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium
 
 Bitmap = tuple[str, int, int, Any]       # name, granularity, flags, dirty extents (or "in-use")
+Guest = tuple[tuple[int, bytes], ...]     # (guest offset, cluster content) of every cluster not all zeros
+SECTOR = 512
 
 
 @attrs.frozen
 class Semantic:
-    """What a reader sees that an operation may change: the disk size and the bitmaps."""
+    """What a reader sees that an operation may change: disk size, bitmaps and guest data."""
 
     virtual_size: int
     bitmaps: tuple[Bitmap, ...]
+    guest: Guest = ()
+
+    def meta(self) -> tuple[int, tuple[Bitmap, ...]]:
+        return self.virtual_size, self.bitmaps
 
     def qemu(self) -> tuple[tuple[str, int, tuple[str, ...]], ...]:
         """The part ``qemu-img info`` shows: name, granularity and flags of each bitmap."""
         return tuple((n, g, flag_names(f)) for n, g, f, _ in self.bitmaps)
 
     def text(self) -> str:
+        data = f"{len(self.guest)} data cluster{'s' * (len(self.guest) != 1)}"
         if not self.bitmaps:
-            return "no bitmaps"
-        parts = []
-        for n, g, f, bits in self.bitmaps:
-            flags = ",".join(flag_names(f)) or "-"
-            dirty = "in use" if bits == "in-use" else f"{len(bits)} dirty extent{'s' * (len(bits) != 1)}"
-            parts.append(f"{n} (g={g}, {flags}, {dirty})")
-        return "; ".join(parts)
+            return f"no bitmaps, {data}"
+        return "; ".join(bitmap_text(b) for b in self.bitmaps) + f"; {data}"
+
+
+def bitmap_text(b: Bitmap) -> str:
+    n, g, f, bits = b
+    flags = ",".join(flag_names(f)) or "-"
+    dirty = "in use" if bits == "in-use" else f"{len(bits)} dirty extent{'s' * (len(bits) != 1)}"
+    shown = n if len(n) <= 24 else f"{n[:16]}...({len(n)} chars)"
+    return f"{shown} (g={g}, {flags}, {dirty})"
+
+
+def bad_sectors(cur: Guest, old: Guest, new: Guest) -> list[int]:
+    """Guest offsets of the sectors of ``cur`` that hold neither their old nor their new bytes."""
+    c, o, n = dict(cur), dict(old), dict(new)
+    out: list[int] = []
+    for off in sorted(set(c) | set(o) | set(n)):
+        x, a, b = c.get(off), o.get(off), n.get(off)
+        if x == a or x == b:
+            continue
+        size = len(next(v for v in (x, a, b) if v is not None))
+        zero = bytes(size)
+        xs, as_, bs = (np.frombuffer(v if v is not None else zero, dtype=np.uint8).reshape(-1, SECTOR)
+                       for v in (x, a, b))
+        bad = ~((xs == as_).all(axis=1) | (xs == bs).all(axis=1))
+        out += [off + int(i) * SECTOR for i in np.nonzero(bad)[0]]
+    return out
+
+
+def changed_sectors(cur: Guest, old: Guest) -> list[int]:
+    """Guest offsets of the sectors of ``cur`` whose bytes differ from ``old``'s."""
+    c, o = dict(cur), dict(old)
+    out: list[int] = []
+    for off in sorted(set(c) | set(o)):
+        x, a = c.get(off), o.get(off)
+        if x == a:
+            continue
+        size = len(x if x is not None else a)  # type: ignore[arg-type]
+        xs, as_ = (np.frombuffer(v if v is not None else bytes(size), dtype=np.uint8).reshape(-1, SECTOR)
+                   for v in (x, a))
+        out += [off + int(i) * SECTOR for i in np.nonzero(~(xs == as_).all(axis=1))[0]]
+    return out
+
+
+def missed_writes(sem: Semantic, old: Semantic) -> str:
+    """The first changed guest sector that a bitmap, enabled before and after and consistent,
+    does not mark dirty ("" when there is none): a backup built on it would miss that write."""
+    was_enabled = {b[0] for b in old.bitmaps if b[2] & FLAG_AUTO and b[3] != "in-use"}
+    watching = [b for b in sem.bitmaps if b[0] in was_enabled and b[2] & FLAG_AUTO and b[3] != "in-use"]
+    if not watching:
+        return ""
+    changed = changed_sectors(sem.guest, old.guest)
+    runs: list[tuple[int, int]] = []
+    for pos in changed:
+        if runs and runs[-1][0] + runs[-1][1] == pos:
+            runs[-1] = (runs[-1][0], runs[-1][1] + SECTOR)
+        else:
+            runs.append((pos, SECTOR))
+    for name, _, _, extents in watching:
+        if _intervals_cover(extents, runs):
+            continue
+        pos = next(p for p in changed if not _intervals_cover(extents, ((p, SECTOR),)))
+        return (f"bitmap {name}, enabled and marked consistent, has no dirty bit for guest offset {pos:#x}: "
+                "a backup built on it would miss that write")
+    return ""
+
+
+def _intervals_cover(outer: Any, inner: Any) -> bool:
+    """Every byte of the extents ``inner`` lies in the extents ``outer`` (both sorted, merged)."""
+    i = 0
+    for start, length in inner:
+        end = start + length
+        while i < len(outer) and outer[i][0] + outer[i][1] <= start:
+            i += 1
+        if i == len(outer) or outer[i][0] > start or outer[i][0] + outer[i][1] < end:
+            return False
+    return True
+
+
+def bits_between(cur: tuple[Bitmap, ...], old: tuple[Bitmap, ...], new: tuple[Bitmap, ...]) -> bool:
+    """The same bitmaps as ``old`` and ``new`` (names, granularities, flags), each with at least
+    the old dirty bits and at most the new ones."""
+    if len(cur) != len(old) or len(cur) != len(new):
+        return False
+    for x, a, b in zip(cur, old, new):
+        if x[:3] != a[:3] or x[:3] != b[:3]:
+            return False
+        if "in-use" in (x[3], a[3], b[3]):
+            if not x[3] == a[3] == b[3]:
+                return False
+            continue
+        if not (_intervals_cover(x[3], a[3]) and _intervals_cover(b[3], x[3])):
+            return False
+    return True
+
+
+def mixture(sem: Semantic, old: Semantic, new: Semantic) -> str:
+    """Which of ``sem``'s bitmaps are as in ``old``, as in ``new``, or as in neither."""
+    o = {b[0]: b for b in old.bitmaps}
+    n = {b[0]: b for b in new.bitmaps}
+    parts = []
+    for b in sem.bitmaps:
+        which = "as new" if n.get(b[0]) == b else "as old" if o.get(b[0]) == b else "as neither"
+        if o.get(b[0]) == b and n.get(b[0]) == b:
+            continue
+        parts.append(f"{which}: {bitmap_text(b)}")
+    missing = [name for name in dict.fromkeys([*o, *n]) if name not in {b[0] for b in sem.bitmaps}]
+    if missing:
+        parts.append(f"missing: {', '.join(missing)}")
+    if sem.virtual_size not in (old.virtual_size, new.virtual_size):
+        parts.append(f"disk size {sem.virtual_size}")
+    bad = bad_sectors(sem.guest, old.guest, new.guest)
+    if bad:
+        parts.append(f"guest data: {len(bad)} sector(s) hold bytes that were there neither before nor after, "
+                     f"the first at guest offset {bad[0]:#x}")
+    elif sem.guest not in (old.guest, new.guest):
+        parts.append("guest data: some sectors as before, some as after")
+    return "; ".join(parts) or "the same bitmaps as both"
 
 
 def flag_names(flags: int) -> tuple[str, ...]:
@@ -69,7 +202,35 @@ def semantic(img: Image) -> Semantic:
         b = img.bitmaps[name]
         bits = "in-use" if b.in_use else tuple(b.dirty_extents())
         out.append((name, b.granularity, b.entry.flags, bits))
-    return Semantic(img.header.size, tuple(out))
+    return Semantic(img.header.size, tuple(out), guest_data(img))
+
+
+def guest_data(img: Image) -> Guest:
+    """Every guest cluster that does not read as zeros, with its content. Reads only the
+    allocated runs; O(L2 entries + data)."""
+    cs = img.header.cluster_size
+    out = []
+    try:
+        reader = guest.reader(img)
+        if img.backing_name is None:
+            # Without a backing file an unallocated L1 entry reads as zeros: walk only the others.
+            span = reader.table_span
+            l1 = img.l1_table() & np.uint64(L1E_OFFSET_MASK)
+            ranges = [(int(i) * span, min(img.header.size, (int(i) + 1) * span)) for i in np.nonzero(l1)[0]]
+        else:
+            ranges = [(0, img.header.size)]
+        runs = [r for lo, hi in ranges for r in reader.runs(lo, hi)]
+        for g, n, kind, _ in runs:
+            if kind in (guest.UNALLOCATED, guest.ZERO):
+                continue
+            data = img.read(g, n)
+            for i in range(0, n, cs):
+                chunk = data[i:i + cs]
+                if chunk.count(0) != len(chunk):
+                    out.append((g + i, chunk))
+    finally:
+        guest.release(img)
+    return tuple(out)
 
 
 @attrs.frozen
@@ -77,8 +238,9 @@ class Expect:
     """What a crash at one phase of the workload may leave.
 
     Inside an operation (``only`` is empty): old or new, and for the plain reader also
-    dropped bitmaps and any leaks. Outside one (before the first started, or after one
-    returned): only the state ``only`` names, with no more leaks than it has.
+    dropped bitmaps, any leaks, and guest sectors each old or new. Outside one (before
+    the first started, or after one returned): only the state ``only`` names, with no
+    more leaks than it has. ``relaxed``: see the module docstring.
     """
 
     old: Semantic
@@ -87,6 +249,8 @@ class Expect:
     new_leaks: int
     only: str                                # "" inside an operation, else "old" or "new"
     journaled: bool
+    relaxed: bool = False                    # a guest write: bitmap bits may be set early
+    in_place: bool = False                   # ... and its data written in place, outside the journal
 
     @property
     def inside(self) -> bool:
@@ -105,22 +269,39 @@ class Expect:
     def leaks_of(self, outcome: str) -> int:
         return self.old_leaks if outcome == "old" else self.new_leaks
 
-    def classify(self, sem: Semantic, allowed: tuple[str, ...]) -> str:
-        hits = [label for label, s in (("old", self.old), ("new", self.new)) if sem == s]
+    def classify(self, sem: Semantic, allowed: tuple[str, ...], plain: bool) -> str:
+        """old, new, dropped or other. Guest data compares exactly, or (for a plain reader, and
+        for a relaxed workload, in the middle of an operation) sector by sector."""
+        # What the journal does not make atomic: everything for a plain reader, the in-place
+        # part of a guest write for qjournal too.
+        loose = self.inside and (plain or self.in_place or not self.journaled)
+        mix = loose
+        data_ok = sem.guest in (self.old.guest, self.new.guest) or (
+            mix and not bad_sectors(sem.guest, self.old.guest, self.new.guest))
+        hits = []
+        for label, s in (("old", self.old), ("new", self.new)):
+            if sem.meta() == s.meta() and (sem.guest == s.guest or data_ok and mix):
+                hits.append(label)
+        if not hits and self.relaxed and loose and data_ok and sem.virtual_size == self.old.virtual_size \
+                and bits_between(sem.bitmaps, self.old.bitmaps, self.new.bitmaps):
+            hits.append("old")     # bits set early, data in place: the write has not happened yet
         for label in hits:
             if label in allowed:
                 return label
         if hits:
             return hits[0]
-        if not sem.bitmaps and sem.virtual_size in (self.old.virtual_size, self.new.virtual_size):
+        if not sem.bitmaps and data_ok and sem.virtual_size in (self.old.virtual_size, self.new.virtual_size):
             return "dropped"
         return "other"
 
-    def classify_qemu(self, bitmaps: tuple[tuple[str, int, tuple[str, ...]], ...]) -> str:
+    def classify_qemu(self, bitmaps: tuple[tuple[str, int, tuple[str, ...]], ...], prefer: str = "") -> str:
+        """Like :meth:`classify` on what qemu-img info shows (names, granularities, flags): when
+        that cannot tell old from new (only bits changed), ``prefer`` (the plain reader's) wins."""
         hits = [label for label, s in (("old", self.old), ("new", self.new)) if bitmaps == s.qemu()]
-        allowed = self.allowed_plain
+        if prefer in hits:
+            return prefer
         for label in hits:
-            if label in allowed:
+            if label in self.allowed_plain:
                 return label
         if hits:
             return hits[0]
@@ -151,26 +332,58 @@ def open_view(image: bytes, journal: bytes, label: str) -> View:
 
 @attrs.frozen
 class Recovered:
-    """The qjournal view: the files after recovery, and its recording."""
+    """The qjournal view: the files after recovery, its recording, and what it shows."""
 
     image: bytes
     journal: bytes
     recording: Recording | None    # None: recovery refused or failed
     wrote: bool
     error: str = ""
+    view: View | None = None       # the recovered image, judged while it was open
 
 
-def recover(files: dict[str, bytes]) -> Recovered:
-    """Open writable with the journal (recovery runs), recorded, on copies of ``files``."""
+def recover(files: dict[str, bytes], look: bool = False) -> Recovered:
+    """Open writable with the journal (recovery runs), recorded, on copies of ``files``;
+    with ``look``, also take the semantic state and the check of the recovered image."""
     rec = Recording({IMAGE: files[IMAGE], JOURNAL: files[JOURNAL]})
     im, jm = RecordingMedium(rec, IMAGE), RecordingMedium(rec, JOURNAL)
+    view = None
     try:
-        with Image("crashed.qcow2", "r+", medium=im, journal_medium=jm):
-            pass
+        with Image("crashed.qcow2", "r+", medium=im, journal_medium=jm) as img:
+            if look:
+                try:
+                    res = check(img)
+                    view = View("", semantic(img), res.leaks, res.corruptions,
+                                messages=tuple(m for m in res.messages if m.startswith("ERROR"))[:3])
+                except QcowError as e:
+                    view = View("error", None, error=f"{type(e).__name__}: {e}")
     except QcowError as e:
         return Recovered(files[IMAGE], files[JOURNAL], None, False, f"{type(e).__name__}: {e}")
     wrote = any(e.kind in ("write", "resize") for e in rec.entries)
-    return Recovered(bytes(im.buf), bytes(jm.buf), rec, wrote)
+    return Recovered(bytes(im.buf), bytes(jm.buf), rec, wrote, view=view)
+
+
+@attrs.define
+class Caches:
+    """What one worker learned about file contents it met before (per recording)."""
+
+    plain: dict[bytes, View] = attrs.Factory(dict)        # image bytes -> the plain reader's view
+    pending: dict[bytes, bool] = attrs.Factory(dict)      # journal bytes -> holds something to recover
+
+
+def pending(journal: bytes, cache: dict[bytes, bool] | None = None) -> bool:
+    """Whether ``journal`` holds a committed transaction without a checkpoint (reads it only)."""
+    if not journal:
+        return False
+    if cache is not None and journal in cache:
+        return cache[journal]
+    try:
+        found = bool(Journal(MemoryMedium(b""), MemoryMedium(journal)).pending())
+    except QcowError:
+        found = True           # let recovery say what is wrong with it
+    if cache is not None:
+        cache[journal] = found
+    return found
 
 
 def recover_again_changes(image: bytes, journal: bytes) -> str:
@@ -186,7 +399,7 @@ def recover_again_changes(image: bytes, journal: bytes) -> str:
 
 
 # -- the oracle -------------------------------------------------------------------------
-def oracle(image: bytes, path: str, expect: Expect) -> OracleResult:
+def oracle(image: bytes, path: str, expect: Expect, prefer: str = "") -> OracleResult:
     """qemu-img check and info on ``image`` written to ``path``."""
     with open(path, "wb") as f:
         f.write(image)
@@ -195,7 +408,7 @@ def oracle(image: bytes, path: str, expect: Expect) -> OracleResult:
         out = json.loads(res.stdout) if res.stdout.strip() else {}
     except json.JSONDecodeError:
         out = {}
-    err = res.stderr.strip().splitlines()[0] if res.stderr.strip() else ""
+    err = res.stderr.strip().splitlines()[0].replace(path, "STATE") if res.stderr.strip() else ""
     corr, leaks = int(out.get("corruptions", 0)), int(out.get("leaks", 0))
     info = subprocess.run(["qemu-img", "info", "--output=json", "-U", path], capture_output=True, text=True)
     bitmaps = None
@@ -203,12 +416,13 @@ def oracle(image: bytes, path: str, expect: Expect) -> OracleResult:
         data = json.loads(info.stdout)["format-specific"]["data"]
         bitmaps = tuple((b["name"], b["granularity"], tuple(b["flags"])) for b in data.get("bitmaps", []))
     elif not err:
-        err = info.stderr.strip().splitlines()[0] if info.stderr.strip() else f"qemu-img info: exit {info.returncode}"
+        err = (info.stderr.strip().splitlines()[0].replace(path, "STATE") if info.stderr.strip()
+               else f"qemu-img info: exit {info.returncode}")
     os.unlink(path)
     if res.returncode not in (0, 3) or bitmaps is None:
         outcome = "error"
     else:
-        outcome = expect.classify_qemu(bitmaps)
+        outcome = expect.classify_qemu(bitmaps, prefer)
     return OracleResult(res.returncode, corr, leaks, bitmaps, outcome, err)
 
 
@@ -233,59 +447,61 @@ class Judged:
 
 
 def judge(files: dict[str, bytes], expect: Expect, oracle_path: str | None = None,
-          require: str | None = None, cache: dict[bytes, View] | None = None) -> Judged:
+          require: str | None = None, caches: Caches | None = None) -> Judged:
     """Check one state. ``require``: the qjournal outcome recovery must reach (a crash during
-    recovery must not change what recovery decides). ``cache`` holds plain views by image bytes."""
+    recovery must not change what recovery decides)."""
+    caches = caches if caches is not None else Caches()
     aq, ap = expect.allowed_qjournal, expect.allowed_plain
     problems: list[tuple[str, str]] = []
 
     # The reader that ignores the journal.
     image = files[IMAGE]
-    plain = cache.get(image) if cache is not None else None
+    plain = caches.plain.get(image)
     if plain is None:
-        plain = open_view(image, b"", "plain")
-        if cache is not None:
-            cache[image] = plain
+        plain = caches.plain[image] = open_view(image, b"", "plain")
     if plain.semantic is not None:
-        plain = attrs.evolve(plain, outcome=expect.classify(plain.semantic, ap))
+        plain = attrs.evolve(plain, outcome=expect.classify(plain.semantic, ap, True))
     if plain.outcome == "error":
         problems.append(("plain-unreadable", f"a reader that ignores the journal cannot open the image: {plain.error}"))
     elif plain.corruptions:
         problems.append(("corruption", f"without the journal, qjournal check finds {plain.corruptions} "
                                        f"corruption(s): {'; '.join(plain.messages)}"))
     elif plain.outcome not in ap:
-        problems.append(("plain-not-allowed", f"a reader that ignores the journal sees {plain.outcome} "
-                                              f"({_sem(plain)}), allowed: {', '.join(ap)}"))
+        problems.append(("plain-not-allowed", f"a reader that ignores the journal sees {_seen(plain, expect)}, "
+                                              f"allowed: {', '.join(ap)}"))
     elif not expect.inside and plain.leaks > expect.leaks_of(expect.only):
         problems.append(("leaks-outside-operation", f"a reader that ignores the journal finds {plain.leaks} leaked "
                                                     f"cluster(s) where the {expect.only} state has "
                                                     f"{expect.leaks_of(expect.only)}"))
 
-    # qjournal, after recovery.
-    rec = recover(files)
+    # qjournal, after recovery (one open fewer when there is nothing to recover: the
+    # image then looks the same with and without its journal).
+    if pending(files[JOURNAL], caches.pending):
+        rec = recover(files, look=True)
+    else:
+        rec = Recovered(image, files[JOURNAL], Recording(dict(files)), False)
     idempotent = True
     if rec.recording is None:
         qview = View("error", None, error=rec.error)
-        problems.append(("recovery-refused", f"qjournal cannot open the image with its journal: {rec.error}"))
+        if plain.outcome != "error":
+            problems.append(("recovery-refused", f"qjournal cannot open the image with its journal: {rec.error}"))
     else:
         if rec.wrote:
             again = recover_again_changes(rec.image, rec.journal)
             if again:
                 idempotent = False
                 problems.append(("recovery-not-idempotent", again))
-            qview = open_view(rec.image, rec.journal, "recovered")
-        else:
-            qview = plain
+        qview = rec.view if rec.view is not None else plain
         if qview.semantic is not None:
-            qview = attrs.evolve(qview, outcome=expect.classify(qview.semantic, aq))
+            qview = attrs.evolve(qview, outcome=expect.classify(qview.semantic, aq, False))
         if qview.outcome == "error":
             problems.append(("recovered-unreadable", f"after recovery qjournal cannot open the image: {qview.error}"))
         elif qview.corruptions:
             problems.append(("corruption", f"after recovery, qjournal check finds {qview.corruptions} "
                                            f"corruption(s): {'; '.join(qview.messages)}"))
-        elif qview.outcome not in aq:
-            problems.append(("qjournal-not-allowed", f"after recovery qjournal sees {qview.outcome} "
-                                                     f"({_sem(qview)}), allowed: {', '.join(aq)}"))
+        elif qview.outcome not in aq and (rec.wrote or not problems):
+            problems.append(("qjournal-not-allowed", f"after recovery qjournal sees {_seen(qview, expect)}, "
+                                                     f"allowed: {', '.join(aq)}"))
         elif require is not None and qview.outcome != require:
             problems.append(("recovery-changed-its-mind", f"a crash during recovery, then recovery, gives "
                                                           f"{qview.outcome}; recovery without that crash gave {require}"))
@@ -294,16 +510,23 @@ def judge(files: dict[str, bytes], expect: Expect, oracle_path: str | None = Non
                                                      f"cluster(s) where the {qview.outcome} state has "
                                                      f"{expect.leaks_of(qview.outcome)}"))
 
+    for who, view in (("a reader that ignores the journal", plain), ("qjournal after recovery", qview)):
+        if view.semantic is not None and view.outcome != "error":
+            missed = missed_writes(view.semantic, expect.old)
+            if missed:
+                problems.append(("bitmap-misses-write", f"{who} sees new guest data; {missed}"))
+                break
+
     orc = None
     if oracle_path is not None:
-        orc = oracle(image, oracle_path, expect)
+        orc = oracle(image, oracle_path, expect, plain.outcome)
         if orc.outcome == "error":
             problems.append(("qemu-img-refuses", f"qemu-img check exits {orc.check_exit}"
                                                  f"{f' ({orc.corruptions} corruptions)' if orc.corruptions else ''}"
                                                  f"{': ' + orc.error if orc.error else ''}"))
         elif orc.outcome not in ap:
-            problems.append(("qemu-img-not-allowed", f"qemu-img info sees {orc.outcome} bitmaps {list(orc.bitmaps or ())}, "
-                                                     f"allowed: {', '.join(ap)}"))
+            seen = "the same" if orc.outcome == plain.outcome else f"{orc.outcome}: {list(orc.bitmaps or ())}"
+            problems.append(("qemu-img-not-allowed", f"qemu-img info sees {seen}, allowed: {', '.join(ap)}"))
         elif orc.outcome != plain.outcome:
             problems.append(("qemu-img-disagrees", f"qemu-img info sees {orc.outcome}, qjournal without the journal "
                                                    f"sees {plain.outcome}"))
@@ -315,6 +538,10 @@ def judge(files: dict[str, bytes], expect: Expect, oracle_path: str | None = Non
                   rec.recording if rec.wrote else None)
 
 
-def _sem(v: View) -> str:
-    return v.semantic.text() if v.semantic is not None else v.error
+def _seen(v: View, expect: Expect) -> str:
+    if v.semantic is None:
+        return v.error
+    if v.outcome == "other":
+        return f"a state that is neither the old nor the new one: {mixture(v.semantic, expect.old, expect.new)}"
+    return f"{v.outcome} ({v.semantic.text()})"
 

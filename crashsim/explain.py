@@ -1,6 +1,7 @@
 """Explaining a failing state in a few words: which writes, which header fields, what readers saw."""
 from __future__ import annotations
 
+import re
 import struct
 
 from qjournal.format.extensions import EXT_BITMAPS
@@ -72,3 +73,11 @@ def fate_text(f: Fate, entries: tuple[EntryInfo, ...], steps: dict[int, str]) ->
         sectors = ",".join(map(str, f.new_sectors))
         return f"{where} is torn: {f.sector_size}-byte sector(s) {sectors} hold {src}, the others the durable bytes"
     return f"{where} lost {src}"
+
+
+_LONG = re.compile(r"[^\s,;:()'\"\[\]]{41,}")
+
+
+def shorten(text: str) -> str:
+    """Shorten every very long word (1000-character bitmap names) to its head and length."""
+    return _LONG.sub(lambda m: f"{m.group(0)[:16]}...({len(m.group(0))} chars)", text)

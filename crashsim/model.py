@@ -57,7 +57,10 @@ class EntryInfo:
     file: str                               # image | journal
     offset: int = 0                         # write: first byte
     length: int = 0                         # write: bytes; resize: the new size
-    ranges: tuple[tuple[int, int], ...] = ()  # barrier: (offset, length) it covers; whole file if empty
+    # barrier: the (offset, length) ranges it was given. A flush of the whole file is recorded as
+    # ((0, size),); an empty tuple is a flush of no range, which covers nothing. A journal barrier
+    # (fdatasync) covers the whole journal whatever its ranges say.
+    ranges: tuple[tuple[int, int], ...] = ()
     name: str = ""                          # mark: its name
     site: str = ""                          # "module:line function" in qjournal or the workload
 
@@ -119,10 +122,11 @@ class Fate:
 class CrashState:
     """One unique crash state: where the crash happened and what reached the disk.
 
-    ``point`` is the crash point T. For the ``recovery`` strategy, ``parent`` is the id of
-    the state whose recovery was interrupted and ``recovery_point`` the number of entries
-    of that recovery's own recording that were issued (in-order prefix). ``fates`` lists
-    the in-flight units only (units not listed hold their durable content at T).
+    ``point`` is the crash point T. ``fates`` lists every unit in flight at T (persisted,
+    dropped or torn); units not listed hold their durable content. For the ``recovery``
+    strategy, ``parent`` is the id of the state whose recovery was interrupted,
+    ``recovery_point`` the number of entries of that recovery's own recording that were
+    issued (landed in order), and ``point`` and ``fates`` are the parent's (the first crash).
     ``seed`` is set when the state came from seeded random sampling (subset samples, tear
     samples): the run's seed, so ``crashsim run --seed`` replays it; ``replay`` rebuilds it.
     """

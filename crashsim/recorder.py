@@ -12,12 +12,15 @@ as the whole file, ``flush([])`` as no range at all (it covers nothing).
 from __future__ import annotations
 
 import sys
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import attrs
 import numpy as np
 
 from qjournal.medium import MemoryMedium, Range
+
+if TYPE_CHECKING:
+    from qjournal.image import Image
 
 IMAGE = "image"
 JOURNAL = "journal"
@@ -119,3 +122,21 @@ class RecordingMedium(MemoryMedium):
 
     def mark(self, name: str) -> None:
         self.rec.entries.append(Entry("mark", self.file, name=name, site=_call_site()))
+
+
+def bracket_transactions(img: "Image", rec: Recording) -> list[str]:
+    """Mark each transaction of ``img`` with ``tx-begin``/``tx-end`` in ``rec``; returns the list
+    their descriptions are appended to, in order. Wraps this instance's commit only."""
+    descriptions: list[str] = []
+    original = img._commit
+
+    def commit(tx: Any) -> None:
+        descriptions.append("; ".join(tx.description))
+        rec.mark("tx-begin")
+        try:
+            original(tx)
+        finally:
+            rec.mark("tx-end")
+
+    setattr(img, "_commit", commit)
+    return descriptions

@@ -30,7 +30,7 @@ import attrs
 from qjournal.format.extensions import EXT_BITMAPS, parse_extensions
 from qjournal.image import Image
 
-from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium
+from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium, bracket_transactions
 
 Write = tuple[int, bytes]
 F = TypeVar("F", bound=Callable[..., object])
@@ -158,14 +158,23 @@ class Workload:
     journaled: bool = True
     expect_failure: bool = False
     minimum: int = 0                    # barriers a bypassing workload's protocol needs (its steps)
+    whole: bool = False                 # the whole call is one operation (not one per transaction)
+    relaxed: bool = False               # early bitmap bits and in-place data are allowed (see checks)
 
 
-def workload(base: str = "standard", journaled: bool = True, expect_failure: bool = False) -> Callable[[F], F]:
-    """Declare how a user workload (``module:function``) starts and what it expects."""
+def workload(base: str = "standard", journaled: bool = True, expect_failure: bool = False,
+             whole: bool = False, relaxed: bool = False) -> Callable[[F], F]:
+    """Declare how a user workload (``module:function``) starts and what it expects.
+
+    ``journaled``: its changes go through qjournal's journal (else only the plain reader's
+    rules apply); ``whole``: the whole call is one operation rather than one per
+    transaction; ``relaxed``: a guest write, which may set bitmap bits early and write
+    data in place before it returns.
+    """
     def mark(fn: F) -> F:
-        setattr(fn, "crashsim_base", base)
-        setattr(fn, "crashsim_journaled", journaled)
-        setattr(fn, "crashsim_expect_failure", expect_failure)
+        for key, value in (("base", base), ("journaled", journaled), ("expect_failure", expect_failure),
+                           ("whole", whole), ("relaxed", relaxed)):
+            setattr(fn, f"crashsim_{key}", value)
         return fn
     return mark
 
@@ -190,6 +199,18 @@ def _all_in_use(img: Image) -> None:
             img.bitmaps.set_in_use(name, True)
 
 
+def _guest_write(img: Image) -> None:
+    img.write(5 << 20, bytes(range(256)) * 48)             # 12 KiB into unallocated clusters
+
+
+def _guest_overwrite(img: Image) -> None:
+    img.write(0, b"\x5a" * (64 << 10))    # in place over 16 allocated clusters: more than 12 units in flight
+
+
+def _guest_mixed(img: Image) -> None:
+    img.write((10 << 20) + (48 << 10), b"\xa5" * (32 << 10))   # half in place, half into new clusters
+
+
 def _two_transactions(img: Image) -> None:
     img.bitmaps.add("first", 4096)
     img.bitmaps.disable("first")
@@ -198,11 +219,13 @@ def _two_transactions(img: Image) -> None:
 # -- planning through qjournal, applying without it (for the controls) ------------------------
 @attrs.frozen
 class Plan:
-    """What qjournal would write for an operation: precommit writes, steps, final image."""
+    """What qjournal would write for an operation: precommit writes, steps, final image, and
+    the writes it makes outside any transaction (guest data overwritten in place)."""
 
     precommit: tuple[Write, ...]
     steps: tuple[tuple[str, tuple[Write, ...]], ...]
     final: bytes
+    unjournaled: tuple[Write, ...] = ()
 
     def step(self, *names: str) -> list[Write]:
         return [w for name, ws in self.steps if name in names for w in ws]
@@ -213,22 +236,27 @@ def plan(img: Image, op: Callable[[Image], object]) -> Plan:
     rec = Recording({IMAGE: img.medium.read(0, img.medium.size), JOURNAL: b""})
     with Image("plan.qcow2", "r+", medium=RecordingMedium(rec, IMAGE),
                journal_medium=RecordingMedium(rec, JOURNAL)) as scratch:
+        bracket_transactions(scratch, rec)
         op(scratch)
     precommit: list[Write] = []
     steps: list[tuple[str, tuple[Write, ...]]] = []
+    unjournaled: list[Write] = []
     pending: list[Write] = []
-    committed = False
+    inside = False
     for e in rec.entries:
         if e.file != IMAGE:
             continue
         if e.kind == "write":
-            pending.append((e.off, e.data))
+            (pending if inside else unjournaled).append((e.off, e.data))
+        elif e.kind == "mark" and e.name in ("tx-begin", "tx-end"):
+            inside = e.name == "tx-begin"
         elif e.kind == "mark" and e.name == "commit":
-            precommit, pending, committed = pending, [], True
-        elif e.kind == "mark" and committed:
+            precommit += pending
+            pending = []
+        elif e.kind == "mark":
             steps.append((e.name, tuple(pending)))
             pending = []
-    return Plan(tuple(precommit), tuple(steps), rec.state(len(rec.entries))[IMAGE])
+    return Plan(tuple(precommit), tuple(steps), rec.state(len(rec.entries))[IMAGE], tuple(unjournaled))
 
 
 def _apply(img: Image, name: str, writes: Iterable[Write]) -> None:
@@ -280,6 +308,23 @@ def _qemu_header_rewrite(img: Image) -> None:
     _apply(img, "clusters-freed", p.step("clusters-freed"))
 
 
+def control_data_before_bits(img: Image) -> None:
+    """A guest overwrite in place with the data written before the bitmap bits.
+
+    qjournal plans it as the ordering rule says (bits, then data); this applies the
+    same writes without the journal, data first: a crash between leaves new data that a
+    consistent, enabled bitmap does not mark.
+    """
+    p = plan(img, _guest_overwrite)
+    names = [n for n, _ in p.steps]
+    if "bitmap-bits-set" not in names or not p.unjournaled:
+        raise RuntimeError(f"unexpected plan for an overwrite in place: {names}")
+    _apply(img, "data-written", p.unjournaled)
+    _apply(img, "new-clusters-written", p.precommit)
+    for name, writes in p.steps:
+        _apply(img, name, writes)
+
+
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("add", "bitmap add, 4 KiB granularity", lambda img: img.bitmaps.add("added", 4096)),
     Workload("add-disabled", "bitmap add, disabled, 1 MiB granularity",
@@ -300,6 +345,12 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              lambda img: img.bitmaps.set_in_use("stale", False)),
     Workload("transaction", "remove, add and merge in one transaction", _several),
     Workload("two-transactions", "add, then disable, as two transactions", _two_transactions),
+    Workload("guest-write", "guest write into unallocated clusters under enabled bitmaps", _guest_write,
+             relaxed=True),
+    Workload("guest-overwrite", "guest overwrite in place under enabled bitmaps (bits first, then data)",
+             _guest_overwrite, whole=True, relaxed=True),
+    Workload("guest-write-mixed", "guest write partly in place, partly into new clusters", _guest_mixed,
+             whole=True, relaxed=True),
     Workload("set-in-use-two-pages", "set in_use on every bitmap, directory of two pages (seed protocol)",
              _all_in_use, base=LONG_NAMES),
     Workload("add-split-header", "bitmap add where the extension's fields straddle two sectors",
@@ -308,6 +359,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              _qemu_header_rewrite, journaled=False, minimum=4),
     Workload("control-seed-wrong-order", "NEGATIVE CONTROL: directory written before autoclear is cleared",
              control_seed_wrong_order, base=LONG_NAMES, journaled=False, expect_failure=True, minimum=3),
+    Workload("control-data-before-bits", "NEGATIVE CONTROL: guest data written in place before the bitmap bits",
+             control_data_before_bits, journaled=False, expect_failure=True, relaxed=True),
     Workload("control-header-tear", "NEGATIVE CONTROL: QEMU's whole-cluster header write, fields split "
              "across sectors", _qemu_header_rewrite, base=SHIFTED, journaled=False, expect_failure=True, minimum=4),
 )}
@@ -329,4 +382,5 @@ def find(name: str) -> Workload:
     if base not in BASES:
         raise KeyError(f"workload {name!r} asks for base {base!r}; known: {', '.join(BASES)}")
     return Workload(name, (fn.__doc__ or name).strip().splitlines()[0], fn, BASES[base],
-                    bool(getattr(fn, "crashsim_journaled", True)), bool(getattr(fn, "crashsim_expect_failure", False)))
+                    bool(getattr(fn, "crashsim_journaled", True)), bool(getattr(fn, "crashsim_expect_failure", False)),
+                    whole=bool(getattr(fn, "crashsim_whole", False)), relaxed=bool(getattr(fn, "crashsim_relaxed", False)))

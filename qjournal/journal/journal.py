@@ -295,11 +295,25 @@ class Journal:
         self.check_binding()
         assert self.jmedium is not None
         for t in pend:
-            self._apply(t)
+            # A transaction whose every piece already holds its final after-image was
+            # applied before the crash (only its checkpoint was lost): replaying its
+            # earlier steps would take the image back through intermediate states,
+            # which a second crash could then leave behind after the operation returned.
+            if not self._fully_applied(t):
+                self._apply(t)
             self._checkpoint(t.txid)
         self.jmedium.flush()
         self._unsynced = False
         return len(pend)
+
+    def _fully_applied(self, t: PendingTransaction) -> bool:
+        final: dict[int, bytes] = {}
+        for step in t.steps:
+            for off, data in step.writes:
+                for p in range(0, len(data), PIECE):
+                    final[off + p] = data[p:p + PIECE]
+        size = self.image.size
+        return all(off + len(d) <= size and self.image.read(off, len(d)) == d for off, d in final.items())
 
     def close(self) -> None:
         """Sync a checkpoint not yet synced, and close the journal file."""

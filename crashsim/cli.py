@@ -1,0 +1,219 @@
+"""The ``crashsim`` command.
+
+    crashsim list
+    crashsim run WORKLOAD... [--strategy prefix,barrier,subset,versions,torn,recovery] [--k 2]
+                 [--samples N] [--seed S] [--sector-size 512] [--max-tears N] [--jobs N]
+                 [--executor dask://HOST:PORT] [--oracle all|sample|none] [--oracle-samples N]
+                 [--report out.html|out.json]
+    crashsim replay REPORT STATE_ID [-o out.qcow2]
+
+``WORKLOAD`` is a built-in name, ``all`` (every built-in workload but the negative
+controls), ``controls`` (the negative controls), or ``module:function``.
+
+Exit status: 0 every state allowed, 1 some state not allowed (or a workload could not
+run), 2 bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .model import STRATEGIES, CrashState, Options, RunResult, WorkloadResult
+from .workloads import WORKLOADS, Workload, find
+
+
+def _strategies(text: str) -> tuple[str, ...]:
+    out = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in out if s not in STRATEGIES]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"unknown strategy {', '.join(bad) or '(none)'}; "
+                                         f"choose from {','.join(STRATEGIES)}")
+    return out
+
+
+def _sector(text: str) -> int:
+    n = int(text)
+    if n not in (512, 1024, 2048, 4096):
+        raise argparse.ArgumentTypeError("the sector size is 512, 1024, 2048 or 4096")
+    return n
+
+
+def _executor(text: str) -> str:
+    if text in ("", "inline", "process") or (text.startswith("dask://") and ":" in text[len("dask://"):]):
+        return "" if text == "process" else text
+    raise argparse.ArgumentTypeError("the executor is process, inline or dask://HOST:PORT")
+
+
+def _nonneg(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return n
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crashsim", description="Exhaustive crash simulation of qjournal's "
+                                "journaled operations (see DESIGN.md, 'The crash model').")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the built-in workloads")
+    r = sub.add_parser("run", help="record workloads, crash them everywhere, check every state")
+    r.add_argument("workloads", nargs="+", metavar="WORKLOAD",
+                   help="a built-in name, 'all', 'controls', or module:function")
+    r.add_argument("--strategy", type=_strategies, default=STRATEGIES, metavar="LIST",
+                   help=f"comma-separated strategies (default {','.join(STRATEGIES)})")
+    r.add_argument("--k", type=_nonneg, default=2, help="above 12 in-flight units: subsets and complements of "
+                   "at most K units (default 2)")
+    r.add_argument("--samples", type=_nonneg, default=32, metavar="N",
+                   help="above 12 in-flight units: N seeded random subsets per epoch (default 32)")
+    r.add_argument("--seed", type=int, default=0, help="seed of every random choice and of the journal salts")
+    r.add_argument("--sector-size", type=_sector, default=512, help="the unit a write cannot tear (default 512)")
+    r.add_argument("--max-tears", type=_nonneg, default=32, metavar="N",
+                   help="tears enumerated per page and epoch before sampling (default 32)")
+    r.add_argument("--jobs", type=_nonneg, default=0, metavar="N", help="worker processes (default: CPUs; 1: none)")
+    r.add_argument("--executor", type=_executor, default="", metavar="EXECUTOR",
+                   help="process (default), inline, or dask://HOST:PORT")
+    r.add_argument("--oracle", choices=("all", "sample", "none"), default="sample",
+                   help="run qemu-img check and info on every state, a seeded sample, or none (default sample)")
+    r.add_argument("--oracle-samples", type=_nonneg, default=24, metavar="N",
+                   help="states per workload and wave for --oracle sample (default 24)")
+    r.add_argument("--report", type=Path, metavar="FILE", help="write the report (.json, or .html)")
+    r.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+    rp = sub.add_parser("replay", help="rebuild one state of a report as files")
+    rp.add_argument("report", type=Path, help="a report written by --report (its JSON)")
+    rp.add_argument("state", metavar="STATE_ID", help="e.g. control-header-tear/torn/2")
+    rp.add_argument("-o", "--output", type=Path, help="image file to write (its journal goes beside it, "
+                    "as FILE.qjournal); default: the state id with / as -")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command == "list":
+        width = max(map(len, WORKLOADS))
+        for w in WORKLOADS.values():
+            print(f"{w.name.ljust(width)}  {w.base.name:15s}  {w.description}")
+        return 0
+    if args.command == "run":
+        return _run(p, args)
+    return _replay(p, args)
+
+
+def _select(p: argparse.ArgumentParser, names: list[str]) -> list[Workload]:
+    out: list[Workload] = []
+    for name in names:
+        if name in ("all", "controls"):
+            want = name == "controls"
+            out += [w for w in WORKLOADS.values() if w.expect_failure == want]
+            continue
+        try:
+            out.append(find(name))
+        except KeyError as e:
+            p.error(str(e.args[0]))
+    return list({w.name: w for w in out}.values())
+
+
+def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .runner import run
+    workloads = _select(p, args.workloads)
+    opts = Options(strategies=args.strategy, k=args.k, samples=args.samples, seed=args.seed,
+                   sector_size=args.sector_size, max_tears=args.max_tears, oracle=args.oracle,
+                   oracle_samples=args.oracle_samples, jobs=args.jobs, executor=args.executor)
+    result = run(workloads, opts, progress=True)
+    if not args.quiet:
+        for w in result.workloads:
+            print(_summary(w))
+    bad = [v for w in result.workloads for v in w.failures]
+    errors = [w for w in result.workloads if w.error]
+    print(f"crashsim: {len(result.workloads)} workload(s), {result.states} states checked in "
+          f"{result.seconds:.1f} s ({result.states / max(result.seconds, 1e-9):.0f}/s): "
+          f"{len(bad)} not allowed{f', {len(errors)} workload(s) failed to run' if errors else ''}")
+    if args.report is not None:
+        _write_report(result, args.report)
+    return 1 if bad or errors else 0
+
+
+def _summary(w: WorkloadResult) -> str:
+    if w.error:
+        return f"{w.name}: could not run: {w.error}"
+    counts = ", ".join(f"{c.strategy} {c.unique}/{c.generated}" for c in w.counts)
+    fails = w.failures
+    lines = [f"{w.name}: {len(w.states)} states ({counts}): "
+             + (f"{len(fails)} NOT ALLOWED" if fails else "all allowed")
+             + (" (a negative control: failures expected)" if w.expect_failure else "")]
+    for t in w.transactions:
+        if t.barriers != t.minimum:
+            lines.append(f"  transaction {t.index} ({t.description}): {t.barriers} barriers, minimum {t.minimum}")
+    shown = [v for v in fails if v.minimal or v.explanation][:3]
+    for v in shown:
+        lines.append(f"  {v.state_id} [{v.invariant}]: {v.explanation}")
+    if len(fails) > len(shown):
+        lines.append(f"  ... and {len(fails) - len(shown)} more")
+    return "\n".join(lines)
+
+
+def _write_report(result: RunResult, path: Path) -> None:
+    if path.suffix != ".json":
+        try:
+            from . import report   # written by the report's own module, when present
+        except ImportError:
+            report = None          # type: ignore[assignment]
+        if report is not None:
+            report.write_report(result, str(path))
+            path.with_suffix(".json").write_text(result.dumps())
+            return
+    path.write_text(result.dumps())
+
+
+def load_report(path: Path) -> RunResult:
+    """A report's run result: its JSON, or the JSON written beside an HTML report."""
+    for candidate in (path, path.with_suffix(".json")):
+        try:
+            return RunResult.loads(candidate.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+    raise ValueError(f"{path}: not a crashsim JSON report (nor is {path.with_suffix('.json')})")
+
+
+def _replay(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .runner import digest, recorded_state
+    try:
+        result = load_report(args.report)
+    except ValueError as e:
+        p.error(str(e))
+    states: dict[str, CrashState] = {s.id: s for w in result.workloads for s in w.states}
+    state = states.get(args.state)
+    if state is None:
+        p.error(f"no state {args.state!r} in {args.report}")
+    try:
+        w = find(state.workload)
+    except KeyError as e:
+        p.error(str(e.args[0]))
+    parent = states.get(state.parent) if state.parent else None
+    files = recorded_state(w, result.options, state, parent)
+    out = args.output or Path(state.id.replace("/", "-") + ".qcow2")
+    out.write_bytes(files["image"])
+    jpath = Path(str(out) + ".qjournal")
+    if files["journal"]:
+        jpath.write_bytes(files["journal"])
+    elif jpath.exists():
+        os.unlink(jpath)
+    verdict = next(v for wr in result.workloads for v in wr.verdicts if v.state_id == state.id)
+    same = digest(files) == state.digest
+    print(f"{out}: {state.description}")
+    print(f"  journal: {jpath if files['journal'] else '(empty, not written)'}")
+    print(f"  verdict: {'allowed' if verdict.ok else 'NOT ALLOWED: ' + verdict.invariant}; "
+          f"qjournal {verdict.qjournal}, plain {verdict.plain}")
+    if not same:
+        print("crashsim replay: the rebuilt state differs from the report's (another qjournal or base image?)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

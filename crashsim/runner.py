@@ -1,0 +1,714 @@
+"""The runner: record a workload, generate its crash states, check them on an executor, report.
+
+Per workload:
+
+1. **Record** the workload on recording media over its base image. The journal's salt
+   is drawn from the run's seed, so a run is byte-for-byte reproducible (``replay``
+   relies on it). Each transaction is bracketed by ``tx-begin``/``tx-end`` marks and the
+   workload's return by a ``returned`` mark.
+2. **States** (``crashsim.states``): every strategy's candidates, deduplicated by an exact
+   key of their content and the phase they fall in (a state allowed inside an operation
+   may be forbidden after it returned, so the phase is part of the key).
+3. **Check** them in batches on any ``concurrent.futures.Executor`` (a process pool, a
+   Dask cluster, or :class:`InlineExecutor`). A batch carries the recording; a worker
+   rebuilds the model once per recording and materializes each state in memory.
+4. **Recovery**: every state whose recovery wrote something sent back the content digests
+   of its recovery's prefixes; the new ones are checked too, in a second wave, with the
+   rule that recovery must still reach the outcome it reached without the second crash.
+5. **Explain** failures: a few are minimized (in-flight writes put back to their durable
+   version one at a time while the state still fails), and described by the writes that
+   matter, the header fields that came from old and new, and what each reader saw.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import hashlib
+import math
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+import types
+from typing import Any, Callable, Iterator, Sequence
+
+import attrs
+
+from qjournal.check import check
+from qjournal.image import Image
+from qjournal.medium import MemoryMedium
+
+from . import explain
+from .checks import Caches, Expect, Judged, Semantic, judge, recover, semantic
+from .model import (STRATEGIES, CrashState, EntryInfo, Fate, Options, RunResult, StrategyCount, TransactionInfo,
+                    Verdict, WorkloadResult)
+from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium, apply_entry, bracket_transactions
+from .states import SIZE, Choice, Generator, Spec, Timeline
+from .workloads import Workload
+
+MINIMIZE = 4            # failing states minimized and explained per workload
+
+
+# -- recording ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def seeded_salts(seed: int) -> Iterator[None]:
+    """Journal salts drawn from ``seed`` instead of the system's random source."""
+    from qjournal.journal import journal as jmod
+    saved = jmod.secrets
+    jmod.secrets = types.SimpleNamespace(randbits=random.Random(f"salt:{seed}").getrandbits)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        jmod.secrets = saved
+
+
+@attrs.frozen
+class Span:
+    begin: int              # index of the tx-begin mark (-1: from the start)
+    end: int                # index of the tx-end (or returned) mark
+    description: str
+
+
+@attrs.frozen
+class Recorded:
+    rec: Recording
+    returned: int
+    spans: tuple[Span, ...]         # the operations, as the allowed outcomes see them
+    txs: tuple[Span, ...]           # the transactions (or, bypassing the journal, the whole workload)
+
+
+_RECORD_LOCK = threading.Lock()
+
+
+def record(w: Workload, seed: int) -> Recorded:
+    rec = Recording({IMAGE: w.base.build(), JOURNAL: b""})
+    with _RECORD_LOCK, seeded_salts(seed):
+        img = Image(f"{w.name}.qcow2", "r+", medium=RecordingMedium(rec, IMAGE),
+                    journal_medium=RecordingMedium(rec, JOURNAL))
+        descriptions = bracket_transactions(img, rec)
+        try:
+            w.fn(img)
+            rec.mark("returned")
+        finally:
+            img.close()
+    returned = max(i for i, e in enumerate(rec.entries) if e.kind == "mark" and e.name == "returned")
+    txs: list[Span] = []
+    if w.journaled:
+        begin = 0
+        it = iter(descriptions)
+        for i, e in enumerate(rec.entries):
+            if e.kind == "mark" and e.name == "tx-begin":
+                begin = i
+            elif e.kind == "mark" and e.name == "tx-end":
+                desc = next(it)
+                if any(x.kind in ("write", "resize") for x in rec.entries[begin:i]):
+                    txs.append(Span(begin, i, desc))
+    whole = Span(-1, returned, w.description)
+    spans = [whole] if w.whole or not w.journaled else txs
+    return Recorded(rec, returned, tuple(spans), tuple(txs) if w.journaled else (whole,))
+
+
+# -- what each phase allows ------------------------------------------------------------------
+def _open_semantic(files: dict[str, bytes]) -> tuple[Semantic, int]:
+    with Image("state.qcow2", "r", medium=MemoryMedium(files[IMAGE]),
+               journal_medium=MemoryMedium(files[JOURNAL])) as img:
+        sem = semantic(img)
+    with Image("state.qcow2", "r", medium=MemoryMedium(files[IMAGE]), journal_medium=MemoryMedium(b"")) as img:
+        leaks = check(img).leaks
+    return sem, leaks
+
+
+@attrs.frozen
+class Phases:
+    """The workload's states at transaction boundaries, and the Expect of every crash point."""
+
+    images: tuple[bytes, ...]           # image bytes at each boundary (s_0 .. s_m)
+    semantics: tuple[Semantic, ...]
+    expects: tuple[Expect, ...]         # before0, inside0, after0, inside1, after1, ...
+    of_point: tuple[int, ...]           # crash point -> index into expects
+
+
+def phases(r: Recorded, journaled: bool, relaxed: bool = False, in_place: bool = False) -> Phases:
+    n = len(r.rec.entries)
+    cuts = [0] + [s.end + 1 for s in r.spans]
+    states = [r.rec.state(c) for c in cuts]
+    sems, leaks = zip(*(_open_semantic(s) for s in states))
+    m = len(r.spans)
+    expects: list[Expect] = []
+    if m == 0:
+        expects.append(Expect(sems[0], sems[0], leaks[0], leaks[0], "old", journaled, relaxed, in_place))
+    else:
+        expects.append(Expect(sems[0], sems[1], leaks[0], leaks[1], "old", journaled, relaxed, in_place))
+        for j in range(m):
+            expects.append(Expect(sems[j], sems[j + 1], leaks[j], leaks[j + 1], "", journaled, relaxed, in_place))
+            expects.append(Expect(sems[j], sems[j + 1], leaks[j], leaks[j + 1], "new", journaled, relaxed, in_place))
+    of_point = []
+    for t in range(n + 1):
+        ph = 2 * m
+        for j, s in enumerate(r.spans):
+            if t <= s.begin:
+                ph = 2 * j
+                break
+            if t <= s.end:
+                ph = 2 * j + 1
+                break
+        of_point.append(ph)
+    return Phases(tuple(s[IMAGE] for s in states), tuple(sems), tuple(expects), tuple(of_point))
+
+
+# -- work for the executor -------------------------------------------------------------------
+@attrs.frozen
+class Context:
+    """What a worker needs to check the states of one workload (sent with every batch)."""
+
+    key: str
+    rec: Recording
+    sector_size: int
+    expects: tuple[Expect, ...]
+    of_point: tuple[int, ...]
+
+
+@attrs.frozen
+class Task:
+    index: int
+    spec: Spec
+    oracle: bool
+    recovery_point: int | None = None   # check this prefix of the recovery of spec's state
+    require: str | None = None          # the qjournal outcome the parent's recovery reached
+
+
+@attrs.frozen
+class Batch:
+    ctx: Context
+    tasks: tuple[Task, ...]
+
+
+@attrs.frozen
+class Done:
+    index: int
+    digest: str
+    judged: Judged                      # without its recovery recording
+    children: tuple[tuple[int, str], ...] = ()   # (recovery point, digest) of the recovery's prefixes
+
+
+_TIMELINES: dict[str, Timeline] = {}
+
+
+def _timeline(ctx: Context) -> Timeline:
+    tl = _TIMELINES.get(ctx.key)
+    if tl is None:
+        if len(_TIMELINES) > 8:
+            _TIMELINES.clear()
+        tl = _TIMELINES[ctx.key] = Timeline(ctx.rec, ctx.sector_size)
+    return tl
+
+
+def digest(files: dict[str, bytes]) -> str:
+    """The content hash of a state's two files (SHA-1: fast here, and nothing is adversarial)."""
+    h = hashlib.sha1(usedforsecurity=False)
+    for name in (IMAGE, JOURNAL):
+        h.update(len(files[name]).to_bytes(8, "big"))
+        h.update(files[name])
+    return h.hexdigest()
+
+
+def state_files(tl: Timeline, spec: Spec, recovery_point: int | None) -> dict[str, bytes]:
+    files = tl.materialize(spec)
+    if recovery_point is not None:
+        rec = recover(files).recording
+        assert rec is not None, "the parent's recovery failed, so it has no prefixes"
+        files = rec.state(recovery_point)
+    return files
+
+
+def _prefix_digests(rec: Recording) -> tuple[tuple[int, str], ...]:
+    files = {k: bytearray(v) for k, v in rec.initial.items()}
+    out = []
+    for i, e in enumerate(rec.entries):
+        if e.kind in ("write", "resize"):
+            apply_entry(files, e)
+            out.append((i + 1, digest({k: bytes(v) for k, v in files.items()})))
+    return tuple(out)
+
+
+def check_batch(batch: Batch) -> list[Done]:
+    """Check every task of ``batch`` (runs on a worker)."""
+    ctx = batch.ctx
+    tl = _timeline(ctx)
+    caches = Caches()
+    out = []
+    oracle = any(t.oracle for t in batch.tasks)
+    with tempfile.TemporaryDirectory(prefix="crashsim-") if oracle else contextlib.nullcontext("") as d:
+        for task in batch.tasks:
+            files = state_files(tl, task.spec, task.recovery_point)
+            expect = ctx.expects[ctx.of_point[task.spec.point]]
+            j = judge(files, expect, os.path.join(d, "state.qcow2") if task.oracle else None, task.require, caches)
+            children = _prefix_digests(j.recovery) if j.recovery is not None and task.recovery_point is None else ()
+            out.append(Done(task.index, digest(files), attrs.evolve(j, recovery=None), children))
+    return out
+
+
+class InlineExecutor(cf.Executor):
+    """Runs each call at submit, in this thread: no processes, same results."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        fut: cf.Future[Any] = cf.Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as e:
+            fut.set_exception(e)
+        return fut
+
+
+# -- one workload ------------------------------------------------------------------------------
+@attrs.define
+class Candidate:
+    index: int
+    spec: Spec
+    phase: int
+    recovery_point: int | None = None
+    parent: int | None = None
+    require: str | None = None
+    duplicates: int = 0
+    oracle: bool = False
+    done: Done | None = None
+
+
+@attrs.define
+class Prepared:
+    w: Workload
+    r: Recorded
+    ph: Phases
+    tl: Timeline
+    ctx: Context
+    entries: tuple[EntryInfo, ...]
+    steps: dict[int, str]
+    cands: list[Candidate]
+    generated: dict[str, int]
+    t0: float
+    futures: list[cf.Future[list[Done]]] = attrs.Factory(list)
+
+
+def _entry_infos(rec: Recording) -> tuple[EntryInfo, ...]:
+    out = []
+    for i, e in enumerate(rec.entries):
+        length = len(e.data) if e.kind == "write" else e.size if e.kind == "resize" else 0
+        out.append(EntryInfo(i, e.kind, e.file, e.off, length, tuple(e.ranges), e.name, e.site))
+    return tuple(out)
+
+
+def _steps_of(rec: Recording) -> dict[int, str]:
+    """For each write, the name of the step it belongs to (the next mark that names a step)."""
+    out: dict[int, str] = {}
+    waiting: list[int] = []
+    for i, e in enumerate(rec.entries):
+        if e.kind in ("write", "resize"):
+            waiting.append(i)
+        elif e.kind == "mark" and e.name not in ("tx-begin", "tx-end", "returned"):
+            for j in waiting:
+                out[j] = "precommit and journal" if e.name == "commit" else e.name
+            waiting = []
+    return out
+
+
+def prepare(w: Workload, opts: Options) -> Prepared:
+    t0 = time.perf_counter()
+    r = record(w, opts.seed)
+    ph = phases(r, w.journaled, w.relaxed, w.whole and w.journaled)
+    tl = Timeline(r.rec, opts.sector_size)
+    gen = Generator(tl, w.name, opts.k, opts.samples, opts.seed, opts.max_tears)
+    key = f"{w.name}:{digest(r.rec.state(len(r.rec.entries)))}:{len(r.rec.entries)}:{opts.sector_size}"
+    ctx = Context(key, r.rec, opts.sector_size, ph.expects, ph.of_point)
+    seen: dict[Any, Candidate] = {}
+    cands: list[Candidate] = []
+    generated: dict[str, int] = {}
+    for strategy in opts.strategies:
+        if strategy == "recovery":
+            continue
+        n = 0
+        for spec in gen.generate(strategy):
+            n += 1
+            k = (tl.key(spec), ph.of_point[spec.point])
+            c = seen.get(k)
+            if c is not None:
+                c.duplicates += 1
+                continue
+            c = seen[k] = Candidate(len(cands), spec, ph.of_point[spec.point])
+            cands.append(c)
+        generated[strategy] = n
+    _choose_oracle(cands, opts, w.name, "wave1")
+    return Prepared(w, r, ph, tl, ctx, _entry_infos(r.rec), _steps_of(r.rec), cands, generated, t0)
+
+
+def _choose_oracle(cands: Sequence[Candidate], opts: Options, name: str, wave: str) -> None:
+    if opts.oracle == "all":
+        for c in cands:
+            c.oracle = True
+    elif opts.oracle == "sample" and cands:
+        rng = random.Random(f"{opts.seed}:{name}:oracle:{wave}")
+        for c in rng.sample(list(cands), min(opts.oracle_samples, len(cands))):
+            c.oracle = True
+
+
+def _submit(p: Prepared, ex: cf.Executor, cands: Sequence[Candidate], jobs: int) -> list[cf.Future[list[Done]]]:
+    if not cands:
+        return []
+    size = max(4, math.ceil(len(cands) / (3 * max(1, jobs))))
+    futs = []
+    for i in range(0, len(cands), size):
+        tasks = tuple(Task(c.index, c.spec, c.oracle, c.recovery_point, c.require) for c in cands[i:i + size])
+        futs.append(ex.submit(check_batch, Batch(p.ctx, tasks)))
+    return futs
+
+
+def _collect(p: Prepared, futs: list[cf.Future[list[Done]]], tick: Callable[[int], None]) -> None:
+    for fut in futs:
+        for d in fut.result():
+            p.cands[d.index].done = d
+        tick(1)
+
+
+def _wave2(p: Prepared, opts: Options) -> list[Candidate]:
+    """Candidates for a second crash during recovery: prefixes of each recovery not yet seen."""
+    seen = {(c.done.digest, c.phase) for c in p.cands if c.done is not None}
+    out: list[Candidate] = []
+    generated = 0
+    for c in list(p.cands):
+        if c.done is None or not c.done.children:
+            continue
+        req = c.done.judged.qjournal if c.done.judged.ok else None
+        for point, dg in c.done.children:
+            generated += 1
+            if (dg, c.phase) in seen:
+                continue
+            seen.add((dg, c.phase))
+            child = Candidate(len(p.cands), attrs.evolve(c.spec, strategy="recovery"), c.phase, point, c.index, req)
+            p.cands.append(child)
+            out.append(child)
+    p.generated["recovery"] = generated
+    _choose_oracle(out, opts, p.w.name, "wave2")
+    return out
+
+
+# -- results ---------------------------------------------------------------------------------
+def fates(tl: Timeline, spec: Spec, entries: tuple[EntryInfo, ...], only_chosen: bool = False) -> tuple[Fate, ...]:
+    snap = tl.snapshots[spec.point]
+    chosen = dict(spec.choices)
+    out = []
+    for u in sorted(snap.inflight):
+        if only_chosen and u not in chosen:
+            continue
+        versions = snap.inflight[u]
+        f, page = u
+        file = tl.files[f]
+        c = chosen.get(u)
+        if page == SIZE:
+            held = versions[c].content if isinstance(c, int) else snap.durable_size[f]
+            idx = tuple(v.entry for v in (versions[:c + 1] if isinstance(c, int) else versions))
+            out.append(Fate(file, "size", held, "persisted" if c is not None else "dropped", idx,
+                            _sites(idx, entries)))
+            continue
+        if c is None:
+            idx = tuple(v.entry for v in versions)
+            out.append(Fate(file, "page", page, "dropped", idx, _sites(idx, entries)))
+        elif isinstance(c, int):
+            idx = tuple(v.entry for v in versions[:c + 1])
+            out.append(Fate(file, "page", page, "persisted", idx, _sites(idx, entries)))
+        else:
+            v, mask = c
+            idx = tuple(x.entry for x in versions[:v + 1])
+            sectors = tuple(s for s in range(4096 // tl.sector_size) if mask >> s & 1)
+            out.append(Fate(file, "page", page, "torn", idx, _sites(idx, entries), sectors, tl.sector_size))
+    return tuple(out)
+
+
+def _sites(idx: tuple[int, ...], entries: tuple[EntryInfo, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(entries[i].site for i in idx))
+
+
+def describe(p: Prepared, c: Candidate, ids: dict[int, str]) -> str:
+    spec, entries, n = c.spec, p.entries, len(p.entries)
+    t = spec.point
+    nxt = entries[t] if t < n else None
+    at = (f"before entry {t} ({nxt.kind} on the {nxt.file}, {nxt.site})" if nxt is not None
+          else "after the last entry")
+    units = len(p.tl.snapshots[t].inflight)
+    if c.recovery_point is not None:
+        parent = ids.get(c.parent, "?") if c.parent is not None else "?"
+        return (f"a second crash during the recovery of state {parent}: {c.recovery_point} entries of "
+                f"that recovery issued and landed in order")
+    if spec.strategy == "prefix":
+        return f"entries 0..{t - 1} issued and landed in order" if t else "nothing issued yet"
+    if spec.strategy == "barrier":
+        b = entries[t - 1]
+        return (f"right after barrier {t - 1} ({b.file}, {b.site}); none of the {units} unit(s) still in "
+                "flight reached the disk")
+    persisted = sum(1 for _, ch in spec.choices if isinstance(ch, int))
+    if spec.strategy == "subset":
+        return f"{at}: {persisted} of the {units} in-flight unit(s) reached the disk, the rest did not"
+    if spec.strategy == "versions":
+        return f"{at}: a page holds an older version written in this epoch (of {units} in-flight units)"
+    torn = [u for u, ch in spec.choices if not isinstance(ch, int)]
+    return (f"{at}: {p.tl.files[torn[0][0]]} page {torn[0][1]:#x} torn at {p.tl.sector_size}-byte sectors, "
+            f"{persisted} other unit(s) of {units} in flight reached the disk")
+
+
+def _minimize(p: Prepared, c: Candidate) -> tuple[Spec, Judged]:
+    """Put in-flight units back to their durable version one at a time while the state still fails."""
+    expect = p.ph.expects[c.phase]
+    spec = c.spec
+    assert c.done is not None
+    best = c.done.judged
+    for u, ch in list(spec.choices):
+        trial = attrs.evolve(spec, choices=tuple(x for x in spec.choices if x[0] != u))
+        j = judge(p.tl.materialize(trial), expect)
+        if not j.ok:
+            spec, best = trial, j
+    return spec, best
+
+
+def _explain(p: Prepared, c: Candidate, opts: Options, oracle_dir: str) -> tuple[str, tuple[Fate, ...], Done]:
+    assert c.done is not None
+    done = c.done
+    j = done.judged
+    if c.recovery_point is not None:
+        parent = p.cands[c.parent] if c.parent is not None else None
+        rec = recover(p.tl.materialize(c.spec)).recording
+        assert rec is not None
+        done_steps = [e.name for e in rec.entries[:c.recovery_point] if e.kind == "mark"]
+        todo = [e.name for e in rec.entries[c.recovery_point:] if e.kind == "mark"]
+        where = (f"recovery had issued {c.recovery_point} of its {len(rec.entries)} entries, in the replay of step "
+                 f"{todo[0] if todo else '(none: checkpointing)'} (steps replayed before it: "
+                 f"{', '.join(done_steps) or 'none'})")
+        expect = p.ph.expects[c.phase]
+        when = ("the operation had returned, so everything it wrote was durable, but its checkpoint record "
+                "was not: recovery replays the whole transaction over the applied image, and its earlier "
+                "after-images take the image back to intermediate states" if not expect.inside
+                else "the crash interrupted the operation")
+        parent_ok = parent is not None and parent.done is not None and parent.done.judged.ok
+        why = (f"{j.explanation}. A second crash during the recovery of {'a passing' if parent_ok else 'a failing'} "
+               f"state: {where}; {when}")
+        return explain.shorten(why), (), done
+    spec, mj = _minimize(p, c)
+    files = p.tl.materialize(spec)
+    if opts.oracle != "none" and done.judged.oracle is None:
+        expect = p.ph.expects[c.phase]
+        j = judge(p.tl.materialize(c.spec), expect, os.path.join(oracle_dir, "state.qcow2"))
+        done = attrs.evolve(done, judged=attrs.evolve(j, recovery=None))
+    minimal = fates(p.tl, spec, p.entries, only_chosen=True)
+    if minimal:
+        what = "; ".join(explain.fate_text(f, p.entries, p.steps) for f in minimal)
+        head = f"Fails with only this of what was in flight on disk: {what} (everything else in flight lost)"
+    else:
+        head = "Fails with nothing in flight on disk (the durable state alone)"
+    span = (c.phase - 1) // 2
+    old_img = p.ph.images[span] if c.phase % 2 else p.ph.images[c.phase // 2]
+    new_img = p.ph.images[span + 1] if c.phase % 2 else old_img
+    cs = 1 << int.from_bytes(old_img[20:24], "big")
+    fields = explain.provenance(files[IMAGE][:cs], old_img[:cs], new_img[:cs])
+    parts = [head, mj.explanation]
+    if fields:
+        parts.append(f"header fields the operation changes: {fields}")
+    ac = int.from_bytes(files[IMAGE][88:96], "big") if len(files[IMAGE]) >= 96 else 0
+    parts.append(f"autoclear bit 0 is {'set: the header says the bitmaps are consistent' if ac & 1 else 'clear'}")
+    orc = done.judged.oracle
+    if orc is not None and orc.outcome == "error" and "qemu-img" not in mj.explanation:
+        parts.append(f"qemu-img on the unminimized state: check exit {orc.check_exit}"
+                     f"{', ' + orc.error if orc.error else ''}")
+    return explain.shorten(". ".join(x.rstrip(".") for x in parts if x) + "."), minimal, done
+
+
+@attrs.define
+class _Count:
+    generated: int = 0
+    unique: int = 0
+    outcomes: dict[str, int] = attrs.Factory(dict)
+
+
+def finish(p: Prepared, opts: Options) -> WorkloadResult:
+    """Turn the checked candidates into the report's values; explain a few failures."""
+    w, entries = p.w, p.entries
+    counts = {s: _Count(p.generated.get(s, 0)) for s in opts.strategies}
+    failures = [c for c in p.cands if c.done is not None and not c.done.judged.ok]
+    chosen: list[Candidate] = []
+    for c in failures:        # distinct invariants first, then in order
+        if c.done is not None and c.done.judged.invariant not in {x.done.judged.invariant for x in chosen if x.done}:
+            chosen.append(c)
+    chosen += [c for c in failures if c not in chosen]
+    explained: dict[int, tuple[str, tuple[Fate, ...], Done]] = {}
+    with tempfile.TemporaryDirectory(prefix="crashsim-") as d:
+        for c in chosen[:MINIMIZE]:
+            explained[c.index] = _explain(p, c, opts, d)
+    states, verdicts = [], []
+    ids: dict[int, str] = {}
+    for c in p.cands:
+        if c.done is None:
+            continue
+        strategy = "recovery" if c.recovery_point is not None else c.spec.strategy
+        cnt = counts.setdefault(strategy, _Count())
+        sid = ids[c.index] = f"{w.name}/{strategy}/{cnt.unique}"
+        done = c.done
+        explanation, minimal = explain.shorten(done.judged.explanation), tuple[Fate, ...]()
+        if c.index in explained:
+            explanation, minimal, done = explained[c.index]
+        j = done.judged
+        states.append(CrashState(sid, w.name, strategy, c.spec.point, describe(p, c, ids), done.digest,
+                                 fates(p.tl, c.spec, entries), c.spec.seed,
+                                 ids.get(c.parent) if c.parent is not None else None, c.recovery_point,
+                                 c.duplicates))
+        v = Verdict(sid, j.qjournal, j.plain, j.leaks, j.corruptions, j.recovered, j.idempotent, j.oracle,
+                    j.allowed_qjournal, j.allowed_plain, j.ok, j.invariant, explanation, minimal)
+        verdicts.append(v)
+        cnt.unique += 1
+        cnt.outcomes[v.combined] = cnt.outcomes.get(v.combined, 0) + 1
+    return WorkloadResult(w.name, w.description, w.expect_failure, w.journaled, w.base.describe(), entries,
+                          p.r.returned, _transactions(p), tuple(states), tuple(verdicts),
+                          tuple(StrategyCount(s, counts[s].generated, counts[s].unique, counts[s].outcomes)
+                                for s in STRATEGIES if s in counts),
+                          explain.shorten(p.ph.semantics[0].text()), explain.shorten(p.ph.semantics[-1].text()),
+                          time.perf_counter() - p.t0)
+
+
+def _transactions(p: Prepared) -> tuple[TransactionInfo, ...]:
+    out = []
+    for i, s in enumerate(p.r.txs):
+        lo = max(s.begin, 0)
+        span = p.entries[lo:s.end + 1]
+        steps = []
+        commit_at = None
+        for e in span:
+            if e.kind == "mark" and e.name == "commit":
+                commit_at = e.index
+            elif e.kind == "mark" and e.name not in ("tx-begin", "tx-end", "returned"):
+                steps.append(e.name)
+        barriers = [e for e in span if e.kind == "barrier"]
+        effective = sum(1 for e in barriers if any(n > 0 for _, n in e.ranges))
+        empty = len(barriers) - effective
+        if p.w.journaled:
+            precommit = commit_at is not None and any(
+                e.kind == "write" and e.file == IMAGE for e in span if e.index < commit_at)
+            minimum = int(precommit) + 1 + len(steps)
+            reason = (f"{'1 precommit flush of new clusters + ' if precommit else ''}1 journal commit + "
+                      f"{len(steps)} step barrier(s)")
+        else:
+            minimum = p.w.minimum or len(steps)
+            reason = f"one barrier after each of the protocol's {minimum} ordered steps"
+        if empty:
+            reason += f"; not counted: {empty} flush(es) of no range, which cover nothing"
+        out.append(TransactionInfo(i, explain.shorten(s.description), lo, s.end, tuple(steps), effective, minimum, reason))
+    return tuple(out)
+
+
+# -- the run -----------------------------------------------------------------------------------
+def make_executor(opts: Options) -> tuple[cf.Executor, Callable[[], None]]:
+    """The executor ``opts`` asks for, and how to shut it down."""
+    if opts.executor.startswith("dask://"):
+        from distributed import Client    # lazily: dask is an optional dependency
+        client = Client("tcp://" + opts.executor[len("dask://"):])
+        return client.get_executor(), client.close
+    jobs = opts.jobs or os.cpu_count() or 1
+    if opts.executor == "inline" or jobs == 1:
+        return InlineExecutor(), lambda: None
+    pool = cf.ProcessPoolExecutor(jobs)
+    return pool, pool.shutdown
+
+
+def run(workloads: Sequence[Workload], opts: Options, executor: cf.Executor | None = None,
+        progress: bool = False) -> RunResult:
+    """Run every workload; ``executor`` defaults to what ``opts`` asks for."""
+    for s in opts.strategies:
+        if s not in STRATEGIES:
+            raise ValueError(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
+    t0 = time.perf_counter()
+    shutdown: Callable[[], None] = lambda: None
+    if executor is None:
+        executor, shutdown = make_executor(opts)
+    jobs = opts.jobs or os.cpu_count() or 1
+    bar = _bar(progress)
+    try:
+        prepared: list[Prepared | WorkloadResult] = []
+        for w in workloads:
+            try:
+                p = prepare(w, opts)
+            except Exception as e:      # the workload itself failed: reported, not raised
+                prepared.append(_error_result(w, f"{type(e).__name__}: {e}"))
+                continue
+            p.futures = _submit(p, executor, p.cands, jobs)
+            bar.add(len(p.futures))
+            prepared.append(p)
+        for item in prepared:
+            if isinstance(item, Prepared):
+                _collect(item, item.futures, bar.tick)
+                if "recovery" in opts.strategies:
+                    item.futures = _submit(item, executor, _wave2(item, opts), jobs)
+                    bar.add(len(item.futures))
+        results: list[WorkloadResult] = []
+        for item in prepared:
+            if isinstance(item, Prepared):
+                _collect(item, item.futures, bar.tick)
+                item = finish(item, opts)
+            results.append(item)
+    finally:
+        bar.close()
+        shutdown()
+    return RunResult(opts, tuple(results), time.perf_counter() - t0)
+
+
+def _error_result(w: Workload, error: str) -> WorkloadResult:
+    return WorkloadResult(w.name, w.description, w.expect_failure, w.journaled, w.base.describe(), (), -1,
+                          (), (), (), (), "", "", 0.0, error)
+
+
+class _Bar:
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def add(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.total = (self.bar.total or 0) + n
+            self.bar.refresh()
+
+    def tick(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _bar(progress: bool) -> _Bar:
+    if not progress or not sys.stderr.isatty():
+        return _Bar(None)
+    from tqdm import tqdm
+    return _Bar(tqdm(total=0, unit="batch", desc="crashsim", leave=False))
+
+
+def recorded_state(w: Workload, opts: Options, state: CrashState,
+                   parent: CrashState | None = None) -> dict[str, bytes]:
+    """Rebuild the files of one reported state (for ``crashsim replay``)."""
+    r = record(w, opts.seed)
+    tl = Timeline(r.rec, opts.sector_size)
+    base = parent if state.strategy == "recovery" and parent is not None else state
+    snap = tl.snapshots[base.point]
+    choices: list[tuple[tuple[int, int], Choice]] = []
+    by_unit = {(f.file, f.offset if f.unit == "page" else SIZE): f for f in base.fates}
+    for u in sorted(snap.inflight):
+        fi, page = u
+        fate = by_unit.get((tl.files[fi], page))
+        if page == SIZE:
+            f_size = next((f for f in base.fates if f.unit == "size" and f.file == tl.files[fi]), None)
+            if f_size is not None and f_size.fate == "persisted":
+                choices.append((u, len(f_size.entries) - 1))
+            continue
+        if fate is None or fate.fate == "dropped":
+            continue
+        v = len(fate.entries) - 1
+        if fate.fate == "persisted":
+            choices.append((u, v))
+        else:
+            choices.append((u, (v, sum(1 << s for s in fate.new_sectors))))
+    spec = Spec(base.strategy, base.point, tuple(choices), base.seed)
+    return state_files(tl, spec, state.recovery_point if state.strategy == "recovery" else None)

@@ -1,0 +1,306 @@
+"""crashsim end to end: recording, checking, the negative controls, the command, executors.
+
+Oracles: the recorder's own log (a change that bypassed it), DESIGN.md's table of
+allowed outcomes (through the workloads qjournal must pass and the controls that must
+fail), qemu-img check and info (the independent view of a reader that ignores the
+journal), and the bytes of replayed states (their content hash in the report).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import qemu
+from crashsim.checks import Expect, Semantic, bad_sectors, bits_between
+from crashsim.cli import main
+from crashsim.model import STRATEGIES, Options, RunResult, WorkloadResult
+from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium
+from crashsim.runner import InlineExecutor, record, run
+from crashsim.workloads import STANDARD, WORKLOADS, Workload, find, workload
+from qjournal.image import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL = [w for w in WORKLOADS.values() if not w.expect_failure]
+FIRST_CRASH = ("prefix", "barrier", "subset", "versions", "torn")
+
+
+def run_one(name: str, *strategies: str, oracle: str = "none", **kw: object) -> WorkloadResult:
+    opts = Options(strategies=strategies or STRATEGIES, oracle=oracle, **kw)  # type: ignore[arg-type]
+    (w,) = run([find(name)], opts, executor=InlineExecutor()).workloads
+    assert not w.error, w.error
+    return w
+
+
+@workload(base="long-names")
+def user_disable_first(img: Image) -> None:
+    """A user workload: disable the first bitmap."""
+    img.bitmaps.disable(next(iter(img.bitmaps)))
+
+
+class TestRecorder:
+    def test_a_write_that_bypasses_the_medium_is_caught_at_the_next_barrier(self) -> None:
+        rec = Recording({IMAGE: STANDARD.build(), JOURNAL: b""})
+        with Image("r.qcow2", "r+", medium=RecordingMedium(rec, IMAGE),
+                   journal_medium=RecordingMedium(rec, JOURNAL)) as img:
+            img.medium.buf[0x800] ^= 0xFF       # type: ignore[attr-defined]  # unused bytes of cluster 0
+            with pytest.raises(AssertionError, match=r"image: byte 0x800 changed without a write through the "
+                                                     r"medium \(caught at the barrier from qjournal\.image:"):
+                img.bitmaps.add("x", 65536)
+            img.medium.buf[0x800] ^= 0xFF       # type: ignore[attr-defined]
+
+    def test_entries_carry_data_ranges_marks_and_call_sites(self) -> None:
+        r = record(WORKLOADS["set-in-use"], 0)
+        kinds = {e.kind for e in r.rec.entries}
+        assert kinds == {"write", "barrier", "resize", "mark"}
+        names = [e.name for e in r.rec.entries if e.kind == "mark"]
+        assert names == ["tx-begin", "commit", "autoclear-cleared", "directory-written", "autoclear-set", "tx-end",
+                         "returned"]
+        sites = {e.site.split(":")[0] for e in r.rec.entries if e.kind == "write"}
+        assert sites == {"qjournal.journal.journal"}
+        steps = [e for e in r.rec.entries if e.kind == "barrier" and e.file == IMAGE and e.ranges]
+        assert all(n > 0 for b in steps for _, n in b.ranges)
+        control = record(WORKLOADS["control-seed-wrong-order"], 0)
+        assert {e.site.split(" ")[-1] for e in control.rec.entries if e.kind == "write"} == {"_apply"}
+        assert {e.site.split(":")[0] for e in control.rec.entries if e.kind == "write"} == {"crashsim.workloads"}
+
+    def test_the_same_seed_records_the_same_bytes(self) -> None:
+        a, b, c = (record(WORKLOADS["add"], s).rec for s in (3, 3, 4))
+        assert a.state(len(a.entries)) == b.state(len(b.entries))
+        assert a.state(len(a.entries))[JOURNAL] != c.state(len(c.entries))[JOURNAL]   # another salt
+        assert a.state(len(a.entries))[IMAGE] == c.state(len(c.entries))[IMAGE]
+
+
+class TestRules:
+    SEM = Semantic(1 << 20, (("b", 512, 2, ((0, 512),)),), ((0, b"\x01" * 1024),))
+    NEW = Semantic(1 << 20, (("b", 512, 2, ((0, 1536),)),), ((0, b"\x02" * 1024),))
+
+    def test_sectors_old_or_new_and_never_neither(self) -> None:
+        mixed = ((0, b"\x02" * 512 + b"\x01" * 512),)
+        assert bad_sectors(mixed, self.SEM.guest, self.NEW.guest) == []
+        garbage = ((0, b"\x02" * 512 + b"\x03" * 512),)
+        assert bad_sectors(garbage, self.SEM.guest, self.NEW.guest) == [512]
+        assert bad_sectors((), self.SEM.guest, ((4096, b"\x05" * 1024),)) == []        # zeros: as before
+        assert bad_sectors(((4096, b"\x07" * 1024),), (), ((4096, b"\x05" * 1024),)) == [4096, 4608]
+
+    def test_a_plain_reader_may_see_mixed_sectors_qjournal_may_not(self) -> None:
+        e = Expect(self.SEM, self.NEW, 0, 0, "", True)
+        mixed = Semantic(1 << 20, self.NEW.bitmaps, ((0, b"\x02" * 512 + b"\x01" * 512),))
+        assert e.classify(mixed, e.allowed_plain, plain=True) == "new"
+        assert e.classify(mixed, e.allowed_qjournal, plain=False) == "other"
+        outside = Expect(self.SEM, self.NEW, 0, 0, "new", True)
+        assert outside.classify(mixed, outside.allowed_plain, plain=True) == "other"
+
+    def test_early_bits_only_between_old_and_new_and_only_for_guest_writes(self) -> None:
+        early = Semantic(1 << 20, (("b", 512, 2, ((0, 1024),)),), self.SEM.guest)
+        assert bits_between(early.bitmaps, self.SEM.bitmaps, self.NEW.bitmaps)
+        fewer = (("b", 512, 2, ()),)
+        assert not bits_between(fewer, self.SEM.bitmaps, self.NEW.bitmaps)
+        relaxed = Expect(self.SEM, self.NEW, 0, 0, "", True, relaxed=True)
+        strict = Expect(self.SEM, self.NEW, 0, 0, "", True)
+        assert relaxed.classify(early, relaxed.allowed_plain, plain=True) == "old"
+        assert strict.classify(early, strict.allowed_plain, plain=True) == "other"
+        assert relaxed.classify(early, relaxed.allowed_qjournal, plain=False) == "other"   # journaled: exact
+
+    def test_dropped_means_no_bitmaps_and_the_same_data(self) -> None:
+        e = Expect(self.SEM, self.NEW, 0, 0, "", True)
+        assert e.classify(Semantic(1 << 20, (), self.SEM.guest), e.allowed_plain, plain=True) == "dropped"
+        assert e.classify(Semantic(1 << 20, (), ((0, b"\x09" * 1024),)), e.allowed_plain, plain=True) == "other"
+
+
+class TestControls:
+    """The checker can fail: each control breaks the ordering rule in a known way."""
+
+    def test_directory_before_autoclear_fails_without_tears(self) -> None:
+        w = run_one("control-seed-wrong-order", "prefix", "barrier", "subset")
+        assert w.failures and w.ok
+        v = w.failures[0]
+        assert v.invariant == "plain-not-allowed" and v.plain == "other"
+        assert len(v.minimal) == 1 and v.minimal[0].fate == "persisted"
+        assert "in step directory-written" in v.explanation and "autoclear bit 0 is set" in v.explanation
+        assert "neither the old nor the new one" in v.explanation
+        assert "as new" in v.explanation and "as old" in v.explanation
+
+    def test_whole_cluster_header_write_fails_only_when_it_tears(self) -> None:
+        calm = run_one("control-header-tear", "prefix", "barrier", "subset", "versions", "recovery")
+        assert not calm.failures and calm.states
+        w = run_one("control-header-tear", "torn", oracle="all")
+        (v,) = w.failures
+        assert v.invariant == "plain-unreadable"
+        ((fate,),) = [v.minimal]
+        assert fate.fate == "torn" and fate.offset == 0 and fate.new_sectors == (0, 1)
+        # What the tear leaves: autoclear set, the directory's size new, its offset old.
+        assert "bitmaps.directory_size=0x60 (new, sector 1)" in v.explanation
+        assert "bitmaps.directory_offset=0x21000 (old, sector 2)" in v.explanation
+        assert "autoclear bit 0 is set" in v.explanation
+        assert v.oracle is not None and v.oracle.check_exit == 1 and v.oracle.outcome == "error"
+        assert "doesn't satisfy the constraints" in v.oracle.error
+
+    def test_the_same_write_on_the_default_layout_cannot_tear_apart(self) -> None:
+        w = run_one("qemu-header-rewrite", "torn", "subset", "prefix")
+        assert not w.failures
+        assert next(c for c in w.counts if c.strategy == "torn").generated == 0   # one sector changes
+
+    def test_data_before_bits_leaves_a_bitmap_that_misses_a_write(self) -> None:
+        w = run_one("control-data-before-bits", "prefix")
+        assert w.failures and w.ok
+        v = w.failures[0]
+        assert v.invariant == "bitmap-misses-write"
+        assert "in step data-written" in v.explanation and "would miss that write" in v.explanation
+
+    def test_the_controls_exit_1(self) -> None:
+        assert main(["run", "controls", "--strategy", "prefix,torn", "--max-tears", "4", "--oracle", "none",
+                     "--jobs", "1", "-q"]) == 1
+
+
+@pytest.fixture(scope="module")
+def real() -> dict[str, WorkloadResult]:
+    res = run(REAL, Options(oracle="none", jobs=2))
+    return {w.name: w for w in res.workloads}
+
+
+class TestRealWorkloads:
+    def test_every_journaled_operation_is_covered(self) -> None:
+        from qjournal.bitmaps import Bitmaps
+        ops = {"add", "remove", "clear", "enable", "disable", "merge", "repair", "set_in_use"}
+        assert ops <= set(vars(Bitmaps))
+        names = set(WORKLOADS)
+        assert {"add", "remove", "clear", "enable", "disable", "merge", "repair", "set-in-use", "clear-in-use",
+                "transaction", "guest-write", "guest-overwrite"} <= names
+
+    def test_no_first_crash_is_ever_wrong(self, real: dict[str, WorkloadResult]) -> None:
+        bad = [f"{v.state_id}: {v.invariant}: {v.explanation}" for w in real.values() for v in w.failures
+               if not v.state_id.split("/")[1] == "recovery"]
+        assert not bad, "\n".join(bad[:5])
+        for w in real.values():
+            seen = {v.qjournal for v in w.verdicts}
+            assert {"old", "new"} <= seen, (w.name, seen)    # crashes on both sides of the commit
+            assert w.transactions and all(t.barriers >= t.minimum for t in w.transactions), w.name
+
+    def test_the_seed_protocol_drops_bitmaps_for_qemu_and_never_for_qjournal(
+            self, real: dict[str, WorkloadResult]) -> None:
+        w = real["set-in-use"]
+        assert any(v.plain == "dropped" for v in w.verdicts)
+        assert all(v.qjournal in ("old", "new") for v in w.verdicts)
+
+    def test_more_than_twelve_units_use_k_subsets_and_samples(self, real: dict[str, WorkloadResult]) -> None:
+        w = real["guest-overwrite"]
+        sampled = [s for s in w.states if s.strategy == "subset" and s.seed is not None]
+        assert sampled and all(s.seed == 0 for s in sampled)
+        assert max(len([f for f in s.fates if f.fate == "persisted"]) for s in w.states) > 12
+
+    def test_a_crash_during_recovery_after_the_operation_returned(self, real: dict[str, WorkloadResult]) -> None:
+        bad = [v.state_id for w in real.values() for v in w.failures]
+        assert not bad, bad
+
+
+class TestOracle:
+    def test_qemu_img_agrees_on_every_state(self) -> None:
+        w = run_one("add-split-header", oracle="all")
+        assert all(v.oracle is not None for v in w.verdicts)
+        agree = [v for v in w.verdicts if v.oracle is not None and v.oracle.outcome == v.plain]
+        assert len(agree) == len(w.verdicts)
+        assert {v.oracle.outcome for v in w.verdicts if v.oracle} >= {"old", "new", "dropped"}
+
+    def test_a_sample_is_seeded(self) -> None:
+        a = run_one("remove", "prefix", "subset", "torn", oracle="sample", oracle_samples=5, seed=1)
+        b = run_one("remove", "prefix", "subset", "torn", oracle="sample", oracle_samples=5, seed=1)
+        pick = [v.state_id for v in a.verdicts if v.oracle is not None]
+        assert len(pick) == 5 and pick == [v.state_id for v in b.verdicts if v.oracle is not None]
+
+
+class TestCommand:
+    def test_list_names_every_workload(self, capsys: pytest.CaptureFixture[str]) -> None:
+        assert main(["list"]) == 0
+        assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == list(WORKLOADS)
+
+    @pytest.mark.parametrize("argv", [["run", "no-such-workload"], ["run", "add", "--strategy", "bogus"],
+                                      ["run", "add", "--sector-size", "300"], ["run", "add", "--executor", "x"],
+                                      ["frobnicate"]])
+    def test_usage_errors_exit_2(self, argv: list[str]) -> None:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+
+    def test_a_passing_run_exits_0_writes_a_report_and_shows_no_bar_off_a_terminal(self, tmp_path: Path) -> None:
+        out = tmp_path / "r.json"
+        res = subprocess.run([sys.executable, "-m", "crashsim", "run", "enable", "--strategy", "prefix,subset,torn",
+                              "--oracle", "none", "--jobs", "1", "--report", str(out)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stderr == ""
+        assert "enable: " in res.stdout and "all allowed" in res.stdout
+        result = RunResult.loads(out.read_text())
+        assert result.ok and RunResult.from_json(json.loads(out.read_text())) == result
+        (w,) = result.workloads
+        assert sum(c.unique for c in w.counts) == len(w.states) == len(w.verdicts)
+
+    def test_an_html_report_comes_with_its_json(self, tmp_path: Path) -> None:
+        out = tmp_path / "r.html"
+        assert main(["run", "disable", "--strategy", "prefix", "--oracle", "none", "--jobs", "1", "-q",
+                     "--report", str(out)]) == 0
+        assert out.read_text().lstrip().lower().startswith("<!doctype html")
+        assert RunResult.loads(out.with_suffix(".json").read_text()).workloads[0].name == "disable"
+
+    def test_replay_rebuilds_a_failing_state_for_qemu_img(self, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+        report = tmp_path / "r.json"
+        assert main(["run", "control-header-tear", "--strategy", "torn", "--oracle", "none", "--jobs", "1",
+                     "--seed", "5", "--report", str(report)]) == 1
+        (v,) = RunResult.loads(report.read_text()).workloads[0].failures
+        image = tmp_path / "s.qcow2"
+        assert main(["replay", str(report), v.state_id, "-o", str(image)]) == 0
+        code, out = qemu.check(image)
+        assert code == 1 and "doesn't satisfy the constraints" in out["error"]
+
+    def test_replay_of_a_recovery_state_writes_its_journal(self, tmp_path: Path) -> None:
+        report = tmp_path / "r.json"
+        main(["run", "guest-write-mixed", "--strategy", "prefix,torn,recovery", "--oracle", "none", "--jobs", "1",
+              "-q", "--report", str(report)])
+        w = RunResult.loads(report.read_text()).workloads[0]
+        state = next(s for s in w.states if s.strategy == "recovery")
+        image = tmp_path / "s.qcow2"
+        assert main(["replay", str(report), state.id, "-o", str(image)]) == 0
+        assert (tmp_path / "s.qcow2.qjournal").stat().st_size > 0
+
+    def test_a_user_workload_by_module_and_function(self) -> None:
+        w = run_one("test_crashsim:user_disable_first", "prefix", "subset")
+        assert w.ok and w.description == "A user workload: disable the first bitmap."
+        assert w.old != w.new and "long-0" in w.old
+
+
+class TestExecutors:
+    def counts(self, w: WorkloadResult) -> list[tuple[str, int, int, dict[str, int]]]:
+        return [(c.strategy, c.generated, c.unique, c.outcomes) for c in w.counts]
+
+    def test_a_process_pool_and_inline_agree(self) -> None:
+        opts = Options(oracle="none", seed=2)
+        inline = run([WORKLOADS["merge"]], opts, executor=InlineExecutor()).workloads[0]
+        pooled = run([WORKLOADS["merge"]], attrs_evolve(opts, jobs=2)).workloads[0]
+        assert self.counts(inline) == self.counts(pooled)
+        assert [s.digest for s in inline.states] == [s.digest for s in pooled.states]
+
+    def test_a_dask_cluster_gets_the_same_counts(self) -> None:
+        distributed = pytest.importorskip("distributed")
+        opts = Options(oracle="none", seed=2)
+        inline = run([WORKLOADS["set-in-use"]], opts, executor=InlineExecutor()).workloads[0]
+        with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                      dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+            dask = run([WORKLOADS["set-in-use"]], opts, executor=client.get_executor()).workloads[0]
+        assert self.counts(inline) == self.counts(dask)
+        assert [v.ok for v in inline.verdicts] == [v.ok for v in dask.verdicts]
+
+
+def attrs_evolve(opts: Options, **changes: object) -> Options:
+    import attrs
+    return attrs.evolve(opts, **changes)
+
+
+def test_a_workload_that_raises_is_reported_not_raised() -> None:
+    def boom(img: Image) -> None:
+        raise RuntimeError("boom")
+    (w,) = run([Workload("boom", "raises", boom)], Options(oracle="none"), executor=InlineExecutor()).workloads
+    assert w.error == "RuntimeError: boom" and not w.ok

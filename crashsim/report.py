@@ -98,7 +98,7 @@ def _link(anchor: str, text: str) -> str:
 
 
 def _num(n: int, cls: str = "") -> str:
-    c = "n" + (" zero" if n == 0 else "") + (" " + cls if cls else "")
+    c = "n" + (" zero" if n == 0 else "") + (" " + cls if cls and n else "")
     return f'<td class="{c}">{n if n else "·"}</td>'
 
 
@@ -320,7 +320,7 @@ def _entries_table(w: WorkloadResult) -> str:
         elif e.kind == "resize":
             what = f"to {e.length:#x}"
         elif e.kind == "barrier":
-            what = ", ".join(f"{ln} B @ {off:#x}" for off, ln in e.ranges) or "whole file"
+            what = ", ".join(f"{ln} B @ {off:#x}" for off, ln in e.ranges) or "no range (covers nothing)"
         else:
             what = e.name
         rows.append(f'<tr class="entry-row {escape(e.kind)}"><td class=n>{e.index}</td><td>{escape(e.kind)}</td>'

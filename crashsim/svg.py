@@ -245,7 +245,7 @@ def svg_timeline(w: WorkloadResult, *, per_row: int = 120, width: int = 1200,
                        f'stroke-width="0.5">{_title(f"#{e.index} {e.file} resize to {_size(e.length)}{tip_site}")}'
                        f'</rect>')
         elif e.kind == "barrier":
-            what = ", ".join(f"{_size(ln)} @ {off:#x}" for off, ln in e.ranges) or "whole file"
+            what = ", ".join(f"{_size(ln)} @ {off:#x}" for off, ln in e.ranges) or "no range (covers nothing)"
             bx = x + step / 2 - 1.5
             out.append(f'<g class="barrier {escape(e.file)}" data-index="{e.index}">'
                        f'<line x1="{bx + 1.5:.1f}" y1="{y0 + lane_y["image"]}" x2="{bx + 1.5:.1f}" '

@@ -67,6 +67,7 @@ class ImageInfo:
     snapshots: tuple[Snapshot, ...]
     unknown_extensions: tuple[tuple[int, int], ...]
     encrypted: bool
+    encrypt: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"compat": self.compat}
@@ -77,6 +78,8 @@ class ImageInfo:
                 data["bitmaps"] = [{"flags": list(b.flags), "name": b.name, "granularity": b.granularity}
                                    for b in self.bitmaps]
             data["refcount-bits"] = self.refcount_bits
+            if self.encrypt is not None:
+                data["encrypt"] = self.encrypt
             if self.data_file is not None:
                 data["data-file"] = self.data_file
             if self.data_file_raw is not None:
@@ -86,6 +89,8 @@ class ImageInfo:
         else:
             data["compression-type"] = self.compression_type
             data["refcount-bits"] = self.refcount_bits
+            if self.encrypt is not None:
+                data["encrypt"] = self.encrypt
         out: dict[str, Any] = {}
         if self.backing_format is not None:
             out["backing-filename-format"] = self.backing_format
@@ -329,6 +334,20 @@ class Image:
         except OSError:
             actual = self.medium.size
         unknown = tuple((e.type, len(e.data)) for e in self.extensions if e.type not in KNOWN)
+        encrypt: dict[str, Any] | None = None
+        if h.crypt_method == 1:
+            encrypt = {"format": "aes"}
+        elif h.crypt_method == 2:
+            from .format.extensions import EXT_CRYPTO
+            from .format.luks import HEADER_SIZE, luks_info
+            ext = next((e for e in self.extensions if e.type == EXT_CRYPTO), None)
+            if ext is None or len(ext.data) < 16:
+                raise FormatError("qcow2 header", 32, "LUKS encryption without a full disk encryption extension")
+            loff = int.from_bytes(ext.data[:8], "big")
+            if loff + HEADER_SIZE > self.medium.size:
+                raise FormatError("full disk encryption extension", ext.offset,
+                                  f"LUKS header at {loff:#x} runs past the end of the file")
+            encrypt = luks_info(self.medium.read(loff, HEADER_SIZE), loff)
         return ImageInfo(
             filename=self.path, virtual_size=h.size, cluster_size=h.cluster_size, actual_size=actual,
             dirty_flag=bool(h.incompatible_features & INCOMPAT_DIRTY),
@@ -339,7 +358,8 @@ class Image:
             extended_l2=h.extended_l2, bitmaps=bitmaps, backing_filename=backing, full_backing_filename=full,
             backing_format=self.backing_format, data_file=self.data_file,
             data_file_raw=bool(h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW) if self.data_file is not None else None,
-            snapshots=self.snapshots, unknown_extensions=unknown, encrypted=bool(h.crypt_method))
+            snapshots=self.snapshots, unknown_extensions=unknown, encrypted=bool(h.crypt_method),
+            encrypt=encrypt)
 
     # -- guest data -----------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:

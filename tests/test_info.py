@@ -367,9 +367,6 @@ class TestDataFile:
 
 
 # -- encryption: images qemu-img makes, but not in the option list ------------
-@pytest.mark.xfail(strict=True, reason="qjournal info does not report format-specific.data.encrypt "
-                                       "(qemu-img prints the format, and for LUKS its header: slots, "
-                                       "iterations, uuid...)")
 @pytest.mark.parametrize("fmt", ["aes", "luks"])
 def test_encrypted(tmp_path: Path, fmt: str) -> None:
     extra = ["--object", "secret,id=sec0,data=pw"]

@@ -50,9 +50,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("file format: qcow2")
     print(f"virtual size: {_human_size(info.virtual_size)} ({info.virtual_size} bytes)")
     print(f"disk size: {_human_size(info.actual_size)}")
-    print(f"cluster_size: {info.cluster_size}")
     if info.encrypted:
         print("encrypted: yes")
+    print(f"cluster_size: {info.cluster_size}")
     if info.dirty_flag:
         print("cleanly shut down: no")
     if info.backing_filename is not None:

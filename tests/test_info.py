@@ -366,7 +366,7 @@ class TestDataFile:
         assert_same_json(tmp_path, "disk.qcow2")
 
 
-# -- encryption: images qemu-img makes, but not in the option list ------------
+# -- encryption: AES and LUKS, reported as qemu-img reports them ----------------------
 @pytest.mark.parametrize("fmt", ["aes", "luks"])
 def test_encrypted(tmp_path: Path, fmt: str) -> None:
     extra = ["--object", "secret,id=sec0,data=pw"]
@@ -375,6 +375,8 @@ def test_encrypted(tmp_path: Path, fmt: str) -> None:
         opts += ",encrypt.iter-time=10"
     qemu_img_in(tmp_path, "create", "-q", "-f", "qcow2", *extra, "-o", opts, "e.qcow2", "64M")
     assert_same_json(tmp_path, "e.qcow2")
+    theirs = human(qemu_img_in(tmp_path, "info", "-U", "e.qcow2").stdout)
+    assert human(qj_out(tmp_path, "info", "e.qcow2")) == theirs
 
 
 # -- the library ----------------------------------------------------------------------

@@ -16,19 +16,11 @@ import pytest
 
 import qjournal
 from qjournal.disk import GuestDisk
-from test_guest_read import CASES, matrix
+from test_guest_read import CASES
 
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="session")
-def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return matrix(tmp_path_factory)[0]
-
-
-@pytest.fixture(scope="session")
-def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    return matrix(tmp_path_factory)[1]
 
 
 class TestCopy:

@@ -10,13 +10,14 @@ The matrix and its builder live here; test_map.py and test_disk.py use them too.
 """
 from __future__ import annotations
 
+from contextlib import chdir
+
 import contextlib
 import io
 import os
 import random
 import subprocess
 from pathlib import Path
-from typing import Iterator
 
 import attrs
 import pytest
@@ -166,24 +167,8 @@ def matrix(factory: pytest.TempPathFactory) -> tuple[dict[str, Path], dict[str, 
     return _BUILT, _CONVERTED
 
 
-@pytest.fixture(scope="session")
-def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return matrix(tmp_path_factory)[0]
 
 
-@pytest.fixture(scope="session")
-def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    return matrix(tmp_path_factory)[1]
-
-
-@contextlib.contextmanager
-def chdir(path: Path) -> Iterator[None]:
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def read_all(img: Path) -> bytes:

@@ -8,13 +8,15 @@ several working directories and with absolute paths, since both print them as gi
 """
 from __future__ import annotations
 
+from contextlib import chdir
+
 import contextlib
 import io
 import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import attrs
 import pytest
@@ -45,14 +47,6 @@ def qemu_abort(cwd: Path, img: str) -> None:
     assert res.returncode != 0, "qemu-io abort should not exit cleanly"
 
 
-@contextlib.contextmanager
-def chdir(path: Path) -> Iterator[None]:
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def qj_out(cwd: Path, *args: str) -> str:

@@ -17,15 +17,10 @@ from hypothesis import given, settings
 
 import qjournal
 from qjournal.mapping import map_image
-from test_guest_read import (CASES, PROPERTY_EXAMPLES, RANDOM_IMAGE, Layer, build, chdir, matrix, qj, random_image,
+from test_guest_read import (CASES, PROPERTY_EXAMPLES, RANDOM_IMAGE, Layer, build, chdir, qj, random_image,
                              run)
 
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return matrix(tmp_path_factory)[0]
 
 
 def qemu_map(img: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -450,7 +450,7 @@ class Image:
         """The ordered steps of the transaction (see the ordering rule in DESIGN.md)."""
         h, cs, alloc = self.header, self.header.cluster_size, tx.alloc
         old_c0 = Cluster0(h, self.extensions, self.backing_name, self._header_tail())
-        exts = [e for e in self.extensions if not (e.type == EXT_BITMAPS)]
+        exts = [e for e in self.extensions if e.type != EXT_BITMAPS]
         bitmap_steps: list[tuple[str, list[tuple[int, bytes]]]] = []
         new_ext: Extension | None = None
         bitmaps_changed = tx.entries != self.entries or self.stale_bitmaps_ext or tx.force_guard
@@ -494,20 +494,21 @@ class Image:
             steps.append(("refcounts-increased", rplan.increase))
         if rplan.hook:
             steps.append(("refcount-blocks-hooked", rplan.hook))
-        # Guest writes: bits before the mapping, the L2 entry before the L1 entry.
-        for name in ("bitmap-bits-set", "l2-updated", "l1-updated"):
-            if tx.extra_steps.get(name):
-                steps.append((name, tx.extra_steps[name]))
         header = h.replace(incompatible_features=h.incompatible_features & ~tx.clear_incompatible)
         cur_bytes = self._cluster0
         cur_c0 = old_c0
         if rplan.new_reftable:
             header = header.replace(refcount_table_offset=rplan.new_reftable[0],
-                               refcount_table_clusters=rplan.new_reftable[1])
+                                    refcount_table_clusters=rplan.new_reftable[1])
             mid = Cluster0(header, self.extensions, self.backing_name, self._header_tail())
             for name, writes in plan_cluster0(cur_bytes, cur_c0, mid, False):
                 steps.append(("refcount-table-switched", writes))
             cur_bytes, cur_c0 = mid.render(len(cur_bytes)), mid
+        # Guest writes: bits before the mapping, the L2 entry before the L1 entry; all
+        # after the refcounts (a new refcount table included) count the new clusters.
+        for name in ("bitmap-bits-set", "l2-updated", "l1-updated"):
+            if tx.extra_steps.get(name):
+                steps.append((name, tx.extra_steps[name]))
         ac = header.autoclear_features & AUTOCLEAR_KNOWN
         ac = (ac | AUTOCLEAR_BITMAPS) if new_ext is not None else (ac & ~AUTOCLEAR_BITMAPS)
         if bitmap_steps:
@@ -515,8 +516,8 @@ class Image:
             ac = header.autoclear_features & AUTOCLEAR_KNOWN | AUTOCLEAR_BITMAPS
         header = header.replace(autoclear_features=ac)
         # Extensions keep their order; a new bitmaps extension goes last, where QEMU puts it.
-        ordered = sorted(exts, key=lambda e: [x.type for x in self.extensions].index(e.type)
-                         if e.type in [x.type for x in self.extensions] else len(self.extensions))
+        order = {x.type: i for i, x in enumerate(self.extensions)}
+        ordered = sorted(exts, key=lambda e: order.get(e.type, len(order)))
         new_c0 = Cluster0(header, tuple(ordered), self.backing_name,
                           self._header_tail()).place(self._backing_span())
         if not bitmap_steps or new_c0.header != cur_c0.header.replace(autoclear_features=ac):

@@ -16,7 +16,7 @@ from typing import Callable
 import pytest
 
 import qemu
-from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium
+from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium, apply_entry
 from qjournal.image import Image
 from qjournal.medium import MemoryMedium
 
@@ -215,3 +215,31 @@ class TestRecoverCommand:
         assert main(["bitmap", "--add", str(path), "x"]) == 1
         assert path.read_bytes() == image and Path(f"{path}.qjournal").read_bytes() == journal
         assert "by-qemu" in [b["name"] for b in qemu.bitmaps(path)]
+
+
+def test_refcount_table_growth_crash(tmp_path: Path) -> None:
+    """A guest write that outgrows the refcount table: the new table is switched in
+    before anything points at the clusters only it counts."""
+    img = qemu.create(tmp_path / "g.qcow2", "64M", "cluster_size=512", "refcount_bits=64")
+    qemu.qemu_io(img, "write 0 1900k")
+    rec = Recording({IMAGE: img.read_bytes(), JOURNAL: b""})
+    with Image("rec.qcow2", "r+", medium=RecordingMedium(rec, IMAGE),
+               journal_medium=RecordingMedium(rec, JOURNAL)) as q:
+        old_table = q.header.refcount_table_offset
+        q.write(2 * MiB, b"\x5a" * (256 << 10))
+        assert q.header.refcount_table_offset != old_table, "the refcount table did not grow"
+    steps = [e.name for e in rec.entries if e.kind == "mark"]
+    assert steps.index("refcount-table-switched") < steps.index("l1-updated")
+    state = {k: bytearray(v) for k, v in rec.initial.items()}
+    marks = {i for i, e in enumerate(rec.entries) if e.kind == "mark"}
+    for cut, entry in enumerate(rec.entries, 1):
+        apply_entry(state, entry)
+        if cut - 1 not in marks:  # a crash at every step boundary and after the commit
+            continue
+        files = {k: bytes(v) for k, v in state.items()}
+        path = tmp_path / "state.qcow2"
+        path.write_bytes(files[IMAGE])
+        code, out = qemu.check(path)
+        assert code in (0, 3) and not out.get("corruptions"), f"cut {cut}: qemu-img check: {out}"
+        with open_state(files, True, True) as q:
+            assert q.read(2 * MiB, 256 << 10) in (bytes(256 << 10), b"\x5a" * (256 << 10)), f"cut {cut}"

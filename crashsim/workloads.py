@@ -146,7 +146,13 @@ SHIFTED = Base("shifted-header", (
                      "the bitmaps extension, so that its directory size (byte 1016) and directory offset "
                      "(byte 1024) lie in different 512-byte sectors")
 
-BASES = {b.name: b for b in (STANDARD, LONG_NAMES, SHIFTED)}
+SMALL_REFTABLE = Base("small-reftable", (
+    _img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", IMG, "16M"),
+    _img("bitmap", "--add", IMG, "b0"),
+    _io("write 0 1950k"),   # the one-cluster refcount table covers 2 MiB: nearly full
+))
+
+BASES = {b.name: b for b in (STANDARD, LONG_NAMES, SHIFTED, SMALL_REFTABLE)}
 
 
 @attrs.frozen
@@ -209,6 +215,10 @@ def _guest_overwrite(img: Image) -> None:
 
 def _guest_mixed(img: Image) -> None:
     img.write((10 << 20) + (48 << 10), b"\xa5" * (32 << 10))   # half in place, half into new clusters
+
+
+def _grow_reftable(img: Image) -> None:
+    img.write(2 << 20, b"\x5a" * (64 << 10))   # outgrows the refcount table: a new one is switched in
 
 
 def _two_transactions(img: Image) -> None:
@@ -351,6 +361,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              _guest_overwrite, whole=True, relaxed=True),
     Workload("guest-write-mixed", "guest write partly in place, partly into new clusters", _guest_mixed,
              whole=True, relaxed=True),
+    Workload("guest-write-grows-reftable", "guest write that outgrows the refcount table (512 B clusters)",
+             _grow_reftable, base=SMALL_REFTABLE, relaxed=True),
     Workload("set-in-use-two-pages", "set in_use on every bitmap, directory of two pages (seed protocol)",
              _all_in_use, base=LONG_NAMES),
     Workload("add-split-header", "bitmap add where the extension's fields straddle two sectors",

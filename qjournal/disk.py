@@ -1,16 +1,18 @@
-"""The guest disk as a Python file: ``io.RawIOBase``, readable and seekable.
+"""The guest disk as a Python file: ``io.RawIOBase``, readable, seekable, and writable
+when the image is open read-write.
 
     with qjournal.open("disk.qcow2") as img:
         with GuestDisk(img) as disk, open("disk.raw", "wb") as out:
             shutil.copyfileobj(disk, out, 1 << 20)
 
 Reads go through :mod:`qjournal.guest` (backing chain, zero and compressed clusters,
-data files). The disk has the image's virtual size and cannot be written or resized
-yet: ``write`` and ``truncate`` raise ``io.UnsupportedOperation``. Closing the disk
-leaves the image open.
+data files); writes through :meth:`Image.write` (each durable when it returns, enabled
+bitmaps updated first). The disk has the image's virtual size: a write past it, or a
+truncate to another size, is refused. Closing the disk leaves the image open.
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 from typing import TYPE_CHECKING, Any
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
 
 class GuestDisk(io.RawIOBase):
-    """A read-only, seekable file over the guest disk of ``img``."""
+    """A seekable file over the guest disk of ``img`` (writable if ``img`` is)."""
 
     def __init__(self, img: "Image") -> None:
         super().__init__()
@@ -49,7 +51,7 @@ class GuestDisk(io.RawIOBase):
 
     def writable(self) -> bool:
         self._check_open()
-        return False
+        return self.img.writable
 
     def tell(self) -> int:
         self._check_open()
@@ -100,11 +102,24 @@ class GuestDisk(io.RawIOBase):
         return self.read(-1)
 
     def write(self, b: Any) -> int:
-        raise io.UnsupportedOperation("the guest disk is read-only (guest writes go through Image.write)")
+        self._check_open()
+        if not self.img.writable:
+            raise io.UnsupportedOperation("the image is open read-only")
+        data = bytes(b)
+        if self._pos + len(data) > self.size:
+            raise OSError(errno.ENOSPC, f"write of {len(data)} bytes at {self._pos:#x} runs past the end of "
+                                        f"the {self.size}-byte guest disk")
+        self.img.write(self._pos, data)
+        self._pos += len(data)
+        return len(data)
 
     def truncate(self, size: int | None = None) -> int:
-        raise io.UnsupportedOperation("the guest disk cannot be resized through its file view "
-                                      "(use qjournal resize)")
+        self._check_open()
+        size = self._pos if size is None else size
+        if size != self.size:
+            raise OSError(errno.EINVAL, f"the guest disk has a fixed size of {self.size} bytes; "
+                                        f"it cannot be truncated to {size}")
+        return size
 
     def fileno(self) -> int:
         raise io.UnsupportedOperation("the guest disk is not an operating system file")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import qemu
 import qjournal
 from qjournal.disk import GuestDisk
 from test_guest_read import CASES
@@ -75,9 +76,32 @@ class TestFileProtocol:
     def test_read_only(self, images: dict[str, Path]) -> None:
         with qjournal.open(images["cluster-4k"]) as img:
             disk = GuestDisk(img)
-            for call in (lambda: disk.write(b"x"), lambda: disk.truncate(0), disk.fileno):
+            assert not disk.writable()
+            for call in (lambda: disk.write(b"x"), disk.fileno):
                 with pytest.raises(io.UnsupportedOperation):
                     call()
+            with pytest.raises(OSError, match="fixed size"):
+                disk.truncate(0)
+
+
+class TestWrite:
+    def test_copy_a_raw_file_into_the_disk(self, tmp_path: Path) -> None:
+        """shutil.copyfileobj into img.disk(): qemu-img compare sees the raw file."""
+        raw = tmp_path / "src.raw"
+        raw.write_bytes(os.urandom(3 << 20) + bytes(1 << 20) + b"\x7f" * (4 << 20))
+        img = qemu.create(tmp_path / "dst.qcow2", "8M", "cluster_size=65536")
+        qemu.qemu_img("bitmap", "--add", str(img), "b0")
+        with qjournal.open(img, "r+") as q, q.disk() as disk, open(raw, "rb") as src:
+            assert disk.writable()
+            shutil.copyfileobj(src, disk, 1 << 20)
+            assert disk.tell() == disk.size
+            with pytest.raises(OSError, match="past the end"):
+                disk.write(b"x")
+            assert disk.truncate(disk.size) == disk.size
+        res = qemu.qemu_img("compare", "-f", "qcow2", "-F", "raw", str(img), str(raw), check=False)
+        assert res.returncode == 0, res.stdout
+        qemu.assert_clean(img)
+        assert qemu.nbd_dirty_extents(img, "b0") == [(0, 8 << 20)]
 
     def test_close_leaves_the_image_open(self, images: dict[str, Path], converted: dict[str, bytes]) -> None:
         with qjournal.open(images["cluster-4k"]) as img:

@@ -121,10 +121,6 @@ class Bitmap:
         if run_start is not None:
             yield run_start * g, disk - run_start * g
 
-    def count(self) -> int:
-        """Number of dirty bits."""
-        return int(np.unpackbits(self.bits()).sum())
-
     def __repr__(self) -> str:
         e = self.entry
         return f"<Bitmap {e.name!r} granularity={e.granularity} flags={e.flags:#x}>"
@@ -188,17 +184,10 @@ def _free_bitmap(img: "Image", e: bm.DirectoryEntry) -> None:
     if not e.table_size:
         return
     tx = img._staged()
-    cs = img.header.cluster_size
-    table = _table_of(img, e)
-    offs = table & np.uint64(bm.TE_OFFSET_MASK)
+    offs = img.bitmap_table(e) & np.uint64(bm.TE_OFFSET_MASK)
     for off in offs[offs != 0].tolist():
         tx.alloc.free(int(off), 1)
     tx.alloc.free_clusters_of([(e.table_offset, e.table_size * 8)])
-    del cs
-
-
-def _table_of(img: "Image", e: bm.DirectoryEntry) -> np.ndarray:
-    return img.bitmap_table(e)
 
 
 class Bitmaps(Mapping[str, Bitmap]):

@@ -217,6 +217,10 @@ def _guest_mixed(img: Image) -> None:
     img.write((10 << 20) + (48 << 10), b"\xa5" * (32 << 10))   # half in place, half into new clusters
 
 
+def _guest_zero(img: Image) -> None:
+    img.write_zeroes(8 << 10, 120 << 10)   # whole clusters become zero clusters and are freed
+
+
 def _grow_reftable(img: Image) -> None:
     img.write(2 << 20, b"\x5a" * (64 << 10))   # outgrows the refcount table: a new one is switched in
 
@@ -361,6 +365,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              _guest_overwrite, whole=True, relaxed=True),
     Workload("guest-write-mixed", "guest write partly in place, partly into new clusters", _guest_mixed,
              whole=True, relaxed=True),
+    Workload("guest-zero", "write zeroes: whole clusters become zero clusters, their data freed",
+             _guest_zero, relaxed=True),
     Workload("guest-write-grows-reftable", "guest write that outgrows the refcount table (512 B clusters)",
              _grow_reftable, base=SMALL_REFTABLE, relaxed=True),
     Workload("set-in-use-two-pages", "set in_use on every bitmap, directory of two pages (seed protocol)",

@@ -334,8 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("filename")
     w.add_argument("offset")
     w.set_defaults(func=cmd_write)
-    for name, what in (("zero", "make a range read as zeros"),
-                       ("discard", "discard a range (it reads as zeros afterwards)")):
+    for name, what in (("zero", "make a range read as zeros (whole clusters become zero clusters)"),
+                       ("discard", "discard a range: it reads as zeros afterwards, whole clusters are freed")):
         z = sub.add_parser(name, help=what)
         z.add_argument("filename")
         z.add_argument("offset")

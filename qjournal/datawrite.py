@@ -15,6 +15,9 @@ Guest data is not journaled; the metadata that maps it is. For one request:
    ``clusters-freed``. A crash before ``l2-updated`` leaves leaked clusters and, at
    worst, extra dirty bits; after it, the data is there because it was synced first.
 
+:func:`write_zeroes` turns whole clusters into zero clusters in one transaction of the
+same shape (bits, then L2 entries, then frees).
+
 Only images with standard L2 entries and data inside the image file are written here;
 extended L2 and external data files are refused with :class:`UnsupportedError`.
 """
@@ -215,3 +218,58 @@ def write(img: "Image", offset: int, data: bytes) -> None:
             tx.extra_steps.setdefault("l2-updated", []).extend(l2_writes)
         if l1_writes:
             tx.extra_steps.setdefault("l1-updated", []).extend(l1_writes)
+
+
+def write_zeroes(img: "Image", offset: int, length: int) -> None:
+    """Make ``[offset, offset + length)`` read as zeros.
+
+    Whole clusters of a v3 image become zero clusters (their data clusters are freed);
+    partial clusters, v2 images and clusters whose L2 table a snapshot shares are
+    written with zero data. One transaction: bitmap bits, then the L2 entries, then the
+    frees; a crash in between leaves extra dirty bits or leaked clusters at worst.
+    """
+    _check_request(img, offset, length)
+    if length == 0:
+        return
+    cs = img.header.cluster_size
+    first_full = -(-offset // cs)
+    end_full = (offset + length) // cs
+    if img.header.version < 3 or first_full >= end_full:
+        write(img, offset, bytes(length))
+        return
+    head = (offset, first_full * cs - offset)
+    tail = (end_full * cs, offset + length - end_full * cs)
+    plan = _Plan(img)
+    fallback: list[int] = []
+    with img.transaction("guest write zeroes"):
+        tx = img._staged()
+        l2_writes: list[Write] = []
+        for gc in range(first_full, end_full):
+            l1e, l2 = plan.l2(gc // plan.per_l2)
+            if l2 is None:
+                if img.backing_name is not None:
+                    fallback.append(gc)  # a backing file shows through: needs an L2 table
+                continue
+            if not l1e & OFLAG_COPIED:
+                fallback.append(gc)
+                continue
+            l2i = gc % plan.per_l2
+            entry = int(l2[l2i])
+            if entry == OFLAG_ZERO:
+                continue
+            if entry & OFLAG_COMPRESSED:
+                tx.alloc.free_clusters_of([compressed_span(entry, img.header.cluster_bits)])
+            elif entry & L2E_OFFSET_MASK:
+                tx.alloc.free(entry & L2E_OFFSET_MASK, 1)
+            l2[l2i] = OFLAG_ZERO
+            l2_writes.append(((l1e & L1E_OFFSET_MASK) + 8 * l2i, OFLAG_ZERO.to_bytes(8, "big")))
+        bits = _bits_steps(img, [(first_full * cs, (end_full - first_full) * cs)])
+        if bits:
+            tx.extra_steps.setdefault("bitmap-bits-set", []).extend(bits)
+        if l2_writes:
+            tx.extra_steps.setdefault("l2-updated", []).extend(l2_writes)
+    for gc in fallback:
+        write(img, gc * cs, bytes(cs))
+    for off, n in (head, tail):
+        if n:
+            write(img, off, bytes(n))

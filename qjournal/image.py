@@ -378,9 +378,13 @@ class Image:
         write(self, offset, bytes(data))
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        """Make ``length`` bytes at ``offset`` read as zeros (written as zero data)."""
-        from .datawrite import write
-        write(self, offset, bytes(length))
+        """Make ``length`` bytes at ``offset`` read as zeros (whole clusters become zero clusters)."""
+        from .datawrite import write_zeroes
+        write_zeroes(self, offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discard a range: it reads as zeros afterwards, and whole clusters are freed."""
+        self.write_zeroes(offset, length)
 
     # -- transactions -------------------------------------------------------
     @property

@@ -6,6 +6,7 @@ qemu-nbd -B for the bitmap bits the writes set.
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -118,3 +119,38 @@ def test_cli_write_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     with qjournal.open(img) as q:
         assert q.read(5000, 4096) == src.read_bytes()
     qemu.assert_clean(img)
+
+
+class TestZeroes:
+    def test_whole_clusters_become_zero_clusters(self, tmp_path: Path) -> None:
+        img = qemu.create(tmp_path / "z.qcow2", "8M")
+        qemu.qemu_io(img, "write -P 0x11 0 2M")
+        qemu.qemu_img("bitmap", "--add", str(img), "b0")
+        before = qemu.check(img)[1]["allocated-clusters"]
+        with qjournal.open(img, "r+") as q:
+            q.write_zeroes(100, 300 * KiB)      # a partial head, three whole clusters, a partial tail
+        qemu.qemu_io(img, "read -P 0x11 0 100", "read -P 0 100 300k", f"read -P 0x11 {100 + 300 * KiB} 1M")
+        out = qemu.assert_clean(img)              # the freed clusters are not leaked
+        assert out["allocated-clusters"] == before - 3
+        zeros = [e for e in json.loads(qemu.qemu_img("map", "--output=json", str(img)).stdout)
+                 if e["zero"] and not e["data"] and e["start"] < 2 * MiB]
+        assert zeros and zeros[0]["start"] == 64 * KiB and zeros[0]["length"] == 192 * KiB
+        assert qemu.nbd_dirty_extents(img, "b0") == [(0, 320 * KiB)]
+
+    def test_zero_clusters_hide_the_backing_file(self, tmp_path: Path) -> None:
+        base = qemu.create(tmp_path / "base.qcow2", "4M")
+        qemu.qemu_io(base, "write -P 0x44 0 4M")
+        top = tmp_path / "top.qcow2"
+        qemu.qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top))
+        qemu.qemu_io(top, "write -P 0x55 0 64k")
+        with qjournal.open(top, "r+") as q:
+            q.discard(0, 256 * KiB)
+        qemu.qemu_io(top, "read -P 0 0 256k", "read -P 0x44 256k 1M")
+        qemu.assert_clean(top)
+
+    def test_v2_writes_zero_data(self, tmp_path: Path) -> None:
+        img = qemu.create(tmp_path / "v2.qcow2", "4M", "compat=0.10")
+        qemu.qemu_io(img, "write -P 0x11 0 1M")
+        assert main(["discard", str(img), "0", "128k"]) == 0
+        qemu.qemu_io(img, "read -P 0 0 128k", "read -P 0x11 128k 896k")
+        qemu.assert_clean(img)

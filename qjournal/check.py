@@ -18,8 +18,8 @@ import numpy as np
 
 from .format import bitmaps as bm
 from .format.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
-from .format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, compressed_geometry,
-                            l2_entries)
+from .format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+                            compressed_geometry, l2_entries)
 from .image import Image
 
 
@@ -95,11 +95,26 @@ class _Refs:
         np.add.at(self.counts, (offsets[~bad] // np.uint64(self.cs)).astype(np.int64), 1)
 
 
-def _walk_l1(img: Image, refs: _Refs, l1_offset: int, l1_size: int, result: CheckResult, active: bool) -> None:
+@attrs.define
+class _Copied:
+    """Table entries whose COPIED flag must say "refcount is exactly 1" (active L1 only)."""
+
+    pos: list[int] = attrs.Factory(list)      # byte offset of the entry in the image
+    value: list[int] = attrs.Factory(list)
+    what: list[str] = attrs.Factory(list)     # "L2 cluster" or "data cluster"
+
+
+def _walk_l1(img: Image, refs: _Refs, l1_offset: int, l1_size: int, result: CheckResult, active: bool,
+             copied: _Copied | None = None) -> None:
     h, cs = img.header, img.header.cluster_size
     refs.add_range(l1_offset, l1_size * 8, "L1 table")
     l1 = img.medium.array(l1_offset, l1_size, ">u8").astype(np.uint64) if l1_size else np.zeros(0, np.uint64)
     l2s = l1 & np.uint64(L1E_OFFSET_MASK)
+    if copied is not None:
+        for i in np.nonzero(l2s)[0].tolist():
+            copied.pos.append(l1_offset + 8 * i)
+            copied.value.append(int(l1[i]))
+            copied.what.append("L2 cluster")
     l2s = l2s[l2s != 0]
     refs.add_clusters(l2s, "L2 table")
     ext = h.extended_l2
@@ -116,6 +131,12 @@ def _walk_l1(img: Image, refs: _Refs, l1_offset: int, l1_size: int, result: Chec
         std = std[std != 0]
         if not img.data_file:
             refs.add_clusters(std, "data cluster")
+            if copied is not None:
+                stride = 16 if ext else 8
+                for j in np.nonzero(~comp & ((ent & np.uint64(L2E_OFFSET_MASK)) != 0))[0].tolist():
+                    copied.pos.append(int(l2off) + stride * j)
+                    copied.value.append(int(ent[j]))
+                    copied.what.append("data cluster")
         for e in ent[comp].tolist():
             off = e & offset_mask
             nsec = ((e >> shift) & mask) + 1
@@ -139,7 +160,8 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
     result.total_clusters = -(-h.size // cs)
     refs = _Refs(img, result)
     refs.add_range(0, cs, "header")
-    _walk_l1(img, refs, h.l1_table_offset, h.l1_size, result, True)
+    copied = _Copied()
+    _walk_l1(img, refs, h.l1_table_offset, h.l1_size, result, True, copied)
     for s in img.snapshots:
         _walk_l1(img, refs, s.l1_table_offset, s.l1_size, result, False)
     if h.nb_snapshots and img.snapshots:
@@ -174,17 +196,42 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
         result.messages.append(f"Leaked cluster {c} refcount={ondisk[c]} reference={expected[c]}")
     result.leaks += len(leaks)
     result.corruptions += len(low)
+    # COPIED flags are judged against the refcounts as they will be after the repair,
+    # as QEMU does: fixed refcounts usually make the flags right again.
+    final = ondisk.copy()
+    if repair in ("leaks", "all"):
+        final = np.where(ondisk > expected, expected, final)
+    if repair == "all":
+        final = expected
+    # QEMU repairs flags with -r all, and with -r leaks only when nothing else is wrong.
+    fix_flags = repair == "all" or (repair == "leaks" and not len(low) and not result.check_errors
+                                    and result.corruptions == 0)
+    flag_fixes: list[tuple[int, bytes]] = []
+    for pos, value, what in zip(copied.pos, copied.value, copied.what):
+        c = (value & L2E_OFFSET_MASK) // cs
+        if c >= len(final):
+            continue
+        want = int(final[c]) == 1
+        if bool(value & OFLAG_COPIED) != want:
+            result.corruptions += 1
+            if len(result.messages) < 300:
+                result.messages.append(f"ERROR OFLAG_COPIED {what}: entry at {pos:#x} is {value:#018x}, "
+                                       f"refcount={int(final[c])}")
+            new = (value | OFLAG_COPIED) if want else (value & ~OFLAG_COPIED)
+            flag_fixes.append((pos, new.to_bytes(8, "big")))
     used = np.nonzero(np.maximum(expected, ondisk))[0]
     result.image_end_offset = (int(used[-1]) + 1) * cs if len(used) else cs
     flags = h.incompatible_features & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
-    if repair in ("leaks", "all") and (len(leaks) or (repair == "all" and (
+    if not fix_flags:
+        flag_fixes = []
+    if repair in ("leaks", "all") and (len(leaks) or flag_fixes or (repair == "all" and (
             len(low) or drop_bitmaps or flags or any(e.in_use for e in img.entries)))):
-        _repair(img, repair, expected, ondisk, result, drop_bitmaps)
+        _repair(img, repair, expected, ondisk, result, drop_bitmaps, flag_fixes)
     return result
 
 
 def _repair(img: Image, repair: str, expected: np.ndarray, ondisk: np.ndarray, result: CheckResult,
-            drop_bitmaps: bool) -> None:
+            drop_bitmaps: bool, flag_fixes: list[tuple[int, bytes]]) -> None:
     with img.transaction(f"check -r {repair}") as tx:
         alloc = tx.alloc
         # Clusters something references are not free, whatever their refcount says.
@@ -200,6 +247,12 @@ def _repair(img: Image, repair: str, expected: np.ndarray, ondisk: np.ndarray, r
                     fixed_leaks += 1
                 else:
                     fixed_corr += 1
+        for pos, data in flag_fixes:
+            # A flag may say "refcount 1" only once the refcount is 1 (after the last
+            # step), and must stop saying it before a refcount grows (first step).
+            name = "copied-set" if int.from_bytes(data, "big") & OFLAG_COPIED else "copied-cleared"
+            tx.extra_steps.setdefault(name, []).append((pos, data))
+        fixed_corr += len(flag_fixes)
         if repair == "all":
             # Everything is counted again: the image is neither dirty nor corrupt any more.
             tx.clear_incompatible |= INCOMPAT_DIRTY | INCOMPAT_CORRUPT

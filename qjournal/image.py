@@ -494,6 +494,8 @@ class Image:
             self.precommit_write(off, data)
 
         steps: list[tuple[str, list[tuple[int, bytes]]]] = []
+        if tx.extra_steps.get("copied-cleared"):
+            steps.append(("copied-cleared", tx.extra_steps["copied-cleared"]))
         if rplan.increase:
             steps.append(("refcounts-increased", rplan.increase))
         if rplan.hook:
@@ -546,6 +548,8 @@ class Image:
             steps += hsteps
         if rplan.free:
             steps.append(("clusters-freed", rplan.free))
+        if tx.extra_steps.get("copied-set"):
+            steps.append(("copied-set", tx.extra_steps["copied-set"]))
         return steps
 
     def _in_place_possible(self, tx: TxState) -> bool:

@@ -69,27 +69,25 @@ def copied_flag_cleared(d: Path) -> Path:
     return p
 
 
-def leaked_cluster(d: Path) -> Path:
-    """A refcount raised on a data cluster: one leak."""
-    p = qemu.create(d / "l.qcow2", "64M")
+def _with_refcount(path: Path, guest_cluster: int, refcount: int) -> Path:
+    """A qemu-made image whose data cluster for ``guest_cluster`` has its refcount forced."""
+    p = qemu.create(path, "64M")
     qemu.qemu_io(p, "write -P 0x11 0 256k")
     raw = bytearray(p.read_bytes())
-    entry = struct.unpack_from(">Q", raw, _l2_entry_offset(raw, 2))[0] & 0x00FFFFFFFFFFFE00
-    off = _refcount_entry_offset(raw, entry // 65536)
-    struct.pack_into(">H", raw, off, 2)
+    entry = struct.unpack_from(">Q", raw, _l2_entry_offset(raw, guest_cluster))[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">H", raw, _refcount_entry_offset(raw, entry // 65536), refcount)
     p.write_bytes(raw)
     return p
+
+
+def leaked_cluster(d: Path) -> Path:
+    """A refcount raised on a data cluster: one leak."""
+    return _with_refcount(d / "l.qcow2", 2, 2)
 
 
 def refcount_zeroed(d: Path) -> Path:
     """A used data cluster whose refcount is 0: two corruptions (refcount and COPIED)."""
-    p = qemu.create(d / "z.qcow2", "64M")
-    qemu.qemu_io(p, "write -P 0x11 0 256k")
-    raw = bytearray(p.read_bytes())
-    entry = struct.unpack_from(">Q", raw, _l2_entry_offset(raw, 3))[0] & 0x00FFFFFFFFFFFE00
-    struct.pack_into(">H", raw, _refcount_entry_offset(raw, entry // 65536), 0)
-    p.write_bytes(raw)
-    return p
+    return _with_refcount(d / "z.qcow2", 3, 0)
 
 
 def with_snapshot(d: Path) -> Path:

@@ -126,3 +126,25 @@ if importlib.util.find_spec("dissect") is not None and importlib.util.find_spec(
         """sequential read of 1 GiB of allocated data, 4 KiB clusters, vs dissect.hypervisor"""
 
         cluster_size = "4k"
+
+
+@benchmark("io-write")
+class IoWrite(Benchmark):
+    """sequential write of 1 GiB in 1 MiB writes into a fresh image, vs qemu-io write -P 0xab 0 1G"""
+
+    def template(self, fx: Fixtures) -> Path:
+        return fx.image("empty-1G", lambda p: qemu_img("create", "-q", "-f", "qcow2", p, "1G"))
+
+    def ours(self, image: Path) -> None:
+        import qjournal
+        block = b"\xab" * (1 << 20)
+        with qjournal.open(image, "r+") as img:
+            for off in range(0, SIZE, len(block)):
+                img.write(off, block)
+
+    def peer(self, image: Path) -> list[str]:
+        return ["qemu-io", "-f", "qcow2", "-c", f"write -P 0xab 0 {SIZE}", str(image)]
+
+    def verify(self, ours_image: Path, peer_image: Path) -> None:
+        qemu_img("compare", "-f", "qcow2", "-F", "qcow2", ours_image, peer_image)  # raises on a difference
+        qemu_img("check", ours_image)

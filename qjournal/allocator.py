@@ -100,6 +100,12 @@ class Allocator:
         return self._free
 
     # -- staging ----------------------------------------------------------
+    def reserve(self, clusters: Iterable[int]) -> None:
+        """Never hand out these clusters, whatever their refcount says (check's repair)."""
+        free = self._free_index()
+        for c in clusters:
+            free.discard(c)
+
     def alloc(self, n: int = 1) -> int:
         """Take ``n`` contiguous free clusters; returns the byte offset of the first."""
         if n <= 0:

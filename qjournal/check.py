@@ -17,6 +17,7 @@ import attrs
 import numpy as np
 
 from .format import bitmaps as bm
+from .format import refcount as rc
 from .format.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from .format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
                             compressed_geometry, l2_entries)
@@ -107,7 +108,6 @@ class _Copied:
 def _walk_l1(img: Image, refs: _Refs, l1_offset: int, l1_size: int, result: CheckResult, active: bool,
              copied: _Copied | None = None) -> None:
     h, cs = img.header, img.header.cluster_size
-    refs.add_range(l1_offset, l1_size * 8, "L1 table")
     l1 = img.medium.array(l1_offset, l1_size, ">u8").astype(np.uint64) if l1_size else np.zeros(0, np.uint64)
     l2s = l1 & np.uint64(L1E_OFFSET_MASK)
     if copied is not None:
@@ -159,25 +159,22 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
     result = CheckResult(img.path)
     result.total_clusters = -(-h.size // cs)
     refs = _Refs(img, result)
-    refs.add_range(0, cs, "header")
+    # Header, refcount table, active L1, snapshot table, bitmap directory and tables.
+    for off, length, what in img.metadata_ranges():
+        refs.add_range(off, length, what)
     copied = _Copied()
     _walk_l1(img, refs, h.l1_table_offset, h.l1_size, result, True, copied)
     for s in img.snapshots:
+        refs.add_range(s.l1_table_offset, s.l1_size * 8, "snapshot L1 table")
         _walk_l1(img, refs, s.l1_table_offset, s.l1_size, result, False)
-    if h.nb_snapshots and img.snapshots:
-        end = img.snapshots[-1].offset + len(img.snapshots[-1].pack())
-        refs.add_range(h.snapshots_offset, end - h.snapshots_offset, "snapshot table")
-    refs.add_range(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
     rt = img.medium.array(h.refcount_table_offset, h.refcount_table_clusters * cs // 8, ">u8").astype(np.uint64)
-    refs.add_clusters(rt[rt != 0] & np.uint64(~0x1FF & (2**64 - 1)), "refcount block")
+    refs.add_clusters(rt[rt != 0] & np.uint64(rc.RT_OFFSET_MASK), "refcount block")
     drop_bitmaps = img.bitmaps_damage is not None and repair == "all"
     if img.bitmaps_damage is not None:
         result.corruptions += 1
         result.messages.append(f"ERROR {img.bitmaps_damage}")
     if img.bitmaps_ext is not None:
-        refs.add_range(img.bitmaps_ext.directory_offset, img.bitmaps_ext.directory_size, "bitmap directory")
         for e in img.entries:
-            refs.add_range(e.table_offset, e.table_size * 8, f"bitmap table of {e.name!r}")
             t = img.bitmap_table(e) & np.uint64(bm.TE_OFFSET_MASK)
             refs.add_clusters(t[t != 0], f"bitmap data of {e.name!r}")
             if e.in_use:
@@ -235,9 +232,7 @@ def _repair(img: Image, repair: str, expected: np.ndarray, ondisk: np.ndarray, r
     with img.transaction(f"check -r {repair}") as tx:
         alloc = tx.alloc
         # Clusters something references are not free, whatever their refcount says.
-        free = alloc._free_index()
-        for c in np.nonzero(expected)[0].tolist():
-            free.discard(c)
+        alloc.reserve(np.nonzero(expected)[0].tolist())
         fixed_leaks = fixed_corr = 0
         for c in np.nonzero(ondisk != expected)[0].tolist():
             d = int(expected[c] - ondisk[c])

@@ -1,0 +1,316 @@
+"""Changing the virtual size of an image, as ``qemu-img resize`` (QEMU 7.2) does.
+
+What QEMU does (block/qcow2.c ``qcow2_co_truncate``), and what qjournal matches:
+
+* The new size is positive and a multiple of 512; a smaller one needs ``shrink``
+  (``qemu-img resize --shrink``).
+* A v2 image with internal snapshots is refused. A v3 image with snapshots may grow
+  (each snapshot keeps its own L1 table and disk size); shrinking one is refused by
+  qjournal (QEMU discards through the active L1 with copy-on-write of shared L2
+  tables, which qjournal does not do yet).
+* Persistent bitmaps are resized with the disk, not refused: QEMU 7.2 refuses only
+  when a bitmap cannot be used (``qcow2_truncate_bitmaps_check``: a bitmap left in use
+  is "inconsistent and cannot be used"). On disk, QEMU stores every bitmap at close
+  with a table sized for the new disk: bits of a grown area clear, bits past a
+  shrunken end dropped. qjournal writes the same: every bitmap gets a new table (and
+  data clusters where bits are set) for the new size, in a new directory.
+* Growing grows the L1 table when the disk needs more entries: exactly
+  ``ceil(size / (L2 entries * cluster size))`` entries, in new clusters. Shrinking
+  keeps ``l1_size`` (QEMU does not move the L1 table on shrink) but zeroes the L1
+  entries past the new end, frees their L2 tables, and frees every data cluster past
+  the new end (a "full discard": the L2 entries become 0).
+* Not done (QEMU does them, nothing depends on them): freeing refcount blocks that
+  only count themselves, and truncating the file after a shrink.
+* A grow over a backing file longer than the old disk, which QEMU fills with zeros so
+  that the backing data does not show through, is refused (not supported yet), as
+  are images with an external data file.
+
+The steps of the one transaction, in order (see DESIGN.md, "The ordering rule"), each
+followed by a barrier. Before the commit, the new L1 table, bitmap tables and data,
+bitmap directory and any new refcount blocks or table are written into clusters
+nothing references, and synced; a crash then leaves, at worst, a longer file.
+
+1. ``refcounts-increased`` / ``refcount-blocks-hooked`` / ``refcount-table-switched``:
+   the new clusters are counted. A crash after these leaves leaked clusters only.
+2. ``autoclear-cleared`` (with bitmaps, or unknown autoclear bits): autoclear bit 0
+   is cleared. A crash from here until step 4 leaves bitmaps that every reader drops
+   (QEMU ignores an extension its autoclear bit does not vouch for); the old bitmaps
+   describe the old size, the new ones the new size, and no reader may meet either
+   with the other size.
+3. ``header-switched``: one write of bytes 24..47 (size, crypt_method, l1_size,
+   l1_table_offset), inside sector 0, so it lands whole or not at all: the old size
+   with the old L1 table, or the new size with the new one, never a size the L1 table
+   is too small for. With bitmaps, the new bitmaps extension (same length, in place)
+   is written in the same step; autoclear is clear, so either version is ignored.
+4. ``autoclear-set``: the new bitmaps are declared consistent.
+5. ``l2-updated`` / ``l1-updated`` (shrink): the L2 entries past the new end in the
+   last L2 table, and the L1 entries past it, become 0. They lie past the end of the
+   disk now, so no reader looks at them; a crash before leaves leaks only. QEMU
+   discards before it writes the size; doing it after means a crash never shows a
+   reader of the old size a tail that reads as zeros (or as the backing file).
+6. ``clusters-freed``: refcounts of the old L1 table, the old bitmap clusters and the
+   discarded clusters go down, after nothing references them. A crash before leaves
+   leaks (``qemu-img check -r leaks`` reclaims them), never a refcount lower than its
+   references.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+import numpy as np
+
+from .allocator import Allocator
+from .errors import BitmapError, UnsupportedError, UsageError
+from .format import bitmaps as bm
+from .format.extensions import EXT_BITMAPS
+from .format.header import AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, FIELD_OFFSET, MAX_L1_ENTRIES
+from .format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, compressed_span,
+                            l2_entries)
+from .journal import Transaction
+
+if TYPE_CHECKING:
+    from .image import Image
+
+Write = tuple[int, bytes]
+SECTOR = 512
+HEADER_SPAN = (FIELD_OFFSET["size"], FIELD_OFFSET["refcount_table_offset"])       # bytes 24..47
+REFTABLE_SPAN = (FIELD_OFFSET["refcount_table_offset"], FIELD_OFFSET["nb_snapshots"])  # bytes 48..59
+AUTOCLEAR = FIELD_OFFSET["autoclear_features"]
+
+
+def size_to_l1(size: int, cluster_size: int, extended_l2: bool) -> int:
+    """L1 entries a disk of ``size`` bytes needs (QEMU's ``size_to_l1``)."""
+    span = l2_entries(cluster_size, extended_l2) * cluster_size
+    return -(-size // span)
+
+
+def target_size(current: int, text: str) -> int:
+    """The size ``qemu-img resize FILE [+|-]SIZE`` asks for, before any rule is checked."""
+    from .create import parse_size
+    if text[:1] in "+-" and text:
+        delta = parse_size(text[1:])
+        return current + delta if text[0] == "+" else current - delta
+    return parse_size(text)
+
+
+def check_request(img: "Image", new_size: int, shrink: bool) -> None:
+    """Refuse what qemu-img resize refuses, in its order, before anything is staged."""
+    h = img.header
+    if new_size <= 0:
+        raise UsageError("New image size must be positive")
+    if new_size < h.size and not shrink:
+        raise UsageError("Use the --shrink option to perform a shrink operation.")
+    if new_size % SECTOR:
+        raise UsageError(f"The new size must be a multiple of {SECTOR}")
+    if h.nb_snapshots and h.version < 3:
+        raise UsageError(f"{img.path}: Can't resize a v2 image which has snapshots")
+    if h.nb_snapshots and new_size < h.size:
+        raise UnsupportedError(f"{img.path}: shrinking an image with internal snapshots is not supported "
+                               "(QEMU 7.2 allows it on v3 images; delete the snapshots or use qemu-img resize)")
+    if img.data_file is not None:
+        raise UnsupportedError(f"{img.path}: resizing an image with an external data file is not supported")
+    if not img.stale_bitmaps_ext:
+        for e in img.entries:
+            if e.in_use:
+                raise BitmapError(f"Bitmap '{e.name}' is inconsistent and cannot be used "
+                                  "(remove or repair it first: qjournal bitmap --remove/--repair)")
+            nbits = -(-new_size // e.granularity)
+            if -(-nbits // 8) > bm.MAX_BITMAP_BYTES:
+                raise BitmapError(f"bitmap {e.name!r} with granularity {e.granularity} would take "
+                                  f"{-(-nbits // 8)} bytes at {new_size} bytes, more than QEMU's limit of "
+                                  f"{bm.MAX_BITMAP_BYTES}")
+    if size_to_l1(new_size, h.cluster_size, h.extended_l2) > MAX_L1_ENTRIES:
+        raise UsageError("Failed to grow the L1 table: File too large "
+                         f"(a disk of {new_size} bytes needs an L1 table larger than QEMU's 32 MiB)")
+    if new_size > h.size and img.backing_name is not None:
+        from .guest import reader, release
+        try:
+            backing = reader(img).backing
+            longer = backing is not None and backing.size > h.size
+        finally:
+            release(img)
+        if longer:
+            raise UnsupportedError(f"{img.path}: growing over a backing file longer than the disk is not "
+                                   "supported (QEMU writes zeros over the new area so that the backing data "
+                                   "does not show through)")
+
+
+def resize(img: "Image", new_size: int, shrink: bool = False) -> None:
+    """Set the virtual size of ``img`` to ``new_size`` bytes in one journaled transaction.
+
+    Refusals raise before anything is written (the image stays byte-identical). See the
+    module docstring for the rules and the order of writes. Cost: O(L1 + the L2 tables
+    past a shrunken end + bitmap sizes).
+    """
+    if not img.writable:
+        raise UsageError(f"{img.path}: the image is open read-only")
+    if img._tx is not None:
+        raise UsageError("resize cannot join an open transaction: it commits its own")
+    check_request(img, new_size, shrink)
+    h = img.header
+    if new_size == h.size:
+        return
+    cs = h.cluster_size
+    alloc = Allocator(img.medium, h.cluster_bits, h.refcount_order, h.refcount_table_offset,
+                      h.refcount_table_clusters)
+    precommit: list[Write] = []
+    new_header = h.replace(size=new_size)
+    new_l1 = size_to_l1(new_size, cs, h.extended_l2)
+    l2_writes: list[Write] = []
+    l1_writes: list[Write] = []
+
+    if new_l1 > h.l1_size:
+        # A new, larger L1 table in free clusters: the old entries, then zeros.
+        table = np.zeros(new_l1, dtype=np.uint64)
+        table[:h.l1_size] = img.l1_table()
+        nclusters = -(-new_l1 * 8 // cs)
+        off = alloc.alloc(nclusters)
+        raw = table.astype(">u8").tobytes()
+        precommit.append((off, raw + bytes(nclusters * cs - len(raw))))
+        if h.l1_size:
+            alloc.free_clusters_of([(h.l1_table_offset, h.l1_size * 8)])
+        new_header = new_header.replace(l1_size=new_l1, l1_table_offset=off)
+    elif new_size < h.size:
+        l2_writes, l1_writes = _discard_tail(img, alloc, new_size)
+
+    bitmaps = bool(img.entries) and not img.stale_bitmaps_ext
+    ext_write: list[Write] = []
+    if bitmaps:
+        ext_write = [_resize_bitmaps(img, alloc, precommit, new_size)]
+
+    rplan = alloc.materialize()
+    precommit += rplan.precommit
+    steps: list[tuple[str, list[Write]]] = []
+    if rplan.increase:
+        steps.append(("refcounts-increased", rplan.increase))
+    if rplan.hook:
+        steps.append(("refcount-blocks-hooked", rplan.hook))
+    if rplan.new_reftable:
+        # One write of the reftable offset and cluster count (bytes 48..59, sector 0):
+        # the old table or the new one, and the new one already counts every block.
+        rt = h.replace(refcount_table_offset=rplan.new_reftable[0],
+                       refcount_table_clusters=rplan.new_reftable[1]).pack()
+        steps.append(("refcount-table-switched", [(REFTABLE_SPAN[0], rt[REFTABLE_SPAN[0]:REFTABLE_SPAN[1]])]))
+    ac_old = h.autoclear_features
+    ac = ac_old & AUTOCLEAR_KNOWN
+    if bitmaps:
+        steps.append(("autoclear-cleared", [(AUTOCLEAR, (ac & ~AUTOCLEAR_BITMAPS).to_bytes(8, "big"))]))
+    elif ac != ac_old:
+        steps.append(("autoclear-cleared", [(AUTOCLEAR, ac.to_bytes(8, "big"))]))
+    packed = new_header.pack()
+    steps.append(("header-switched", [(HEADER_SPAN[0], packed[HEADER_SPAN[0]:HEADER_SPAN[1]])] + ext_write))
+    if bitmaps:
+        steps.append(("autoclear-set", [(AUTOCLEAR, (ac | AUTOCLEAR_BITMAPS).to_bytes(8, "big"))]))
+    if l2_writes:
+        steps.append(("l2-updated", l2_writes))
+    if l1_writes:
+        steps.append(("l1-updated", l1_writes))
+    if rplan.free:
+        steps.append(("clusters-freed", rplan.free))
+
+    # Ordered mode: the new clusters are durable before the commit that makes anything
+    # point at them. A crash before the commit leaves unreferenced clusters.
+    for off, data in precommit:
+        img.medium.write(off, data)
+    img.medium.flush([(off, len(data)) for off, data in precommit])
+    jt = Transaction(description=f"resize {h.size} -> {new_size}")
+    for name, writes in steps:
+        jt.step(name)
+        for off, data in writes:
+            jt.write(off, data)
+    try:
+        img.journal.commit(jt)
+    finally:
+        img._load()
+
+
+def _discard_tail(img: "Image", alloc: Allocator, new_size: int) -> tuple[list[Write], list[Write]]:
+    """Stage the full discard of every cluster past ``new_size``: (L2 writes, L1 writes).
+
+    The L2 table that straddles the new end keeps its entries before it and gets zeros
+    after; every L2 table wholly past it is freed with its L1 entry zeroed. Data
+    clusters are freed (compressed ones by their span).
+    """
+    h = img.header
+    cs, ext = h.cluster_size, h.extended_l2
+    per_l2 = l2_entries(cs, ext)
+    words = 2 if ext else 1
+    first_gone = -(-new_size // cs)          # the first guest cluster past the new end
+    keep_l1 = size_to_l1(new_size, cs, ext)
+    l1 = img.l1_table()
+    l2_writes: list[Write] = []
+    l1_writes: list[Write] = []
+    for l1i in np.nonzero(l1 & np.uint64(L1E_OFFSET_MASK))[0].tolist():
+        if (l1i + 1) * per_l2 <= first_gone:
+            continue                          # wholly before the new end
+        start = max(0, first_gone - l1i * per_l2)
+        l1e = int(l1[l1i])
+        toff = l1e & L1E_OFFSET_MASK
+        raw = img.medium.array(toff, per_l2 * words, ">u8").astype(np.uint64)
+        if not l1e & OFLAG_COPIED:
+            raise UnsupportedError(f"L2 table at {toff:#x} (L1 index {l1i}) is shared; shrinking it needs "
+                                   "copy-on-write, which qjournal does not do")
+        for entry in raw[start * words::words].tolist():
+            if entry & OFLAG_COMPRESSED:
+                alloc.free_clusters_of([compressed_span(entry, h.cluster_bits)])
+            elif entry & L2E_OFFSET_MASK:
+                alloc.free(entry & L2E_OFFSET_MASK, 1)
+        if l1i < keep_l1:
+            lo = start * words * 8
+            if raw[start * words:].any():
+                l2_writes.append((toff + lo, bytes(per_l2 * words * 8 - lo)))
+        else:
+            alloc.free(toff, 1)
+            l1_writes.append((h.l1_table_offset + 8 * l1i, bytes(8)))
+    return l2_writes, l1_writes
+
+
+def _resize_bitmaps(img: "Image", alloc: Allocator, precommit: list[Write], new_size: int) -> Write:
+    """Stage every bitmap at ``new_size`` in new clusters, and a new directory.
+
+    Bits of a grown area are clear, bits past a shrunken end are dropped (QEMU's
+    ``bdrv_dirty_bitmap_truncate``, then its store at close). Returns the write of the
+    new bitmaps extension data, in place (same length).
+    """
+    h = img.header
+    cs = h.cluster_size
+    entries = []
+    for e in img.entries:
+        old_bits = img.bitmaps[e.name].bits()
+        nbits = -(-new_size // e.granularity)
+        bits = np.zeros(-(-nbits // 8), dtype=np.uint8)
+        n = min(len(bits), len(old_bits))
+        bits[:n] = old_bits[:n]
+        if nbits % 8:
+            bits[-1] &= (1 << (nbits % 8)) - 1
+        tsize = bm.table_size_for(new_size, e.granularity_bits, cs)
+        table = np.zeros(tsize, dtype=np.uint64)
+        padded = np.zeros(tsize * cs, dtype=np.uint8)
+        padded[:len(bits)] = bits
+        chunks = padded.reshape(tsize, cs)
+        used = np.nonzero(chunks.any(axis=1))[0]
+        if len(used):
+            start = alloc.alloc(len(used))
+            precommit.append((start, chunks[used].tobytes()))
+            table[used] = np.uint64(start) + np.arange(len(used), dtype=np.uint64) * np.uint64(cs)
+        tclusters = -(-tsize * 8 // cs)
+        toff = alloc.alloc(tclusters)
+        raw = table.astype(">u8").tobytes()
+        precommit.append((toff, raw + bytes(tclusters * cs - len(raw))))
+        old = img.bitmap_table(e) & np.uint64(bm.TE_OFFSET_MASK)
+        for off in old[old != 0].tolist():
+            alloc.free(int(off), 1)
+        if e.table_size:
+            alloc.free_clusters_of([(e.table_offset, e.table_size * 8)])
+        entries.append(attrs.evolve(e, table_offset=toff, table_size=tsize))
+    directory = bm.pack_directory(entries)
+    nclusters = -(-len(directory) // cs)
+    doff = alloc.alloc(nclusters)
+    precommit.append((doff, directory + bytes(nclusters * cs - len(directory))))
+    be = img.bitmaps_ext
+    assert be is not None
+    alloc.free_clusters_of([(be.directory_offset, be.directory_size)])
+    ext = next(x for x in img.extensions if x.type == EXT_BITMAPS)
+    data = bm.BitmapsExtension(len(entries), len(directory), doff).pack()
+    return ext.offset + 8, data

@@ -353,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_guest import add_parsers
     add_parsers(sub)
+    from .cli_resize import add_parsers as add_resize
+    add_resize(sub)
     return p
 
 

@@ -213,7 +213,8 @@ def resize(img: "Image", new_size: int, shrink: bool = False) -> None:
     # point at them. A crash before the commit leaves unreferenced clusters.
     for off, data in precommit:
         img.medium.write(off, data)
-    img.medium.flush([(off, len(data)) for off, data in precommit])
+    if precommit:
+        img.medium.flush([(off, len(data)) for off, data in precommit])
     jt = Transaction(description=f"resize {h.size} -> {new_size}")
     for name, writes in steps:
         jt.step(name)

@@ -1,15 +1,45 @@
 """``qjournal check``: rebuild the refcounts from every reference and compare.
 
-The semantics and counters are qemu-img's: a cluster whose on-disk refcount is
-higher than its references is a leak, lower is a corruption; references outside the
-file or unaligned are corruptions. Repair (``-r leaks`` / ``-r all``) is one journaled
-transaction: refcount increases first, then dropping what must go (a damaged bitmaps
-extension), then decreases, so a crash in between only ever leaves leaks.
+The semantics and counters are qemu-img 7.2's (``qcow2_check_refcounts``):
 
-qjournal also repairs what ``qemu-img check -r all`` leaves alone: with ``-r all`` a
-bitmaps extension too damaged to open is dropped (the autoclear rule: as if a program
-without bitmap support had written the image), and bitmaps left ``in_use`` are made
-all-dirty and consistent.
+* every reference adds one to the cluster that holds its first byte: the header
+  cluster, the active L1 table and its L2 tables and data clusters, each snapshot's
+  L1 table and everything under it, the snapshot table, the refcount table, the LUKS
+  header, the bitmap directory, tables and data, and last the refcount blocks;
+* an L1 or standard L2 entry with reserved bits set, an unaligned L2 table or data
+  cluster offset, the COPIED flag on a compressed cluster, a refcount block that is
+  unaligned, outside the file or referenced more than once are corruptions;
+* a cluster whose on-disk refcount is higher than its references is a leak, lower
+  is a corruption; a referenced cluster whose refcount is 0 means the refcount
+  structure itself must be rebuilt (as does any damaged refcount block entry);
+* COPIED flags of the active tables are judged last, against the refcounts as they
+  are after the repair;
+* references past the end of the file count (QEMU reads zeros there): they make the
+  image end offset larger and show as refcount-0 corruptions.
+
+Repair (``-r leaks`` / ``-r all``) is one journaled transaction (two when in-use
+bitmaps are made consistent after a rebuild). In place, when the refcount structure
+is sound: refcount increases first, then dropping what must go, then decreases, so a
+crash in between only ever leaves leaks. Otherwise (``-r all`` only; QEMU's
+``rebuild_refcount_structure``): a fresh refcount table and blocks holding the final
+counts are written past the end of the file, where nothing references them, and made
+durable; the transaction then switches the header to them in one sector write. A
+crash before the switch leaves the old image and a longer file with unreferenced
+clusters (invisible); after it, the new counts. The old table and blocks are simply
+free in the new counts.
+
+qjournal also repairs what ``qemu-img check -r all`` leaves alone, always by dropping
+a reference that cannot be read anyway (QEMU fails the read or returns zeros):
+
+* an L1 entry whose L2 table is unaligned, past the end of the file, or inside
+  other metadata (header, L1, refcount or snapshot table, refcount block, bitmaps)
+  is cleared: its guest range becomes unallocated;
+* an L2 entry whose data cluster is unaligned, past the end of the file, or inside
+  metadata other than a refcount block (a rebuild moves those away instead, as QEMU
+  does) becomes a zero cluster (unallocated on a v2 image, which has none);
+* a bitmaps extension too damaged to open is dropped (the autoclear rule: as if a
+  program without bitmap support had written the image), and bitmaps left
+  ``in_use`` are made all-dirty and consistent.
 """
 from __future__ import annotations
 
@@ -18,10 +48,14 @@ import numpy as np
 
 from .format import bitmaps as bm
 from .format import refcount as rc
+from .format.extensions import EXT_CRYPTO
 from .format.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
-from .format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
-                            compressed_geometry, l2_entries)
-from .image import Image
+from .format.tables import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
+                            OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, compressed_geometry, l2_entries)
+from .image import Image, TxState
+
+MAX_MESSAGES = 300
+U64 = np.uint64
 
 
 @attrs.define
@@ -62,203 +96,552 @@ class CheckResult:
             return 3
         return 0
 
+    def error(self, text: str, corruptions: int = 1) -> None:
+        self.corruptions += corruptions
+        self.say(f"ERROR {text}")
 
-class _Refs:
-    """Expected refcounts, accumulated from references (vectorised with numpy)."""
-
-    def __init__(self, img: Image, result: CheckResult) -> None:
-        self.cs = img.header.cluster_size
-        self.file_size = img.medium.size
-        self.n = -(-self.file_size // self.cs)
-        self.counts = np.zeros(self.n, dtype=np.int64)
-        self.result = result
-
-    def add_range(self, off: int, length: int, what: str) -> None:
-        if length <= 0:
-            return
-        if off % self.cs and what != "compressed data":
-            self.result.corruptions += 1
-            self.result.messages.append(f"ERROR {what} offset {off:#x} is not cluster aligned")
-            return
-        first, last = off // self.cs, (off + length - 1) // self.cs
-        if last >= self.n:
-            self.result.corruptions += 1
-            self.result.messages.append(f"ERROR {what} at {off:#x} lies past the end of the file")
-            return
-        self.counts[first:last + 1] += 1
-
-    def add_clusters(self, offsets: np.ndarray, what: str) -> None:
-        offsets = offsets.astype(np.uint64)
-        bad = (offsets % np.uint64(self.cs) != 0) | (offsets // np.uint64(self.cs) >= np.uint64(self.n))
-        for off in offsets[bad].tolist():
-            self.result.corruptions += 1
-            self.result.messages.append(f"ERROR {what} at {int(off):#x} is unaligned or past the end of the file")
-        np.add.at(self.counts, (offsets[~bad] // np.uint64(self.cs)).astype(np.int64), 1)
+    def say(self, text: str) -> None:
+        if len(self.messages) < MAX_MESSAGES:
+            self.messages.append(text)
 
 
 @attrs.define
-class _Copied:
-    """Table entries whose COPIED flag must say "refcount is exactly 1" (active L1 only)."""
+class _Entries:
+    """Table entries of the active tables whose COPIED flag must mean "refcount is 1"."""
 
-    pos: list[int] = attrs.Factory(list)      # byte offset of the entry in the image
-    value: list[int] = attrs.Factory(list)
-    what: list[str] = attrs.Factory(list)     # "L2 cluster" or "data cluster"
+    pos: list[np.ndarray] = attrs.Factory(list)      # byte offset of the entry in the image
+    value: list[np.ndarray] = attrs.Factory(list)    # the entry
+    keep: list[np.ndarray] = attrs.Factory(list)     # False where -r all drops the entry
+
+    def add(self, pos: np.ndarray, value: np.ndarray, keep: np.ndarray) -> None:
+        self.pos.append(pos.astype(np.int64))
+        self.value.append(value.astype(U64))
+        self.keep.append(keep.astype(bool))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.pos:
+            return np.zeros(0, np.int64), np.zeros(0, U64), np.zeros(0, bool)
+        return np.concatenate(self.pos), np.concatenate(self.value), np.concatenate(self.keep)
 
 
-def _walk_l1(img: Image, refs: _Refs, l1_offset: int, l1_size: int, result: CheckResult, active: bool,
-             copied: _Copied | None = None) -> None:
-    h, cs = img.header, img.header.cluster_size
-    l1 = img.medium.array(l1_offset, l1_size, ">u8").astype(np.uint64) if l1_size else np.zeros(0, np.uint64)
-    l2s = l1 & np.uint64(L1E_OFFSET_MASK)
-    if copied is not None:
-        for i in np.nonzero(l2s)[0].tolist():
-            copied.pos.append(l1_offset + 8 * i)
-            copied.value.append(int(l1[i]))
-            copied.what.append("L2 cluster")
-    l2s = l2s[l2s != 0]
-    refs.add_clusters(l2s, "L2 table")
-    ext = h.extended_l2
-    per = l2_entries(cs, ext)
-    offset_mask, shift, mask = compressed_geometry(h.cluster_bits)
-    prev_end = None
-    for l2off in l2s.tolist():
-        if l2off % cs or l2off + cs > refs.file_size:
-            continue
-        raw = img.medium.array(int(l2off), per * (2 if ext else 1), ">u8").astype(np.uint64)
-        ent = raw[::2] if ext else raw
-        comp = (ent & np.uint64(OFLAG_COMPRESSED)) != 0
-        std = ent[~comp] & np.uint64(L2E_OFFSET_MASK)
-        std = std[std != 0]
-        if not img.data_file:
-            refs.add_clusters(std, "data cluster")
-            if copied is not None:
-                stride = 16 if ext else 8
-                for j in np.nonzero(~comp & ((ent & np.uint64(L2E_OFFSET_MASK)) != 0))[0].tolist():
-                    copied.pos.append(int(l2off) + stride * j)
-                    copied.value.append(int(ent[j]))
-                    copied.what.append("data cluster")
-        for e in ent[comp].tolist():
-            off = e & offset_mask
-            nsec = ((e >> shift) & mask) + 1
-            refs.add_range(off, nsec * 512 - (off & 511), "compressed data")
+class _Scan:
+    """Every reference of the image, as cluster indices (QEMU's in-memory refcount table)."""
+
+    def __init__(self, img: Image, result: CheckResult) -> None:
+        h = img.header
+        self.img, self.result = img, result
+        self.cs, self.cb = h.cluster_size, h.cluster_bits
+        self.fsize = img.medium.size
+        self.n = -(-self.fsize // self.cs)
+        self.refs: list[np.ndarray] = []       # every reference
+        self.dropped: list[np.ndarray] = []    # references a repair removes with their entries
+        self.refstruct: list[int] = []         # clusters of the refcount table and blocks (counted once each)
+        self.l1_writes: list[tuple[int, bytes]] = []
+        self.l2_writes: list[tuple[int, bytes]] = []
+        self.copied = _Entries()
+        self.rebuild = False
+        # Metadata that an L2 table or data cluster must not share a cluster with.
+        self.meta = np.zeros(self.n, dtype=bool)
+        self.refblocks = np.zeros(self.n, dtype=bool)
+        self.l2_tables = np.zeros(self.n, dtype=bool)
+
+    # -- reading, zeros past the end of the file (as QEMU reads) ---------------
+    def read_u64(self, off: int, count: int) -> np.ndarray:
+        out = np.zeros(count, dtype=U64)
+        if off % 8 == 0:
+            avail = max(0, min(count, (self.fsize - off) // 8))
+            if avail:
+                out[:avail] = self.img.medium.array(off, avail, ">u8")
+            return out
+        avail = max(0, min(count * 8, self.fsize - off))
+        raw = bytearray(count * 8)
+        raw[:avail] = self.img.medium.read(off, avail)
+        return np.frombuffer(bytes(raw), dtype=">u8").astype(U64)
+
+    # -- counting ---------------------------------------------------------------
+    def span(self, off: int, length: int) -> np.ndarray:
+        if length <= 0:
+            return np.zeros(0, np.int64)
+        return np.arange(off // self.cs, (off + length - 1) // self.cs + 1, dtype=np.int64)
+
+    def add_range(self, off: int, length: int, meta: bool = True) -> None:
+        clusters = self.span(off, length)
+        self.refs.append(clusters)
+        if meta:
+            self.meta[clusters[clusters < self.n]] = True
+
+    def walk_l1(self, l1_offset: int, l1_size: int, active: bool) -> None:
+        """Count an L1 table, its L2 tables and their clusters (``check_refcounts_l1``)."""
+        res, cs = self.result, self.cs
+        l1 = self.read_u64(l1_offset, l1_size)
+        idx = np.nonzero(l1)[0]
+        ent = l1[idx]
+        bad = np.nonzero(ent & U64(L1E_RESERVED_MASK))[0]
+        for i in bad.tolist()[:20]:
+            res.say(f"ERROR found L1 entry with reserved bits set: {int(ent[i]):#x}")
+        res.corruptions += len(bad)
+        l2off = ent & U64(L1E_OFFSET_MASK)
+        l2c = (l2off // U64(cs)).astype(np.int64)
+        unaligned = (l2off % U64(cs)) != 0
+        for o in l2off[unaligned].tolist()[:20]:
+            res.say(f"ERROR l2_offset={o:#x}: Table is not cluster aligned; L1 entry corrupted")
+        res.corruptions += int(unaligned.sum())
+        past = l2off + U64(cs) > U64(self.fsize)
+        inside = ~past & ~unaligned
+        clash = np.zeros(len(ent), dtype=bool)
+        clash[inside] = self.meta[l2c[inside]] | self.refblocks[l2c[inside]]
+        drop = unaligned | past | clash
+        self.refs.append(l2c)
+        self.dropped.append(l2c[drop])
+        for i in np.nonzero(drop)[0].tolist():
+            self.l1_writes.append((l1_offset + 8 * int(idx[i]), bytes(8)))
         if active:
-            result.allocated_clusters += int(len(std) + comp.sum())
-            result.compressed_clusters += int(comp.sum())
-            if len(std):
-                s = std.astype(np.int64)
-                breaks = int((np.diff(s) != cs).sum())
-                if prev_end is not None and int(s[0]) != prev_end:
-                    breaks += 1
-                result.fragmented_clusters += breaks
-                prev_end = int(s[-1]) + cs
+            self.copied.add(l1_offset + 8 * idx, ent, ~drop)
+        self._walk_l2(l2off, drop, active)
+
+    def _walk_l2(self, l2off: np.ndarray, l1_drop: np.ndarray, active: bool) -> None:
+        """Every L2 table of one L1 at once (``check_refcounts_l2``), vectorised over entries."""
+        if not len(l2off):
+            return
+        img, res, cs = self.img, self.result, self.cs
+        ext = img.header.extended_l2
+        per = l2_entries(cs, ext)
+        width = 2 if ext else 1
+        tables = np.stack([self.read_u64(int(o), per * width) for o in l2off.tolist()])
+        ent = tables[:, ::2] if ext else tables
+        comp = (ent & U64(OFLAG_COMPRESSED)) != 0
+        off = ent & U64(L2E_OFFSET_MASK)
+        std = ~comp & (off != 0)        # normal and preallocated zero clusters
+        resv = ~comp & ((ent & U64(L2E_RESERVED_MASK)) != 0)
+        for e in ent[resv].tolist()[:20]:
+            res.say(f"ERROR found l2 entry with reserved bits set: {e:#x}")
+        res.corruptions += int(resv.sum())
+        stride = 8 * width
+        base = l2off.astype(np.int64)[:, None]
+        pos = base + stride * np.arange(per, dtype=np.int64)[None, :]
+        table_dropped = np.broadcast_to(l1_drop[:, None], ent.shape)
+
+        # Compressed clusters: the bytes they occupy, never COPIED.
+        if comp.any():
+            centries = ent[comp]
+            copied = (centries & U64(OFLAG_COPIED)) != 0
+            for e in centries[copied].tolist()[:20]:
+                res.say(f"ERROR: coffset={e & compressed_geometry(self.cb)[0]:#x}: copied flag must never be "
+                        "set for compressed clusters")
+            res.corruptions += int(copied.sum())
+            mask, shift, smask = compressed_geometry(self.cb)
+            coff = (centries & U64(mask)).astype(np.int64)
+            nsec = ((centries >> U64(shift)) & U64(smask)).astype(np.int64) + 1
+            csize = nsec * 512 - (coff & 511)
+            first, last = coff // cs, (coff + csize - 1) // cs
+            past = coff + csize > self.fsize
+            cdrop = table_dropped[comp]
+            for k in range(int((last - first).max()) + 1):
+                sel = first + k <= last
+                self.refs.append((first + k)[sel])
+                self.dropped.append((first + k)[sel & (past | cdrop)])
+            fix = past & ~cdrop
+            for p in pos[comp][fix].tolist():
+                self.l2_writes.append((p, self._zero_entry()))
+            if active:
+                n = int(comp.sum())
+                res.allocated_clusters += n
+                res.compressed_clusters += n
+                res.fragmented_clusters += n   # QEMU: compressed clusters are fragmented by nature
+
+        # Normal and preallocated zero clusters.
+        rows, cols = np.nonzero(std)
+        offs = off[rows, cols]
+        unaligned = (offs % U64(cs)) != 0
+        for o in offs[unaligned].tolist()[:20]:
+            res.say(f"ERROR offset={o:#x}: Cluster is not properly aligned; L2 entry corrupted.")
+        res.corruptions += int(unaligned.sum())
+        if active:
+            res.allocated_clusters += len(offs)
+            if len(offs) > 1:
+                jump = offs[1:] != offs[:-1] + U64(cs)
+                res.fragmented_clusters += int((jump & (rows[1:] == rows[:-1])).sum())
+        cl = (offs // U64(cs)).astype(np.int64)
+        past = offs + U64(cs) > U64(self.fsize)
+        inside = ~past & ~unaligned
+        clash = np.zeros(len(offs), dtype=bool)
+        if not img.data_file:
+            clash[inside] = self.meta[cl[inside]] | self.l2_tables[cl[inside]]
+        drop = unaligned | past | clash
+        already = l1_drop[rows]
+        if not img.data_file:
+            self.refs.append(cl)
+            self.dropped.append(cl[drop | already])
+        for p in pos[rows, cols][drop & ~already].tolist():
+            self.l2_writes.append((p, self._zero_entry()))
+        if active:
+            self.copied.add(pos[rows, cols], ent[rows, cols], ~(drop | already))
+
+    def _zero_entry(self) -> bytes:
+        """An L2 entry that reads as zeros (unallocated on v2, which has no zero flag)."""
+        h = self.img.header
+        if h.extended_l2:
+            return bytes(8) + (0xFFFFFFFF << 32).to_bytes(8, "big")
+        return (OFLAG_ZERO if h.version >= 3 else 0).to_bytes(8, "big")
+
+
+def _l2_table_mask(img: Image, scan: _Scan) -> tuple[np.ndarray, list[tuple[int, int, bool]]]:
+    """Clusters holding an L2 table (active or snapshot), and the L1 tables to walk."""
+    l1s = [(img.header.l1_table_offset, img.header.l1_size, True)]
+    l1s += [(s.l1_table_offset, s.l1_size, False) for s in img.snapshots]
+    mask = np.zeros(scan.n, dtype=bool)
+    for off, size, _ in l1s:
+        l2 = scan.read_u64(off, size) & U64(L1E_OFFSET_MASK)
+        l2 = l2[(l2 != 0) & (l2 % U64(scan.cs) == 0)] // U64(scan.cs)
+        mask[l2[l2 < U64(scan.n)].astype(np.int64)] = True
+    return mask, l1s
+
+
+class _OnDisk:
+    """The refcounts as the image's refcount table and blocks say, read without trusting them."""
+
+    def __init__(self, img: Image, scan: _Scan) -> None:
+        h = img.header
+        self.scan, self.order = scan, h.refcount_order
+        self.epb = rc.entries_per_block(scan.cs, h.refcount_order)
+        self.table = scan.read_u64(h.refcount_table_offset, h.refcount_table_clusters * scan.cs // 8)
+
+    def block(self, bi: int) -> np.ndarray | None:
+        """Counts of block ``bi`` (None where QEMU's read of it fails: a damaged entry)."""
+        if bi >= len(self.table):
+            return np.zeros(self.epb, np.int64)
+        e = int(self.table[bi])
+        if not e:
+            return np.zeros(self.epb, np.int64)
+        off = e & rc.RT_OFFSET_MASK
+        if e & rc.RT_RESERVED_MASK or off % self.scan.cs:
+            return None
+        cs, fsize = self.scan.cs, self.scan.fsize
+        raw = bytearray(cs)
+        avail = max(0, min(cs, fsize - off))
+        if avail:
+            raw[:avail] = self.scan.img.medium.read(off, avail)
+        return rc.unpack_block(bytes(raw), self.order).astype(np.int64)
+
+    def counts(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(refcounts, unreadable) of clusters ``0 .. n-1``."""
+        out = np.zeros(n, np.int64)
+        err = np.zeros(n, dtype=bool)
+        for bi in range(min(-(-n // self.epb), len(self.table))):
+            lo, hi = bi * self.epb, min(n, (bi + 1) * self.epb)
+            b = self.block(bi)
+            if b is None:
+                err[lo:hi] = True
+            else:
+                out[lo:hi] = b[:hi - lo]
+        return out, err
+
+    def lookup(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(refcounts, unreadable) of arbitrary clusters (those past the end of the file)."""
+        out = np.zeros(len(clusters), np.int64)
+        err = np.zeros(len(clusters), dtype=bool)
+        for bi in np.unique(clusters // self.epb).tolist():
+            sel = clusters // self.epb == bi
+            b = self.block(int(bi))
+            if b is None:
+                err[sel] = True
+            else:
+                out[sel] = b[clusters[sel] % self.epb]
+        return out, err
+
+
+def _bincount(parts: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Counts of clusters below ``n``, and (clusters, counts) of those at or above it."""
+    allc = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    inside = allc < n
+    counts = np.bincount(allc[inside], minlength=n).astype(np.int64)
+    far, far_n = np.unique(allc[~inside], return_counts=True)
+    return counts, far.astype(np.int64), far_n.astype(np.int64)
 
 
 def check(img: Image, repair: str | None = None) -> CheckResult:
-    """Check ``img`` (and repair with ``repair`` = ``"leaks"`` or ``"all"``)."""
+    """Check ``img`` (and repair with ``repair`` = ``"leaks"`` or ``"all"``).
+
+    Cost: one read of every L1 and L2 table and every refcount block, O(clusters) numpy.
+    """
     h, cs = img.header, img.header.cluster_size
     result = CheckResult(img.path)
     result.total_clusters = -(-h.size // cs)
-    refs = _Refs(img, result)
+    scan = _Scan(img, result)
     # Header, refcount table, active L1, snapshot table, bitmap directory and tables.
     for off, length, what in img.metadata_ranges():
-        refs.add_range(off, length, what)
-    copied = _Copied()
-    _walk_l1(img, refs, h.l1_table_offset, h.l1_size, result, True, copied)
+        scan.add_range(off, length)
+        if what == "refcount table":
+            scan.refstruct += scan.span(off, length).tolist()
     for s in img.snapshots:
-        refs.add_range(s.l1_table_offset, s.l1_size * 8, "snapshot L1 table")
-        _walk_l1(img, refs, s.l1_table_offset, s.l1_size, result, False)
-    rt = img.medium.array(h.refcount_table_offset, h.refcount_table_clusters * cs // 8, ">u8").astype(np.uint64)
-    refs.add_clusters(rt[rt != 0] & np.uint64(rc.RT_OFFSET_MASK), "refcount block")
+        scan.add_range(s.l1_table_offset, s.l1_size * 8)
+    crypto = next((e for e in img.extensions if e.type == EXT_CRYPTO), None)
+    if crypto is not None and len(crypto.data) >= 16:
+        scan.add_range(int.from_bytes(crypto.data[:8], "big"), int.from_bytes(crypto.data[8:16], "big"))
+    ondisk = _OnDisk(img, scan)
+    rt = ondisk.table
+    rb = rt & U64(rc.RT_OFFSET_MASK)
+    ok = (rt != 0) & ((rt & U64(rc.RT_RESERVED_MASK)) == 0) & (rb % U64(cs) == 0) & (rb < U64(scan.fsize))
+    scan.refblocks[(rb[ok] // U64(cs)).astype(np.int64)] = True
     drop_bitmaps = img.bitmaps_damage is not None and repair == "all"
     if img.bitmaps_damage is not None:
-        result.corruptions += 1
-        result.messages.append(f"ERROR {img.bitmaps_damage}")
+        result.error(str(img.bitmaps_damage))
     if img.bitmaps_ext is not None:
         for e in img.entries:
-            t = img.bitmap_table(e) & np.uint64(bm.TE_OFFSET_MASK)
-            refs.add_clusters(t[t != 0], f"bitmap data of {e.name!r}")
+            t = img.bitmap_table(e) & U64(bm.TE_OFFSET_MASK)
+            t = t[t != 0]
+            clusters = (t // U64(cs)).astype(np.int64)
+            scan.refs.append(clusters)
+            scan.meta[clusters[clusters < scan.n]] = True
             if e.in_use:
-                result.messages.append(f"Bitmap {e.name!r} is in use (inconsistent)"
-                                       + ("; made all-dirty" if repair == "all" else ""))
-    expected = refs.counts
-    from .allocator import Allocator
-    alloc = Allocator(img.medium, h.cluster_bits, h.refcount_order, h.refcount_table_offset,
-                      h.refcount_table_clusters)
-    ondisk = alloc.all_refcounts(refs.n).astype(np.int64)
-    leaks = np.nonzero(ondisk > expected)[0]
-    low = np.nonzero(ondisk < expected)[0]
-    for c in low.tolist()[:100]:
-        result.messages.append(f"ERROR cluster {c} refcount={ondisk[c]} reference={expected[c]}")
-    for c in leaks.tolist()[:100]:
-        result.messages.append(f"Leaked cluster {c} refcount={ondisk[c]} reference={expected[c]}")
-    result.leaks += len(leaks)
-    result.corruptions += len(low)
-    # COPIED flags are judged against the refcounts as they will be after the repair,
-    # as QEMU does: fixed refcounts usually make the flags right again.
-    final = ondisk.copy()
-    if repair in ("leaks", "all"):
-        final = np.where(ondisk > expected, expected, final)
+                result.say(f"Bitmap {e.name!r} is in use (inconsistent)" + ("; made all-dirty" if repair == "all" else ""))
+    scan.l2_tables, l1s = _l2_table_mask(img, scan)
+    for off, size, active in l1s:
+        scan.walk_l1(off, size, active)
+    expected, far, far_n = _bincount(scan.refs, scan.n)
+    _count_refblocks(scan, rt, expected, far)
+    expected, far, far_n = _bincount(scan.refs, scan.n)
+    # The refcount of a cluster QEMU's counter holds at its maximum is an error per extra reference.
+    top = rc.max_refcount(h.refcount_order)
+    over = int(np.maximum(expected - top, 0).sum()) + int(np.maximum(far_n - top, 0).sum())
+    if over:
+        result.error(f"{over} references overflow the {h.refcount_bits}-bit refcounts", over)
+        expected, far_n = np.minimum(expected, top), np.minimum(far_n, top)
+
+    disk, err = ondisk.counts(scan.n)
+    disk_far, err_far = ondisk.lookup(far)
+    result.check_errors += int(err.sum()) + int(err_far.sum())
+    if err.any() or err_far.any():
+        result.say(f"ERROR: {int(err.sum() + err_far.sum())} refcounts cannot be read (damaged refcount table entry)")
+    good, good_far = ~err, ~err_far
+    leaks = good & (disk > expected)
+    low = good & (disk < expected)
+    low_far = good_far & (disk_far < far_n)
+    leaks_far = good_far & (disk_far > far_n)
+    # QEMU rebuilds the refcount structure when a referenced cluster has no refcount.
+    unrefd = bool((low & (disk == 0)).any() or (low_far & (disk_far == 0)).any())
+    for c in np.nonzero(low)[0].tolist()[:100]:
+        result.say(f"ERROR cluster {c} refcount={disk[c]} reference={expected[c]}")
+    for c, d, e in zip(far[low_far].tolist()[:100], disk_far[low_far].tolist(), far_n[low_far].tolist()):
+        result.say(f"ERROR cluster {c} refcount={d} reference={e} (past the end of the file)")
+    for c in np.nonzero(leaks)[0].tolist()[:100]:
+        result.say(f"Leaked cluster {c} refcount={disk[c]} reference={expected[c]}")
+    result.corruptions += int(low.sum()) + int(low_far.sum())
+    result.leaks += int(leaks.sum()) + int(leaks_far.sum())
+    used = np.nonzero(good & ((expected > 0) | (disk > 0)))[0]
+    highest = int(used[-1]) if len(used) else 0
+    if len(far):
+        used_far = far[good_far & ((far_n > 0) | (disk_far > 0))]
+        highest = max(highest, int(used_far[-1])) if len(used_far) else highest
+    result.image_end_offset = (highest + 1) * cs
+
+    # A damaged refcount table or block is replaced; missing counts are added in place.
+    rebuild = repair == "all" and (scan.rebuild or bool(err.any()) or bool(err_far.any()))
+    if repair == "leaks" and (scan.rebuild or unrefd or err.any() or err_far.any()):
+        # QEMU gives up here ("need to rebuild refcount structures"); so do we, untouched.
+        result.say("ERROR need to rebuild refcount structures (use -r all)")
+        _judge_copied(img, scan, disk, err, far, disk_far, result, fix=False)
+        return result
+
+    # What the refcounts will be after the repair (COPIED flags are judged against them).
     if repair == "all":
-        final = expected
-    # QEMU repairs flags with -r all, and with -r leaks only when nothing else is wrong.
-    fix_flags = repair == "all" or (repair == "leaks" and not len(low) and not result.check_errors
-                                    and result.corruptions == 0)
-    flag_fixes: list[tuple[int, bytes]] = []
-    for pos, value, what in zip(copied.pos, copied.value, copied.what):
-        c = (value & L2E_OFFSET_MASK) // cs
-        if c >= len(final):
-            continue
-        want = int(final[c]) == 1
-        if bool(value & OFLAG_COPIED) != want:
-            result.corruptions += 1
-            if len(result.messages) < 300:
-                result.messages.append(f"ERROR OFLAG_COPIED {what}: entry at {pos:#x} is {value:#018x}, "
-                                       f"refcount={int(final[c])}")
-            new = (value | OFLAG_COPIED) if want else (value & ~OFLAG_COPIED)
-            flag_fixes.append((pos, new.to_bytes(8, "big")))
-    used = np.nonzero(np.maximum(expected, ondisk))[0]
-    result.image_end_offset = (int(used[-1]) + 1) * cs if len(used) else cs
+        kept = _subtract(expected, scan.dropped)
+        final = kept if not rebuild else _without(kept, scan.refstruct)
+    elif repair == "leaks":
+        final = np.where(leaks, expected, disk)
+    else:
+        final = disk
+    fix_flags = repair == "all" or (repair == "leaks" and not low.any() and result.corruptions == 0
+                                    and not result.check_errors)
+    flag_fixes = _judge_copied(img, scan, final, err if repair != "all" else np.zeros_like(err),
+                               far, disk_far, result, fix=fix_flags)
+
+    if repair is None:
+        return result
+    if repair == "leaks":
+        if leaks.any() or flag_fixes:
+            _repair_in_place(img, "leaks", final, disk, flag_fixes, [], [], reserve=expected)
+            result.leaks_fixed, result.leaks = int(leaks.sum()), result.leaks - int(leaks.sum())
+            result.corruptions_fixed += len(flag_fixes)
+            result.corruptions -= len(flag_fixes)
+        return result
+
+    drops = len(scan.l1_writes) + len(scan.l2_writes)
     flags = h.incompatible_features & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
-    if not fix_flags:
-        flag_fixes = []
-    if repair in ("leaks", "all") and (len(leaks) or flag_fixes or (repair == "all" and (
-            len(low) or drop_bitmaps or flags or any(e.in_use for e in img.entries)))):
-        _repair(img, repair, expected, ondisk, result, drop_bitmaps, flag_fixes)
+    in_use = any(e.in_use for e in img.entries)
+    if not (result.corruptions or result.leaks or result.check_errors or flag_fixes or drops
+            or drop_bitmaps or flags or in_use):
+        return result
+    if rebuild:
+        _rebuild(img, final, expected, scan, flag_fixes)
+        if in_use:
+            with img.transaction("check -r all: bitmaps in use"):
+                for e in list(img.entries):
+                    if e.in_use:
+                        img.bitmaps.repair(e.name)
+    else:
+        _repair_in_place(img, "all", final, disk, flag_fixes, scan.l1_writes, scan.l2_writes, reserve=expected)
+    if drops:
+        result.say(f"Dropped {drops} table entries that pointed at unreadable or misplaced clusters")
+    if drop_bitmaps:
+        result.say("Dropped the damaged bitmaps extension; its clusters were reclaimed")
+    result.leaks_fixed, result.leaks = result.leaks, 0
+    result.corruptions_fixed += result.corruptions + result.check_errors
+    result.corruptions = result.check_errors = 0
     return result
 
 
-def _repair(img: Image, repair: str, expected: np.ndarray, ondisk: np.ndarray, result: CheckResult,
-            drop_bitmaps: bool, flag_fixes: list[tuple[int, bytes]]) -> None:
+def _count_refblocks(scan: _Scan, rt: np.ndarray, expected: np.ndarray, far: np.ndarray) -> None:
+    """QEMU's ``check_refblocks``: each refcount block, in table order, after everything else."""
+    res, cs = scan.result, scan.cs
+    nb = max(scan.n, int(far[-1]) + 1 if len(far) else 0)
+    seen: dict[int, int] = {}
+    extra: list[int] = []
+    for i in np.nonzero(rt)[0].tolist():
+        e = int(rt[i])
+        off = e & rc.RT_OFFSET_MASK
+        if e & rc.RT_RESERVED_MASK:
+            res.error(f"refcount table entry {i} has reserved bits set")
+            scan.rebuild = True
+            continue
+        if off % cs:
+            res.error(f"refcount block {i} is not cluster aligned; refcount table entry corrupted")
+            scan.rebuild = True
+            continue
+        c = off // cs
+        if c >= nb:
+            res.error(f"refcount block {i} is outside image")
+            scan.rebuild = True
+            continue
+        extra.append(c)
+        seen[c] = seen.get(c, 0) + 1
+        have = (int(expected[c]) if c < scan.n else int(np.sum(far == c))) + seen[c]
+        if have != 1:
+            res.error(f"refcount block {i} refcount={have}")
+            scan.rebuild = True
+    scan.refs.append(np.array(extra, dtype=np.int64))
+    scan.refstruct += extra
+
+
+def _subtract(counts: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
+    gone = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    gone = gone[gone < len(counts)]
+    return counts - np.bincount(gone, minlength=len(counts)).astype(np.int64)
+
+
+def _without(counts: np.ndarray, clusters: list[int]) -> np.ndarray:
+    """``counts`` less one reference for each cluster of the old refcount structure."""
+    return _subtract(counts, [np.array(clusters, dtype=np.int64)])
+
+
+def _judge_copied(img: Image, scan: _Scan, final: np.ndarray, err: np.ndarray, far: np.ndarray,
+                  disk_far: np.ndarray, result: CheckResult, fix: bool) -> list[tuple[int, bytes]]:
+    """QEMU's ``check_oflag_copied`` over the active tables, against ``final``; the fixes."""
+    pos, value, keep = scan.copied.arrays()
+    if fix and len(keep):
+        pos, value = pos[keep], value[keep]
+    cl = ((value & U64(L2E_OFFSET_MASK)) // U64(scan.cs)).astype(np.int64)
+    ref = np.zeros(len(cl), np.int64)
+    readable = np.ones(len(cl), dtype=bool)
+    inside = cl < len(final)
+    ref[inside] = final[cl[inside]]
+    readable[inside] = ~err[cl[inside]]
+    if (~inside).any():
+        lookup = dict(zip(far.tolist(), disk_far.tolist()))
+        ref[~inside] = [lookup.get(c, 0) for c in cl[~inside].tolist()]
+    has = (value & U64(OFLAG_COPIED)) != 0
+    wrong = readable & (has != (ref == 1))
+    idx = np.nonzero(wrong)[0]
+    result.corruptions += len(idx)
+    fixes: list[tuple[int, bytes]] = []
+    for i in idx.tolist():
+        v, p = int(value[i]), int(pos[i])
+        result.say(f"{'Repairing' if fix else 'ERROR'} OFLAG_COPIED: entry at {p:#x} is {v:#018x}, "
+                   f"refcount={int(ref[i])}")
+        if fix:
+            new = (v | OFLAG_COPIED) if ref[i] == 1 else (v & ~OFLAG_COPIED)
+            fixes.append((p, new.to_bytes(8, "big")))
+    return fixes if fix else []
+
+
+def _stage_entries(tx: TxState, flag_fixes: list[tuple[int, bytes]], l1_writes: list[tuple[int, bytes]],
+                   l2_writes: list[tuple[int, bytes]]) -> None:
+    """Drops go with the mapping steps (after increases, before any decrease); flags around the counts."""
+    steps = tx.extra_steps
+    for pos, data in flag_fixes:
+        # A flag may say "refcount 1" only once the refcount is 1 (after the last
+        # step), and must stop saying it before a refcount grows (first step).
+        name = "copied-set" if int.from_bytes(data, "big") & OFLAG_COPIED else "copied-cleared"
+        steps.setdefault(name, []).append((pos, data))
+    # The L2 entries first, then the L1 entries: a dropped L2 table is not written.
+    steps.setdefault("l2-updated", []).extend(l2_writes)
+    steps.setdefault("l1-updated", []).extend(l1_writes)
+
+
+def _repair_in_place(img: Image, repair: str, final: np.ndarray, ondisk: np.ndarray,
+                     flag_fixes: list[tuple[int, bytes]], l1_writes: list[tuple[int, bytes]],
+                     l2_writes: list[tuple[int, bytes]], reserve: np.ndarray) -> None:
     with img.transaction(f"check -r {repair}") as tx:
         alloc = tx.alloc
         # Clusters something references are not free, whatever their refcount says.
-        alloc.reserve(np.nonzero(expected)[0].tolist())
-        fixed_leaks = fixed_corr = 0
-        for c in np.nonzero(ondisk != expected)[0].tolist():
-            d = int(expected[c] - ondisk[c])
-            if d < 0 or repair == "all":
-                alloc.deltas[c] = alloc.deltas.get(c, 0) + d
-                if d < 0:
-                    fixed_leaks += 1
-                else:
-                    fixed_corr += 1
-        for pos, data in flag_fixes:
-            # A flag may say "refcount 1" only once the refcount is 1 (after the last
-            # step), and must stop saying it before a refcount grows (first step).
-            name = "copied-set" if int.from_bytes(data, "big") & OFLAG_COPIED else "copied-cleared"
-            tx.extra_steps.setdefault(name, []).append((pos, data))
-        fixed_corr += len(flag_fixes)
+        alloc.reserve(np.nonzero(reserve)[0].tolist())
+        for c in np.nonzero(ondisk != final)[0].tolist():
+            alloc.deltas[c] = alloc.deltas.get(c, 0) + int(final[c] - ondisk[c])
+        _stage_entries(tx, flag_fixes, l1_writes, l2_writes)
         if repair == "all":
             # Everything is counted again: the image is neither dirty nor corrupt any more.
             tx.clear_incompatible |= INCOMPAT_DIRTY | INCOMPAT_CORRUPT
             for e in list(tx.entries):
                 if e.in_use:
                     img.bitmaps.repair(e.name)
-            if drop_bitmaps:
-                result.messages.append("Dropped the damaged bitmaps extension; its clusters were reclaimed")
-                fixed_corr += 1
-    result.leaks_fixed += fixed_leaks
-    result.corruptions_fixed += fixed_corr
-    result.leaks -= fixed_leaks
-    result.corruptions -= fixed_corr
 
+
+def _rebuild(img: Image, final: np.ndarray, referenced: np.ndarray, scan: _Scan,
+             flag_fixes: list[tuple[int, bytes]]) -> None:
+    """QEMU's ``rebuild_refcount_structure``, as a journaled switch.
+
+    ``final`` holds the counts of every cluster below the end of the file once the
+    repair is done, without the old refcount table and blocks. The new blocks (every
+    block with a non-zero count, and those covering the new structure itself) and
+    then the new table go in one run of clusters at the end of the file.
+    """
+    h, cs = img.header, scan.cs
+    epb = rc.entries_per_block(cs, h.refcount_order)
+    start = scan.n
+    used_blocks = np.unique(np.nonzero(final)[0] // epb)
+    k = 0
+    while True:
+        own = np.arange(start // epb, (start + k - 1) // epb + 1) if k else np.zeros(0, np.int64)
+        blocks = np.union1d(used_blocks, own).astype(np.int64)
+        rt_clusters = -(-(int(blocks[-1]) + 1) * 8 // cs)
+        k_new = len(blocks) + rt_clusters
+        if k_new <= k:
+            break
+        k = k_new
+    counts = np.zeros((int(blocks[-1]) + 1) * epb, dtype=np.int64)
+    counts[:len(final)] = final
+    counts[start:start + k] = 1
+    table = np.zeros(rt_clusters * cs // 8, dtype=U64)
+    table[blocks] = (start + np.arange(len(blocks), dtype=np.int64)).astype(U64) * U64(cs)
+    blob = b"".join(rc.pack_block(counts[b * epb:(b + 1) * epb], h.refcount_order) for b in blocks.tolist())
+    blob += table.astype(">u8").tobytes()
+    blob += bytes(k * cs - len(blob))
+    # Step 1 (outside the journal, as the ordered-mode data of a transaction): the new
+    # structure in clusters past the end of the file, which nothing references, made
+    # durable before the commit that points the header at it. A crash here leaves a
+    # longer file whose extra clusters no reader looks at.
+    img.medium.write(start * cs, blob)
+    img.medium.flush([(start * cs, len(blob))])
+    # Step 2: one transaction switches the header to the new table (one sector), with
+    # the entries it drops and the COPIED flags around it. The image's header is told
+    # about the new table first, so that the transaction's allocator counts with it.
+    img.header = h.replace(refcount_table_offset=(start + len(blocks)) * cs, refcount_table_clusters=rt_clusters)
+    try:
+        with img.transaction("check -r all: rebuild the refcount structure") as tx:
+            # The old structure and everything referenced now stay untouched until the switch.
+            tx.alloc.reserve(np.nonzero(referenced)[0].tolist())
+            _stage_entries(tx, flag_fixes, scan.l1_writes, scan.l2_writes)
+            tx.clear_incompatible |= INCOMPAT_DIRTY | INCOMPAT_CORRUPT
+    except BaseException:
+        img._load()
+        raise

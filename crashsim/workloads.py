@@ -402,3 +402,22 @@ def find(name: str) -> Workload:
     return Workload(name, (fn.__doc__ or name).strip().splitlines()[0], fn, BASES[base],
                     bool(getattr(fn, "crashsim_journaled", True)), bool(getattr(fn, "crashsim_expect_failure", False)),
                     whole=bool(getattr(fn, "crashsim_whole", False)), relaxed=bool(getattr(fn, "crashsim_relaxed", False)))
+
+
+# -- resize (appended: the workload of qjournal/resize.py) ---------------------------------
+RESIZE_BASE = Base("resize-small-clusters", (
+    _img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", IMG, "1M"),
+    _img("bitmap", "--add", "-g", "512", IMG, "b0"),
+    _io("write -P 0x5a 0 64k", "write -P 0x33 900k 100k"),
+))
+BASES[RESIZE_BASE.name] = RESIZE_BASE
+
+
+def _resize_grow(img: Image) -> None:
+    from qjournal.resize import resize
+    resize(img, 8 << 20)      # the L1 table grows from one cluster to four, the bitmap table from one to four
+
+
+WORKLOADS["resize-grows-l1"] = Workload(
+    "resize-grows-l1", "resize 1M -> 8M (512 B clusters): new L1 table and bitmap switched with the size",
+    _resize_grow, base=RESIZE_BASE, whole=True)   # one journal transaction of its own, not via Image._commit

@@ -138,9 +138,9 @@ class IoWrite(Benchmark):
     def ours(self, image: Path) -> None:
         import qjournal
         block = b"\xab" * (1 << 20)
-        with qjournal.open(image, "r+") as img:
-            for off in range(0, SIZE, len(block)):
-                img.write(off, block)
+        with qjournal.open(image, "r+") as img, img.disk() as disk:
+            for _ in range(SIZE // len(block)):
+                disk.write(block)
 
     def peer(self, image: Path) -> list[str]:
         return ["qemu-io", "-f", "qcow2", "-c", f"write -P 0xab 0 {SIZE}", str(image)]

@@ -264,6 +264,8 @@ def plan(img: Image, op: Callable[[Image], object]) -> Plan:
             (pending if inside else unjournaled).append((e.off, e.data))
         elif e.kind == "mark" and e.name in ("tx-begin", "tx-end"):
             inside = e.name == "tx-begin"
+            unjournaled += pending  # written after the last step: in-place data that waited for it
+            pending = []
         elif e.kind == "mark" and e.name == "commit":
             precommit += pending
             pending = []

@@ -1,25 +1,30 @@
 """Guest writes, zeroes and discards, with the ordering rule for data (ordered mode).
 
-Guest data is not journaled; the metadata that maps it is. For one request:
+Guest data is not journaled; the metadata that maps it is. Every request stages its
+mapping changes in the transaction's :class:`~qjournal.guestmap.GuestMap` (many
+requests may share one transaction), and the commit orders them:
 
-1. ``bitmap-bits-set`` (a journaled transaction of its own, only when a cluster is
-   overwritten in place and an enabled bitmap lacks bits for it): the bits reach the
-   disk before the data. A crash after it leaves extra dirty bits, which only cost a
-   backup some bytes; the reverse order would leave a consistent bitmap that misses a
-   write, which is silent data loss for incremental backups.
-2. In-place overwrites of clusters this image owns alone (COPIED), then a barrier.
-3. One transaction for everything that needs new clusters. New data clusters (with the
-   copy-on-write fill from the backing file or the old cluster) and new L2 tables are
-   written into free clusters and synced before the commit; then the steps
-   ``refcounts-increased`` → ``bitmap-bits-set`` → ``l2-updated`` → ``l1-updated`` →
-   ``clusters-freed``. A crash before ``l2-updated`` leaves leaked clusters and, at
-   worst, extra dirty bits; after it, the data is there because it was synced first.
+1. New host clusters (fresh data, with the copy-on-write fill from the backing file,
+   a compressed cluster or a cluster a snapshot shares) and unallocated subclusters
+   of clusters the image owns are written at once: nothing maps them yet. They are
+   made durable before the commit.
+2. The commit's steps: ``refcounts-increased`` → ``bitmap-bits-set`` →
+   ``l2-updated`` → ``l1-updated`` → ``clusters-freed``. A crash before
+   ``l2-updated`` leaves leaked clusters and, at worst, extra dirty bits; after it,
+   the data is there because it was synced first.
+3. Data over clusters the image already maps and owns alone (COPIED) is written in
+   place: at once when no enabled bitmap records writes, otherwise after the commit,
+   so that the bits reach the disk before the data. A crash after the bits leaves
+   extra dirty bits, which only cost a backup some bytes; the reverse order would
+   leave a consistent bitmap that misses a write, which is silent data loss for
+   incremental backups.
 
-:func:`write_zeroes` turns whole clusters into zero clusters in one transaction of the
-same shape (bits, then L2 entries, then frees).
+:func:`write_zeroes` turns whole clusters (whole subclusters with extended L2) into
+zero clusters and frees what they held, in a transaction of the same shape.
 
-Only images with standard L2 entries and data inside the image file are written here;
-extended L2 and external data files are refused with :class:`UnsupportedError`.
+With an external data file the host offset of a cluster is its guest offset, and
+data clusters have no refcounts (as QEMU does); with ``data_file_raw`` the data file
+must stay a raw image of the disk, so zeroes are written as data there.
 """
 from __future__ import annotations
 
@@ -29,8 +34,9 @@ import numpy as np
 
 from .errors import UnsupportedError, UsageError
 from .format import bitmaps as bm
-from .format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
-                            compressed_span)
+from .format.header import AUTOCLEAR_DATA_FILE_RAW
+from .format.tables import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, compressed_span
+from .guestmap import GuestMap
 
 if TYPE_CHECKING:
     from .image import Image
@@ -41,36 +47,11 @@ Write = tuple[int, bytes]
 def _check_request(img: "Image", offset: int, length: int) -> None:
     if offset < 0 or length < 0 or offset + length > img.header.size:
         raise UsageError(f"request {offset:#x}+{length:#x} lies outside the {img.header.size}-byte disk")
-    if img.header.extended_l2:
-        raise UnsupportedError(f"{img.path}: writing to an image with extended L2 entries is not supported yet")
-    if img.data_file is not None:
-        raise UnsupportedError(f"{img.path}: writing to an image with an external data file is not supported yet")
     if img.header.crypt_method:
         raise UnsupportedError(f"{img.path}: writing to an encrypted image is not supported")
 
 
-class _Plan:
-    """What one request changes, gathered before anything is written."""
-
-    def __init__(self, img: "Image") -> None:
-        self.img = img
-        h = img.header
-        self.cs = h.cluster_size
-        self.per_l2 = self.cs // 8
-        self.l1 = img.l1_table()
-        self.l2_cache: dict[int, np.ndarray] = {}
-
-    def l2(self, l1i: int) -> tuple[int, np.ndarray | None]:
-        entry = int(self.l1[l1i]) if l1i < len(self.l1) else 0
-        off = entry & L1E_OFFSET_MASK
-        if not off:
-            return entry, None
-        if off not in self.l2_cache:
-            self.l2_cache[off] = self.img.reader.array(off, self.per_l2, ">u8").astype(np.uint64)
-        return entry, self.l2_cache[off]
-
-
-def _bits_steps(img: "Image", ranges: list[tuple[int, int]]) -> list[Write]:
+def bits_steps(img: "Image", ranges: list[tuple[int, int]]) -> list[Write]:
     """Writes that set the bits of every enabled bitmap for guest ``ranges`` (offset, length).
 
     Bits in existing bitmap data clusters are set in place (only the bytes that change);
@@ -120,156 +101,221 @@ def _bits_steps(img: "Image", ranges: list[tuple[int, int]]) -> list[Write]:
     return out
 
 
-def _runs(clusters: list[int], offset: int, length: int, cs: int) -> list[tuple[int, int]]:
-    """Guest byte ranges of the request covered by runs of consecutive clusters."""
-    out: list[tuple[int, int]] = []
-    for gc in clusters:
-        lo, hi = max(offset, gc * cs), min(offset + length, (gc + 1) * cs)
-        if out and out[-1][0] + out[-1][1] == lo:
-            out[-1] = (out[-1][0], hi - out[-1][0])
-        else:
-            out.append((lo, hi - lo))
-    return out
 
 
-def write(img: "Image", offset: int, data: bytes) -> None:
-    """Write ``data`` at guest ``offset``; see the module docstring for the order of writes."""
-    length = len(data)
-    _check_request(img, offset, length)
-    if length == 0:
+SUBCLUSTERS = 32
+ALL_ALLOCATED = (1 << SUBCLUSTERS) - 1
+ALL_ZERO = ALL_ALLOCATED << SUBCLUSTERS
+
+
+def stage(img: "Image") -> GuestMap:
+    """The staged guest mapping of the open transaction (made on first use)."""
+    tx = img._staged()
+    if tx.guest is None:
+        tx.guest = GuestMap(img, tx)
+    gm: GuestMap = tx.guest
+    return gm
+
+
+def write(img: "Image", offset: int, data: bytes | bytearray | memoryview) -> None:
+    """Write ``data`` at guest ``offset`` (any alignment) in the open transaction, or in one of its own."""
+    view = memoryview(data).cast("B")
+    _check_request(img, offset, len(view))
+    if not len(view):
         return
-    from .guest import read as guest_read
-    cs = img.header.cluster_size
-    first, last = offset // cs, (offset + length - 1) // cs
-    plan = _Plan(img)
-    in_place: list[tuple[int, int, int]] = []  # (host offset, guest offset, length)
-    needs_alloc: list[int] = []
-    for gc in range(first, last + 1):
-        l1e, l2 = plan.l2(gc // plan.per_l2)
-        entry = int(l2[gc % plan.per_l2]) if l2 is not None else 0
-        lo = max(offset, gc * cs)
-        hi = min(offset + length, (gc + 1) * cs)
-        host = entry & L2E_OFFSET_MASK
-        if (l2 is not None and l1e & OFLAG_COPIED and entry & OFLAG_COPIED and host
-                and not entry & (OFLAG_COMPRESSED | OFLAG_ZERO)):
-            in_place.append((host + lo - gc * cs, lo, hi - lo))
-        else:
-            needs_alloc.append(gc)
-
-    # Step 1: bits before in-place data.
-    if in_place:
-        with img.transaction("bitmap bits for in-place write"):
-            bits = _bits_steps(img, [(lo, n) for _, lo, n in in_place])
-            if bits:
-                img._staged().extra_steps.setdefault("bitmap-bits-set", []).extend(bits)
-        # Step 2: the data itself, in place, then a barrier.
-        for host, lo, n in in_place:
-            img.medium.write(host, data[lo - offset:lo - offset + n])
-        img.medium.flush([(host, n) for host, _, n in in_place])
-    if not needs_alloc:
-        return
-
-    # Step 3: new clusters, then the mapping.
     with img.transaction("guest write"):
-        tx = img._staged()
-        alloc = tx.alloc
-        l2_writes: list[Write] = []
-        l1_writes: list[Write] = []
-        new_l2: dict[int, tuple[int, np.ndarray]] = {}
-        disk = img.header.size
-        for gc in needs_alloc:
-            l1i, l2i = divmod(gc, plan.per_l2)
-            l1e, l2 = plan.l2(l1i)
-            entry = int(l2[l2i]) if l2 is not None else 0
-            lo = max(offset, gc * cs)
-            hi = min(offset + length, (gc + 1) * cs)
-            ceiling = min(cs, disk - gc * cs)
-            content = bytearray(guest_read(img, gc * cs, ceiling)) + bytearray(cs - ceiling)
-            content[lo - gc * cs:hi - gc * cs] = data[lo - offset:hi - offset]
-            host = alloc.alloc(1)
-            img.precommit_write(host, bytes(content))
-            new_entry = host | OFLAG_COPIED
-            if entry & OFLAG_COMPRESSED:
-                alloc.free_clusters_of([compressed_span(entry, img.header.cluster_bits)])
-            elif entry & L2E_OFFSET_MASK:
-                alloc.free(entry & L2E_OFFSET_MASK, 1)
-            if l2 is not None and l1e & OFLAG_COPIED:
-                l2_writes.append(((l1e & L1E_OFFSET_MASK) + 8 * l2i, int(new_entry).to_bytes(8, "big")))
-                l2[l2i] = new_entry
+        _write(img, stage(img), offset, view)
+
+
+def _fill(img: "Image", gm: GuestMap, start: int, length: int, offset: int, data: memoryview) -> bytearray:
+    """``length`` bytes of the disk as the transaction sees it from ``start``, ``data`` (at ``offset``) laid over.
+
+    Past the end of the disk the bytes are zeros (the tail of the last cluster).
+    """
+    from .guest import reader
+    disk = img.header.size
+    buf = bytearray(length)
+    lo, hi = max(offset, start), min(offset + len(data), start + length)
+    # Only what the data leaves uncovered is read.
+    for a, b in ((start, lo), (hi, min(start + length, disk))):
+        if b > a:
+            buf[a - start:b - start] = reader(img).read(a, b - a)
+    buf[lo - start:hi - start] = data[lo - offset:hi - offset]
+    return buf
+
+
+def _write(img: "Image", gm: GuestMap, offset: int, data: memoryview) -> None:
+    cs = gm.cs
+    end = offset + len(data)
+    gm.dirty.append((offset, len(data)))
+    run: list[int] = []  # consecutive guest clusters that get new host clusters
+    for gc in range(offset // cs, (end - 1) // cs + 1):
+        e, sub = gm.entry(gc)
+        if gm.has_data_file:
+            # The data file is laid out as the disk (QEMU maps every cluster there).
+            host = (e & L2E_OFFSET_MASK) if gm.host_allocated(e) else gc * cs
+        elif gm.host_allocated(e) and (((e & L2E_OFFSET_MASK) // cs) in gm.fresh or (
+                e & OFLAG_COPIED and gm.owned(gc // gm.per_l2))) and not (not gm.extended and e & OFLAG_ZERO):
+            host = e & L2E_OFFSET_MASK
+        else:
+            run.append(gc)
+            continue
+        if run:
+            _new_clusters(img, gm, run, offset, data)
+            run = []
+        _owned(img, gm, gc, e, sub, host, offset, data)
+    if run:
+        _new_clusters(img, gm, run, offset, data)
+
+
+def _owned(img: "Image", gm: GuestMap, gc: int, e: int, sub: int, host: int, offset: int, data: memoryview) -> None:
+    """Write into guest cluster ``gc``, whose host cluster at ``host`` the image owns alone."""
+    cs = gm.cs
+    base = gc * cs
+    lo, hi = max(offset, base), min(offset + len(data), base + cs)
+    fresh = host // cs in gm.fresh
+    if not gm.extended:
+        if gm.host_allocated(e) and not e & OFLAG_ZERO:
+            piece = data[lo - offset:hi - offset]
+            if fresh:
+                gm.write_direct(host + lo - base, piece)
             else:
-                if l1i not in new_l2:
-                    table = l2.copy() if l2 is not None else np.zeros(plan.per_l2, dtype=np.uint64)
-                    if l2 is not None:
-                        # The old table is shared (a snapshot holds it): copy it. A data
-                        # cluster's refcount counts the L1 tables that reach it, so the
-                        # clusters the copy maps keep their counts; only the old table
-                        # loses the active L1's reference.
-                        alloc.free(l1e & L1E_OFFSET_MASK, 1)
-                        table[(table & np.uint64(OFLAG_COPIED)) != 0] &= ~np.uint64(OFLAG_COPIED)
-                    new_l2[l1i] = (alloc.alloc(1), table)
-                new_l2[l1i][1][l2i] = new_entry
-        for l1i, (toff, table) in new_l2.items():
-            img.precommit_write(toff, table.astype(">u8").tobytes())
-            l1_writes.append((img.header.l1_table_offset + 8 * l1i, int(toff | OFLAG_COPIED).to_bytes(8, "big")))
-        bits = _bits_steps(img, _runs(needs_alloc, offset, length, cs))
-        if bits:
-            tx.extra_steps.setdefault("bitmap-bits-set", []).extend(bits)
-        if l2_writes:
-            tx.extra_steps.setdefault("l2-updated", []).extend(l2_writes)
-        if l1_writes:
-            tx.extra_steps.setdefault("l1-updated", []).extend(l1_writes)
+                gm.write_in_place(host + lo - base, lo, piece)
+            return
+        # A data-file cluster that reads as zeros or unallocated: nothing maps its
+        # host bytes yet, so they are written whole now and mapped at commit.
+        ceiling = min(cs, img.header.size - base)
+        gm.write_direct(host, _fill(img, gm, base, ceiling, offset, data))
+        gm.set_entry(gc, host | OFLAG_COPIED)
+        return
+    unit = cs // SUBCLUSTERS
+    allocated = sub & ALL_ALLOCATED if gm.host_allocated(e) else 0
+    touched = 0
+    for u in range((lo - base) // unit, (hi - base - 1) // unit + 1):
+        u_lo, u_hi = base + u * unit, base + (u + 1) * unit
+        a, b = max(lo, u_lo), min(hi, u_hi)
+        touched |= 1 << u
+        if allocated >> u & 1:
+            piece = data[a - offset:b - offset]
+            if fresh:
+                gm.write_direct(host + a - base, piece)
+            else:
+                gm.write_in_place(host + a - base, a, piece)
+        else:
+            # An unallocated or zero subcluster: its host bytes are unmapped until the
+            # bitmap at commit says otherwise, so it is written whole now.
+            gm.write_direct(host + u * unit, _fill(img, gm, u_lo, unit, offset, data))
+    new_sub = (allocated | touched) | ((sub >> SUBCLUSTERS) & ~touched & ALL_ALLOCATED) << SUBCLUSTERS
+    new_e = (e & ~L2E_OFFSET_MASK) | OFLAG_COPIED | host
+    if new_sub != sub or new_e != e:
+        gm.set_entry(gc, new_e, new_sub)
+
+
+def _new_clusters(img: "Image", gm: GuestMap, run: list[int], offset: int, data: memoryview) -> None:
+    """Give each guest cluster of ``run`` (consecutive) a new host cluster holding its new content.
+
+    The old content comes along where the request does not cover it (copy-on-write);
+    what the clusters held before loses this image's reference.
+    """
+    cs, alloc = gm.cs, gm.tx.alloc
+    g0, n = run[0] * cs, len(run)
+    end = g0 + n * cs
+    host = alloc.alloc(n)
+    if offset <= g0 and offset + len(data) >= end:
+        content: bytes | memoryview | bytearray = data[g0 - offset:end - offset]
+    else:
+        content = bytearray(n * cs)
+        lo, hi = max(offset, g0), min(offset + len(data), end)
+        content[lo - g0:hi - g0] = data[lo - offset:hi - offset]
+        for gc in {run[0], run[-1]}:
+            c_lo = gc * cs
+            if lo > c_lo or hi < c_lo + cs:
+                ceiling = min(cs, img.header.size - c_lo)
+                content[c_lo - g0:c_lo - g0 + cs] = _fill(img, gm, c_lo, ceiling, offset, data) + \
+                    bytes(cs - ceiling)
+    gm.write_direct(host, content)
+    for i, gc in enumerate(run):
+        e, _ = gm.entry(gc)
+        _release(img, gm, e)
+        gm.fresh.add(host // cs + i)
+        gm.set_entry(gc, (host + i * cs) | OFLAG_COPIED, ALL_ALLOCATED)
+
+
+def _release(img: "Image", gm: GuestMap, e: int) -> None:
+    """Drop this image's reference to what entry ``e`` maps (applied in the free step)."""
+    alloc = gm.tx.alloc
+    if e & OFLAG_COMPRESSED:
+        alloc.free_clusters_of([compressed_span(e, img.header.cluster_bits)])
+    elif gm.host_allocated(e) and not gm.has_data_file:
+        host = e & L2E_OFFSET_MASK
+        gm.fresh.discard(host // gm.cs)
+        alloc.free(host, 1)
 
 
 def write_zeroes(img: "Image", offset: int, length: int) -> None:
     """Make ``[offset, offset + length)`` read as zeros.
 
-    Whole clusters of a v3 image become zero clusters (their data clusters are freed);
-    partial clusters, v2 images and clusters whose L2 table a snapshot shares are
-    written with zero data. One transaction: bitmap bits, then the L2 entries, then the
-    frees; a crash in between leaves extra dirty bits or leaked clusters at worst.
+    Whole clusters of a v3 image become zero clusters (and whole subclusters, with
+    extended L2), and what they held is freed; the rest is written with zero data, as
+    is everything in a v2 image or one with a raw data file. One transaction.
     """
     _check_request(img, offset, length)
     if length == 0:
         return
     cs = img.header.cluster_size
-    first_full = -(-offset // cs)
-    end_full = (offset + length) // cs
-    if img.header.version < 3 or first_full >= end_full:
-        write(img, offset, bytes(length))
-        return
-    head = (offset, first_full * cs - offset)
-    tail = (end_full * cs, offset + length - end_full * cs)
-    plan = _Plan(img)
-    fallback: list[int] = []
     with img.transaction("guest write zeroes"):
-        tx = img._staged()
-        l2_writes: list[Write] = []
-        for gc in range(first_full, end_full):
-            l1e, l2 = plan.l2(gc // plan.per_l2)
-            if l2 is None:
-                if img.backing_name is not None:
-                    fallback.append(gc)  # a backing file shows through: needs an L2 table
-                continue
-            if not l1e & OFLAG_COPIED:
-                fallback.append(gc)
-                continue
-            l2i = gc % plan.per_l2
-            entry = int(l2[l2i])
-            if entry == OFLAG_ZERO:
-                continue
-            if entry & OFLAG_COMPRESSED:
-                tx.alloc.free_clusters_of([compressed_span(entry, img.header.cluster_bits)])
-            elif entry & L2E_OFFSET_MASK:
-                tx.alloc.free(entry & L2E_OFFSET_MASK, 1)
-            l2[l2i] = OFLAG_ZERO
-            l2_writes.append(((l1e & L1E_OFFSET_MASK) + 8 * l2i, OFLAG_ZERO.to_bytes(8, "big")))
-        bits = _bits_steps(img, [(first_full * cs, (end_full - first_full) * cs)])
-        if bits:
-            tx.extra_steps.setdefault("bitmap-bits-set", []).extend(bits)
-        if l2_writes:
-            tx.extra_steps.setdefault("l2-updated", []).extend(l2_writes)
-    for gc in fallback:
-        write(img, gc * cs, bytes(cs))
-    for off, n in (head, tail):
-        if n:
-            write(img, off, bytes(n))
+        gm = stage(img)
+        h = img.header
+        raw = bool(h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW) and gm.has_data_file
+        if h.version < 3 or raw:
+            for off in range(offset, offset + length, ZERO_CHUNK):
+                n = min(ZERO_CHUNK, offset + length - off)
+                _write(img, gm, off, memoryview(bytes(n)))
+            return
+        unit = cs // SUBCLUSTERS if gm.extended else cs
+        first, end = -(-offset // unit), (offset + length) // unit
+        if first >= end:
+            _write(img, gm, offset, memoryview(bytes(length)))
+            return
+        gm.dirty.append((first * unit, (end - first) * unit))
+        for gc in range(first * unit // cs, (end * unit - 1) // cs + 1):
+            u0 = max(first * unit, gc * cs) // unit - gc * cs // unit
+            u1 = min(end * unit, (gc + 1) * cs) // unit - gc * cs // unit
+            _zero_units(img, gm, gc, u0, u1)
+        for off, n in ((offset, first * unit - offset), (end * unit, offset + length - end * unit)):
+            if n:
+                _write(img, gm, off, memoryview(bytes(n)))
+
+
+ZERO_CHUNK = 16 << 20  # zeros written as data, at most this much at a time
+
+
+def _zero_units(img: "Image", gm: GuestMap, gc: int, u0: int, u1: int) -> None:
+    """Make units ``u0 .. u1-1`` of guest cluster ``gc`` (subclusters, or the cluster) read as zeros."""
+    e, sub = gm.entry(gc)
+    if not gm.extended:
+        if e == OFLAG_ZERO or (not e and gm.table(gc // gm.per_l2) is None and img.backing_name is None):
+            return
+        if gm.has_data_file and gm.host_allocated(e):
+            gm.set_entry(gc, (e & L2E_OFFSET_MASK) | OFLAG_COPIED | OFLAG_ZERO)
+            return
+        _release(img, gm, e)
+        gm.set_entry(gc, OFLAG_ZERO)
+        return
+    mask = ((1 << u1) - 1) & ~((1 << u0) - 1)
+    if e & OFLAG_COMPRESSED:
+        if mask != ALL_ALLOCATED:
+            # Part of a compressed cluster: it becomes a plain cluster first.
+            _new_clusters(img, gm, [gc], gc * gm.cs, memoryview(b""))
+            e, sub = gm.entry(gc)
+        else:
+            _release(img, gm, e)
+            gm.set_entry(gc, 0, ALL_ZERO)
+            return
+    if mask == ALL_ALLOCATED and gm.host_allocated(e) and not gm.has_data_file:
+        _release(img, gm, e)
+        gm.set_entry(gc, 0, ALL_ZERO)
+        return
+    new_sub = (sub & ALL_ALLOCATED & ~mask) | ((sub >> SUBCLUSTERS | mask) & ALL_ALLOCATED) << SUBCLUSTERS
+    if new_sub != sub:
+        gm.set_entry(gc, e, new_sub)

@@ -6,12 +6,20 @@ when the image is open read-write.
             shutil.copyfileobj(disk, out, 1 << 20)
 
 Reads go through :mod:`qjournal.guest` (backing chain, zero and compressed clusters,
-data files); writes through :meth:`Image.write` (each durable when it returns, enabled
-bitmaps updated first). The disk has the image's virtual size: a write past it, or a
-truncate to another size, is refused. Closing the disk leaves the image open.
+data files); writes through :meth:`Image.write` (enabled bitmaps updated first). The
+disk has the image's virtual size: a write past it, or a truncate to another size, is
+refused. Closing the disk leaves the image open.
+
+Writes are cached as a write-back disk cache is: they share one transaction, which
+commits (one journal sync for all of them) at :meth:`GuestDisk.flush`, at close, and
+every :data:`BATCH_BYTES` written. A crash before the commit loses the writes since
+the last one and nothing else; the image is never half-mapped. Reads see the writes
+at once. A write that fails commits what came before it (the failed write may be
+partly there, as on a disk that reports a write error) and raises.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -23,6 +31,10 @@ if TYPE_CHECKING:
     from .image import Image
 
 
+BATCH_BYTES = 256 << 20  # written bytes after which a batch of writes commits
+DEFERRED_BYTES = 64 << 20  # in-place bytes held for the commit (under enabled bitmaps) after which it commits
+
+
 class GuestDisk(io.RawIOBase):
     """A seekable file over the guest disk of ``img`` (writable if ``img`` is)."""
 
@@ -31,6 +43,8 @@ class GuestDisk(io.RawIOBase):
         self.img = img
         self._reader = guest.reader(img)
         self._pos = 0
+        self._batch: contextlib.AbstractContextManager[Any] | None = None
+        self._batched = 0
 
     @property
     def size(self) -> int:
@@ -105,13 +119,32 @@ class GuestDisk(io.RawIOBase):
         self._check_open()
         if not self.img.writable:
             raise io.UnsupportedOperation("the image is open read-only")
-        data = bytes(b)
+        data = memoryview(b).cast("B")
         if self._pos + len(data) > self.size:
             raise OSError(errno.ENOSPC, f"write of {len(data)} bytes at {self._pos:#x} runs past the end of "
                                         f"the {self.size}-byte guest disk")
-        self.img.write(self._pos, data)
+        if self._batch is None:
+            self._batch = self.img.transaction("guest disk writes")
+            self._batch.__enter__()
+            self._batched = 0
+        try:
+            self.img.write(self._pos, data)
+        except BaseException:
+            self.flush()
+            raise
         self._pos += len(data)
+        self._batched += len(data)
+        tx = self.img._tx
+        if self._batched >= BATCH_BYTES or (tx is not None and tx.guest is not None
+                                            and tx.guest.deferred_bytes >= DEFERRED_BYTES):
+            self.flush()
         return len(data)
+
+    def flush(self) -> None:
+        """Commit the writes made since the last flush: durable when this returns."""
+        batch, self._batch = self._batch, None
+        if batch is not None:
+            batch.__exit__(None, None, None)
 
     def truncate(self, size: int | None = None) -> int:
         self._check_open()

@@ -356,13 +356,27 @@ class GuestReader:
         return None
 
     # -- tables -----------------------------------------------------------------
+    def _staged(self) -> Any:
+        """The guest mapping an open transaction of the image has staged, if any."""
+        tx = self.img._tx
+        return tx.guest if tx is not None else None
+
     def _l1_table(self) -> np.ndarray:
+        gm = self._staged()
+        if gm is not None:
+            l1: np.ndarray = gm.l1
+            return l1
         if self._l1 is None:
             self._l1 = self.img.l1_table()
         return self._l1
 
     def _l2(self, index: int) -> _L2 | None:
         """The L2 table of L1 entry ``index``; None when it is unallocated."""
+        gm = self._staged()
+        if gm is not None and index in gm.tables:
+            w = gm.tables[index].words
+            entries, bitmaps = (w[0::2].copy(), w[1::2].copy()) if self.extended else (w, None)
+            return _L2(gm.tables[index].offset, entries, bitmaps, self._rules(index, entries, bitmaps))
         l1 = self._l1_table()
         if index >= len(l1):
             return None
@@ -560,13 +574,16 @@ class GuestReader:
         """``length`` guest bytes at ``offset`` (any alignment, across clusters and tables)."""
         self._check_request(offset, length)
         runs = list(self.runs(offset, offset + length))
-        if len(runs) == 1 and runs[0][2] == DATA and not self.has_data_file:
+        gm = self._staged()
+        if len(runs) == 1 and runs[0][2] == DATA and not self.has_data_file and not (gm and gm.deferred):
             # One run of data in the image: a single pread makes the result.
             medium = self.img.reader
             if isinstance(medium, MmapMedium) and runs[0][3] + length <= medium.size:
                 return os.pread(medium.fd, length, runs[0][3])
         buf = bytearray(length)
         self._fill(offset, memoryview(buf), runs)
+        if gm is not None:
+            gm.patch(offset, memoryview(buf))
         return bytes(buf)
 
     def readinto(self, offset: int, buf: memoryview) -> None:
@@ -575,6 +592,9 @@ class GuestReader:
         length = len(view)
         self._check_request(offset, length)
         self._fill(offset, view, self.runs(offset, offset + length))
+        gm = self._staged()
+        if gm is not None:
+            gm.patch(offset, view)
 
     def _fill(self, offset: int, view: memoryview, runs: Iterable[Run]) -> None:
         out: np.ndarray | None = None

@@ -137,6 +137,7 @@ class TxState:
     force_guard: bool = False  # the seed protocol: rewrite the directory in place under autoclear
     clear_incompatible: int = 0  # dirty / corrupt bits that a repair clears
     extra_steps: dict[str, list[tuple[int, bytes]]] = attrs.Factory(dict)  # guest-write mapping steps
+    guest: Any = None  # the staged guest mapping (qjournal.guestmap.GuestMap), once a guest write is made
 
 
 class Image:
@@ -372,10 +373,14 @@ class Image:
         from .disk import GuestDisk
         return GuestDisk(self)
 
-    def write(self, offset: int, data: bytes) -> None:
-        """Write guest data (any alignment). Enabled bitmaps get their bits first."""
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write guest data (any alignment). Enabled bitmaps get their bits first.
+
+        Durable when it returns; inside ``with img.transaction():`` many writes share
+        one commit (and its syncs), durable when the block ends.
+        """
         from .datawrite import write
-        write(self, offset, bytes(data))
+        write(self, offset, data)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeros (whole clusters become zero clusters)."""
@@ -402,13 +407,21 @@ class Image:
         if not self.writable:
             raise UsageError(f"{self.path}: the image is open read-only")
         h = self.header
-        self._tx = TxState(Allocator(self.medium, h.cluster_bits, h.refcount_order, h.refcount_table_offset,
-                                     h.refcount_table_clusters), list(self.entries), description=[description])
+        self._tx = tx = TxState(Allocator(self.medium, h.cluster_bits, h.refcount_order, h.refcount_table_offset,
+                                          h.refcount_table_clusters), list(self.entries), description=[description])
+        size = self.medium.size
         try:
-            yield self._tx
-            self._commit(self._tx)
+            yield tx
+            self._commit(tx)
+        except BaseException:
+            if self.medium.size > size and not self.journal.pending():
+                # Guest data went into new clusters past the old end; nothing maps them.
+                self.medium.resize(size)
+            raise
         finally:
             self._tx = None
+            if tx.guest is not None:
+                tx.guest.close()
             self._load()
 
     def _staged(self) -> TxState:
@@ -434,21 +447,25 @@ class Image:
         return self.medium
 
     def _commit(self, tx: TxState) -> None:
+        if tx.guest is not None:
+            tx.guest.finalize()  # guest data durable; mapping staged as steps
         steps = self._build_steps(tx)
-        if not steps:
-            return
-        # Ordered mode: everything written into new clusters is durable before the
-        # commit that makes anything point at it. A crash before the commit leaves
-        # unreferenced clusters (and perhaps a longer file): invisible to every reader.
-        for off, data in tx.precommit:
-            self.medium.write(off, data)
-        self.medium.flush([(off, len(data)) for off, data in tx.precommit])
-        jt = Transaction(description="; ".join(tx.description))
-        for name, writes in steps:
-            jt.step(name)
-            for off, data in writes:
-                jt.write(off, data)
-        self.journal.commit(jt)
+        if steps:
+            # Ordered mode: everything written into new clusters is durable before the
+            # commit that makes anything point at it. A crash before the commit leaves
+            # unreferenced clusters (and perhaps a longer file): invisible to every reader.
+            for off, data in tx.precommit:
+                self.medium.write(off, data)
+            if tx.precommit:
+                self.medium.flush([(off, len(data)) for off, data in tx.precommit])
+            jt = Transaction(description="; ".join(tx.description))
+            for name, writes in steps:
+                jt.step(name)
+                for off, data in writes:
+                    jt.write(off, data)
+            self.journal.commit(jt)
+        if tx.guest is not None:
+            tx.guest.after_commit()  # in-place data that waited for the bitmap bits
 
     def _build_steps(self, tx: TxState) -> list[tuple[str, list[tuple[int, bytes]]]]:
         """The ordered steps of the transaction (see the ordering rule in DESIGN.md)."""

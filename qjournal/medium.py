@@ -17,6 +17,8 @@ from typing import Iterable, Protocol
 import numpy as np
 
 PAGE = mmap.PAGESIZE
+PWRITE_MIN = 1 << 16  # writes this large go by pwrite rather than through the map
+MSYNC_MAX_RANGES = 16  # a flush of more ranges than this is one fsync
 Range = tuple[int, int]  # (offset, length)
 
 
@@ -49,6 +51,7 @@ class MmapMedium:
         self.fd = os.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
         self._size = os.fstat(self.fd).st_size
         self._map: mmap.mmap | None = None
+        self._mapped = 0  # bytes the map covers; the file may have grown past it (pwrite)
         self._size_dirty = False
         self._remap()
 
@@ -56,9 +59,18 @@ class MmapMedium:
         if self._map is not None:
             self._map.close()
             self._map = None
+        self._mapped = 0
         if self._size:
             access = mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ
             self._map = mmap.mmap(self.fd, self._size, access=access)
+            self._mapped = self._size
+
+    def _mapping(self, end: int) -> mmap.mmap:
+        """The map, made again first when ``end`` lies past what it covers."""
+        if end > self._mapped:
+            self._remap()
+        assert self._map is not None
+        return self._map
 
     @property
     def size(self) -> int:
@@ -70,41 +82,54 @@ class MmapMedium:
 
     def read(self, off: int, n: int) -> bytes:
         self._check(off, n)
-        if n == 0 or self._map is None:
+        if n == 0:
             return b""
-        return self._map[off:off + n]
+        return self._mapping(off + n)[off:off + n]
 
     def array(self, off: int, count: int, dtype: str) -> np.ndarray:
         """A copy of ``count`` items of ``dtype`` at ``off``; no view of the map escapes."""
         dt = np.dtype(dtype)
         self._check(off, count * dt.itemsize)
-        if count == 0 or self._map is None:
+        if count == 0:
             return np.zeros(0, dtype=dt)
-        return np.frombuffer(self._map, dtype=dt, count=count, offset=off).copy()
+        return np.frombuffer(self._mapping(off + count * dt.itemsize), dtype=dt, count=count, offset=off).copy()
 
     def write(self, off: int, data: bytes) -> None:
         if not self.writable:
             raise PermissionError(f"{self.path} is open read-only")
-        if off + len(data) > self._size:
-            self.resize(off + len(data))
-        if len(data):
-            assert self._map is not None
-            self._map[off:off + len(data)] = data
+        n = len(data)
+        if not n:
+            return
+        end = off + n
+        if end > self._size or n >= PWRITE_MIN:
+            # Bulk data, and anything that grows the file, goes by pwrite: no page
+            # faults, and no new map per growth. The page cache is shared with the
+            # map, so map readers see these bytes at once.
+            view = memoryview(data)
+            done = 0
+            while done < n:
+                done += os.pwrite(self.fd, view[done:], off + done)
+            if end > self._size:
+                self._size = end
+                self._size_dirty = True
+            return
+        self._mapping(end)[off:end] = data
 
     def flush(self, ranges: Iterable[Range] | None = None) -> None:
-        if not self.writable or self._map is None:
+        if not self.writable or not self._size:
             return
-        if ranges is None:
-            self._map.flush()
-        else:
-            for start, length in merge_ranges(page_span(o, n) for o, n in ranges):
-                start_c = min(start, self._size)
-                length_c = min(length, self._size - start_c)
-                if length_c > 0:
-                    self._map.flush(start_c, length_c)
-        if self._size_dirty:
+        spans = None if ranges is None else [(o, min(n, self._size - o)) for o, n in
+                                             merge_ranges(page_span(o, n) for o, n in ranges) if o < self._size]
+        if self._size_dirty or spans is None or len(spans) > MSYNC_MAX_RANGES \
+                or any(o + n > self._mapped for o, n in spans):
+            # Growth (the new size must be durable too), or too many ranges: one fsync
+            # covers every dirty page of the file, however it was written.
             os.fsync(self.fd)
             self._size_dirty = False
+            return
+        for start, length in spans:
+            if length > 0:
+                self._mapping(start + length).flush(start, length)
 
     def resize(self, n: int) -> None:
         if n == self._size:
@@ -112,7 +137,8 @@ class MmapMedium:
         os.ftruncate(self.fd, n)
         self._size = n
         self._size_dirty = True
-        self._remap()
+        if n < self._mapped:
+            self._remap()
 
     def mark(self, name: str) -> None:
         """A named point in the write sequence; only a recording medium keeps it."""

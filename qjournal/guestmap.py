@@ -1,0 +1,229 @@
+"""The guest mapping as an open transaction will leave it: staged L1 and L2 tables.
+
+Guest writes inside one transaction (one :meth:`Image.write`, or many inside
+``with img.transaction():``, or a :class:`~qjournal.disk.GuestDisk` batch) change the
+mapping here, in memory; nothing that maps guest data changes on disk before the
+commit. What each write does to the file at once is only this: data into host
+clusters no entry maps yet (``fresh`` clusters this transaction allocated, or the
+unallocated subclusters of a cluster it owns), which no reader can see.
+
+At commit, :meth:`GuestMap.finalize` turns the staged state into the steps of the
+ordering rule (``bitmap-bits-set`` → ``l2-updated`` → ``l1-updated``), new L2 tables
+into pre-commit writes, and makes the fresh data durable first. Data written in place
+over clusters the image already maps waits, when an enabled bitmap must first record
+it, until after the commit (:meth:`GuestMap.after_commit`): the bits are on disk
+before the data, never the reverse.
+
+Reads inside the transaction (:mod:`qjournal.guest`) see the staged tables and the
+data that waits, so a write followed by a read returns what was written.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import FormatError
+from .format.tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED
+from .medium import FileMedium, Medium, merge_ranges
+
+if TYPE_CHECKING:
+    from .image import Image, TxState
+
+Range = tuple[int, int]
+Write = tuple[int, bytes]
+
+
+class StagedTable:
+    """One L2 table: its words (entries, and bitmaps for extended L2) as they will be."""
+
+    __slots__ = ("offset", "words", "new", "changed")
+
+    def __init__(self, offset: int, words: np.ndarray, new: bool) -> None:
+        self.offset = offset
+        self.words = words  # uint64, cluster_size // 8 of them
+        self.new = new  # in a cluster this transaction allocated (written whole before the commit)
+        self.changed: set[int] = set()  # entry indexes changed in an existing table
+
+
+class GuestMap:
+    """The staged guest mapping of one transaction (see the module docstring)."""
+
+    def __init__(self, img: "Image", tx: "TxState") -> None:
+        self.img = img
+        self.tx = tx
+        h = img.header
+        self.cs = h.cluster_size
+        self.extended = h.extended_l2
+        self.ew = 2 if self.extended else 1  # words per entry
+        self.per_l2 = self.cs // (8 * self.ew)
+        self.l1 = img.l1_table()
+        self.l1_changed: set[int] = set()
+        self.tables: dict[int, StagedTable] = {}
+        self.fresh: set[int] = set()  # host clusters (index) this transaction allocated for data
+        self.dirty: list[Range] = []  # guest ranges changed: their bitmap bits get set
+        self.data_ranges: list[Range] = []  # host ranges written before the commit
+        self.deferred: list[tuple[int, int, bytes]] = []  # (host, guest, data) written after the commit
+        self.deferred_bytes = 0
+        self.has_data_file = h.has_data_file
+        self.target: Medium = img.medium
+        self._data_file: Any = None
+        if img.data_file is not None:
+            from .guest import reader
+            self._data_file = reader(img).data_file
+            assert self._data_file is not None
+            self.target = FileMedium(self._data_file.path, True)
+        # In-place data must wait for the commit when an enabled bitmap records writes.
+        self.ordered = any(e.auto and not e.in_use and e.table_size for e in tx.entries)
+
+    # -- the staged tables -------------------------------------------------------
+    def table(self, l1i: int) -> StagedTable | None:
+        """The table of L1 entry ``l1i`` as staged (read from the image on first use)."""
+        t = self.tables.get(l1i)
+        if t is not None:
+            return t
+        if l1i >= len(self.l1):
+            return None
+        off = int(self.l1[l1i]) & L1E_OFFSET_MASK
+        if not off:
+            return None
+        reader = self.img.reader
+        if off % self.cs or off + self.cs > reader.size:
+            raise FormatError("L1 table", self.img.header.l1_table_offset + 8 * l1i,
+                              f"entry {l1i}: L2 table offset {off:#x} is unaligned or past the end of the file")
+        t = StagedTable(off, reader.array(off, self.cs // 8, ">u8").astype(np.uint64), False)
+        self.tables[l1i] = t
+        return t
+
+    def owned(self, l1i: int) -> bool:
+        """The table of ``l1i`` belongs to the active L1 alone (COPIED, or new here)."""
+        t = self.tables.get(l1i)
+        return bool(t is not None and t.new) or bool(int(self.l1[l1i]) & OFLAG_COPIED)
+
+    def writable(self, l1i: int) -> StagedTable:
+        """The table of ``l1i``, made new when there is none or a snapshot shares it."""
+        t = self.table(l1i)
+        if t is not None and (t.new or self.owned(l1i)):
+            return t
+        alloc = self.tx.alloc
+        if t is None:
+            words = np.zeros(self.cs // 8, dtype=np.uint64)
+        else:
+            # A snapshot shares the old table: copy it. A data cluster's refcount counts
+            # the L1 tables that reach it, so the clusters the copy maps keep their
+            # counts; only the old table loses the active L1's reference.
+            alloc.free(t.offset, 1)
+            words = t.words.copy()
+            entries = words[0::self.ew]
+            entries[(entries & np.uint64(OFLAG_COPIED)) != 0] &= ~np.uint64(OFLAG_COPIED)
+        off = alloc.alloc(1)
+        t = StagedTable(off, words, True)
+        self.tables[l1i] = t
+        self.l1[l1i] = np.uint64(off | OFLAG_COPIED)
+        self.l1_changed.add(l1i)
+        return t
+
+    def entry(self, gc: int) -> tuple[int, int]:
+        """(entry, subcluster bitmap) of guest cluster ``gc`` as staged."""
+        l1i, i = divmod(gc, self.per_l2)
+        t = self.table(l1i)
+        if t is None:
+            return 0, 0
+        w = t.words
+        return int(w[i * self.ew]), int(w[i * self.ew + 1]) if self.extended else 0
+
+    def set_entry(self, gc: int, entry: int, bitmap: int = 0) -> None:
+        l1i, i = divmod(gc, self.per_l2)
+        t = self.writable(l1i)
+        t.words[i * self.ew] = np.uint64(entry)
+        if self.extended:
+            t.words[i * self.ew + 1] = np.uint64(bitmap)
+        if not t.new:
+            t.changed.add(i)
+
+    def host_allocated(self, entry: int) -> bool:
+        """The entry has a host cluster (offset 0 counts, with COPIED, in a data-file image)."""
+        if entry & OFLAG_COMPRESSED:
+            return False
+        return bool(entry & L2E_OFFSET_MASK) or (self.has_data_file and bool(entry & OFLAG_COPIED))
+
+    # -- data --------------------------------------------------------------------
+    def write_direct(self, host: int, data: Any) -> None:
+        """Data into host bytes no entry maps yet: written now, durable before the commit."""
+        self._write(host, data)
+        self.data_ranges.append((host, len(data)))
+
+    def _write(self, host: int, data: Any) -> None:
+        self.target.write(host, data)
+        if self._data_file is not None:
+            # The reader of the data file must see its new length.
+            self._data_file.file_size = max(self._data_file.file_size, host + len(data))
+
+    def write_in_place(self, host: int, guest: int, data: Any) -> None:
+        """Data over host bytes an entry maps now: after the bits, hence perhaps after the commit."""
+        if self.ordered or self.deferred:
+            # Later writes to the same place must land after this one: once anything
+            # waits, everything in place waits.
+            self.deferred.append((host, guest, bytes(data)))
+            self.deferred_bytes += len(data)
+        else:
+            self.write_direct(host, data)
+
+    def patch(self, offset: int, buf: memoryview) -> None:
+        """Lay the waiting in-place data over ``buf`` (guest bytes at ``offset``)."""
+        end = offset + len(buf)
+        for _, g, data in self.deferred:
+            lo, hi = max(g, offset), min(g + len(data), end)
+            if lo < hi:
+                buf[lo - offset:hi - offset] = data[lo - g:hi - g]
+
+    # -- commit ------------------------------------------------------------------
+    def finalize(self) -> None:
+        """Stage the mapping's steps into the transaction; make the direct data durable.
+
+        Called by the image before it builds the steps. The data written so far goes
+        to disk first (ordered mode: a crash after this and before the commit leaves
+        unreferenced clusters, invisible to every reader).
+        """
+        img, tx = self.img, self.tx
+        from .datawrite import bits_steps
+        bits = bits_steps(img, merge_ranges(self.dirty)) if self.dirty else []
+        l2_writes: list[Write] = []
+        for l1i, t in sorted(self.tables.items()):
+            if t.new:
+                img.precommit_write(t.offset, t.words.astype(">u8").tobytes())
+                continue
+            for a, b in _runs(sorted(t.changed)):
+                w = t.words[a * self.ew:b * self.ew]
+                l2_writes.append((t.offset + 8 * self.ew * a, w.astype(">u8").tobytes()))
+        l1_off = img.header.l1_table_offset
+        l1_writes = [(l1_off + 8 * a, self.l1[a:b].astype(">u8").tobytes()) for a, b in _runs(sorted(self.l1_changed))]
+        for name, writes in (("bitmap-bits-set", bits), ("l2-updated", l2_writes), ("l1-updated", l1_writes)):
+            if writes:
+                tx.extra_steps.setdefault(name, []).extend(writes)
+        if self.data_ranges:
+            self.target.flush(self.data_ranges)
+            self.data_ranges = []
+
+    def after_commit(self) -> None:
+        """The in-place data that waited for the bits, then a barrier."""
+        if self.deferred:
+            for host, _, data in self.deferred:
+                self._write(host, data)
+            self.target.flush([(host, len(data)) for host, _, data in self.deferred])
+            self.deferred, self.deferred_bytes = [], 0
+
+    def close(self) -> None:
+        if self.target is not self.img.medium:
+            self.target.close()
+
+
+def _runs(indexes: list[int]) -> list[Range]:
+    """Sorted indexes as half-open runs ``(first, end)``."""
+    out: list[list[int]] = []
+    for i in indexes:
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return [(a, b) for a, b in out]

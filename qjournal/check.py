@@ -110,7 +110,7 @@ class _Entries:
     """Table entries of the active tables whose COPIED flag must mean "refcount is 1"."""
 
     pos: list[np.ndarray] = attrs.Factory(list)      # byte offset of the entry in the image
-    value: list[np.ndarray] = attrs.Factory(list)    # the entry
+    value: list[np.ndarray] = attrs.Factory(list)    # the entry (reserved bits cleared)
     keep: list[np.ndarray] = attrs.Factory(list)     # False where -r all drops the entry
 
     def add(self, pos: np.ndarray, value: np.ndarray, keep: np.ndarray) -> None:
@@ -125,7 +125,12 @@ class _Entries:
 
 
 class _Scan:
-    """Every reference of the image, as cluster indices (QEMU's in-memory refcount table)."""
+    """Every reference of the image, as cluster indices (QEMU's in-memory refcount table).
+
+    A reference whose range ends a cluster or more past the end of the file is not
+    counted: it is a corruption of its own (QEMU 7.2). One that ends less than a
+    cluster past it may count the cluster just past the end: ``m = n + 1`` slots.
+    """
 
     def __init__(self, img: Image, result: CheckResult) -> None:
         h = img.header
@@ -133,17 +138,18 @@ class _Scan:
         self.cs, self.cb = h.cluster_size, h.cluster_bits
         self.fsize = img.medium.size
         self.n = -(-self.fsize // self.cs)
-        self.refs: list[np.ndarray] = []       # every reference
-        self.dropped: list[np.ndarray] = []    # references a repair removes with their entries
-        self.refstruct: list[int] = []         # clusters of the refcount table and blocks (counted once each)
-        self.l1_writes: list[tuple[int, bytes]] = []
-        self.l2_writes: list[tuple[int, bytes]] = []
+        self.m = self.n + 1
+        self.refs: list[np.ndarray] = []       # every counted reference
+        self.dropped: list[np.ndarray] = []    # the counted references a repair removes with their entries
+        self.refstruct: list[int] = []         # clusters of the refcount table and blocks
+        self.l1_writes: dict[int, bytes] = {}  # entry position -> new entry (drops, reserved bits cleared)
+        self.l2_writes: dict[int, bytes] = {}
         self.copied = _Entries()
         self.rebuild = False
         # Metadata that an L2 table or data cluster must not share a cluster with.
-        self.meta = np.zeros(self.n, dtype=bool)
-        self.refblocks = np.zeros(self.n, dtype=bool)
-        self.l2_tables = np.zeros(self.n, dtype=bool)
+        self.meta = np.zeros(self.m, dtype=bool)
+        self.refblocks = np.zeros(self.m, dtype=bool)
+        self.l2_tables = np.zeros(self.m, dtype=bool)
 
     # -- reading, zeros past the end of the file (as QEMU reads) ---------------
     def read_u64(self, off: int, count: int) -> np.ndarray:
@@ -164,39 +170,68 @@ class _Scan:
             return np.zeros(0, np.int64)
         return np.arange(off // self.cs, (off + length - 1) // self.cs + 1, dtype=np.int64)
 
-    def add_range(self, off: int, length: int, meta: bool = True) -> None:
+    def add_range(self, off: int, length: int, what: str) -> np.ndarray:
+        """Count one metadata range; the clusters counted."""
+        if length <= 0:
+            return np.zeros(0, np.int64)
+        if off + length - self.fsize >= self.cs:
+            self.result.error(f"{what} at {off:#x}+{length:#x} exceeds the end of the file by a cluster or more")
+            return np.zeros(0, np.int64)
         clusters = self.span(off, length)
         self.refs.append(clusters)
-        if meta:
-            self.meta[clusters[clusters < self.n]] = True
+        self.meta[clusters] = True
+        return clusters
+
+    def ranges(self, off: np.ndarray, size: np.ndarray | int, what: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """Clusters of ranges ``(off, size)`` (each at most 3 clusters), less those too far out
+        (corruptions, unless ``what`` is None); per range, whether it was too far out."""
+        off = off.astype(np.int64)
+        size = np.broadcast_to(np.asarray(size, dtype=np.int64), off.shape)
+        far = off + size - self.fsize >= self.cs
+        if far.any() and what is not None:
+            for o in off[far].tolist()[:20]:
+                self.result.say(f"ERROR: {what} at {o:#x} exceeds the end of the file by a cluster or more")
+            self.result.corruptions += int(far.sum())
+        first, last = off // self.cs, (off + size - 1) // self.cs
+        parts = [first[~far]]
+        for k in range(1, int((last - first).max(initial=0)) + 1):
+            parts.append((first + k)[~far & (first + k <= last)])
+        return np.concatenate(parts), far
+
+    def count(self, clusters: np.ndarray, dropped: np.ndarray | None = None) -> None:
+        self.refs.append(clusters)
+        if dropped is not None:
+            self.dropped.append(dropped)
 
     def walk_l1(self, l1_offset: int, l1_size: int, active: bool) -> None:
-        """Count an L1 table, its L2 tables and their clusters (``check_refcounts_l1``)."""
+        """Count an L1 table's L2 tables and their clusters (``check_refcounts_l1``)."""
         res, cs = self.result, self.cs
         l1 = self.read_u64(l1_offset, l1_size)
         idx = np.nonzero(l1)[0]
-        ent = l1[idx]
-        bad = np.nonzero(ent & U64(L1E_RESERVED_MASK))[0]
-        for i in bad.tolist()[:20]:
-            res.say(f"ERROR found L1 entry with reserved bits set: {int(ent[i]):#x}")
-        res.corruptions += len(bad)
+        raw = l1[idx]
+        pos = l1_offset + 8 * idx.astype(np.int64)
+        resv = (raw & U64(L1E_RESERVED_MASK)) != 0
+        for e in raw[resv].tolist()[:20]:
+            res.say(f"ERROR found L1 entry with reserved bits set: {e:#x}")
+        res.corruptions += int(resv.sum())
+        ent = raw & ~U64(L1E_RESERVED_MASK)
         l2off = ent & U64(L1E_OFFSET_MASK)
-        l2c = (l2off // U64(cs)).astype(np.int64)
         unaligned = (l2off % U64(cs)) != 0
         for o in l2off[unaligned].tolist()[:20]:
             res.say(f"ERROR l2_offset={o:#x}: Table is not cluster aligned; L1 entry corrupted")
         res.corruptions += int(unaligned.sum())
-        past = l2off + U64(cs) > U64(self.fsize)
-        inside = ~past & ~unaligned
+        clusters, _ = self.ranges(l2off.astype(np.int64), cs, "L2 table")
+        whole = l2off + U64(cs) <= U64(self.fsize)
+        c = (l2off // U64(cs)).astype(np.int64)
         clash = np.zeros(len(ent), dtype=bool)
-        clash[inside] = self.meta[l2c[inside]] | self.refblocks[l2c[inside]]
-        drop = unaligned | past | clash
-        self.refs.append(l2c)
-        self.dropped.append(l2c[drop])
-        for i in np.nonzero(drop)[0].tolist():
-            self.l1_writes.append((l1_offset + 8 * int(idx[i]), bytes(8)))
+        ok = whole & ~unaligned
+        clash[ok] = self.meta[c[ok]] | self.refblocks[c[ok]]
+        drop = unaligned | ~whole | clash
+        self.count(clusters, self.ranges(l2off[drop], cs, None)[0])
+        for p, e, d in zip(pos[resv | drop].tolist(), ent[resv | drop].tolist(), drop[resv | drop].tolist()):
+            self.l1_writes[p] = bytes(8) if d else int(e).to_bytes(8, "big")
         if active:
-            self.copied.add(l1_offset + 8 * idx, ent, ~drop)
+            self.copied.add(pos, ent, ~drop)
         self._walk_l2(l2off, drop, active)
 
     def _walk_l2(self, l2off: np.ndarray, l1_drop: np.ndarray, active: bool) -> None:
@@ -210,39 +245,37 @@ class _Scan:
         tables = np.stack([self.read_u64(int(o), per * width) for o in l2off.tolist()])
         ent = tables[:, ::2] if ext else tables
         comp = (ent & U64(OFLAG_COMPRESSED)) != 0
+        resv = ~comp & ((ent & U64(L2E_RESERVED_MASK)) != 0)
+        if resv.any():
+            for e in ent[resv].tolist()[:20]:
+                res.say(f"ERROR found l2 entry with reserved bits set: {e:#x}")
+            res.corruptions += int(resv.sum())
+            ent = np.where(resv, ent & ~U64(L2E_RESERVED_MASK), ent)
         off = ent & U64(L2E_OFFSET_MASK)
         std = ~comp & (off != 0)        # normal and preallocated zero clusters
-        resv = ~comp & ((ent & U64(L2E_RESERVED_MASK)) != 0)
-        for e in ent[resv].tolist()[:20]:
-            res.say(f"ERROR found l2 entry with reserved bits set: {e:#x}")
-        res.corruptions += int(resv.sum())
-        stride = 8 * width
-        base = l2off.astype(np.int64)[:, None]
-        pos = base + stride * np.arange(per, dtype=np.int64)[None, :]
-        table_dropped = np.broadcast_to(l1_drop[:, None], ent.shape)
+        pos = l2off.astype(np.int64)[:, None] + 8 * width * np.arange(per, dtype=np.int64)[None, :]
+        gone = np.broadcast_to(l1_drop[:, None], ent.shape)   # the whole table is dropped
+        fix = resv & ~gone
 
-        # Compressed clusters: the bytes they occupy, never COPIED.
+        # Compressed clusters: the bytes they occupy; never COPIED.
         if comp.any():
             centries = ent[comp]
+            mask, shift, smask = compressed_geometry(self.cb)
             copied = (centries & U64(OFLAG_COPIED)) != 0
             for e in centries[copied].tolist()[:20]:
-                res.say(f"ERROR: coffset={e & compressed_geometry(self.cb)[0]:#x}: copied flag must never be "
-                        "set for compressed clusters")
+                res.say(f"ERROR: coffset={e & mask:#x}: copied flag must never be set for compressed clusters")
             res.corruptions += int(copied.sum())
-            mask, shift, smask = compressed_geometry(self.cb)
             coff = (centries & U64(mask)).astype(np.int64)
             nsec = ((centries >> U64(shift)) & U64(smask)).astype(np.int64) + 1
-            csize = nsec * 512 - (coff & 511)
-            first, last = coff // cs, (coff + csize - 1) // cs
-            past = coff + csize > self.fsize
-            cdrop = table_dropped[comp]
-            for k in range(int((last - first).max()) + 1):
-                sel = first + k <= last
-                self.refs.append((first + k)[sel])
-                self.dropped.append((first + k)[sel & (past | cdrop)])
-            fix = past & ~cdrop
-            for p in pos[comp][fix].tolist():
-                self.l2_writes.append((p, self._zero_entry()))
+            clusters, far = self.ranges(coff, nsec * 512 - (coff & 511), "compressed cluster")
+            cgone = gone[comp]
+            kill = far & ~cgone
+            drop_c, _ = self.ranges(coff[cgone], (nsec * 512 - (coff & 511))[cgone], None)
+            self.count(clusters, drop_c)
+            cpos = pos[comp]
+            newv = np.where(kill, U64(0), centries & ~U64(OFLAG_COPIED))
+            for p, v in zip(cpos[(kill | copied) & ~cgone].tolist(), newv[(kill | copied) & ~cgone].tolist()):
+                self.l2_writes[p] = self._zero_entry() if v == 0 else int(v).to_bytes(8, "big")
             if active:
                 n = int(comp.sum())
                 res.allocated_clusters += n
@@ -251,31 +284,40 @@ class _Scan:
 
         # Normal and preallocated zero clusters.
         rows, cols = np.nonzero(std)
-        offs = off[rows, cols]
-        unaligned = (offs % U64(cs)) != 0
+        offs = off[rows, cols].astype(np.int64)
+        unaligned = offs % cs != 0
         for o in offs[unaligned].tolist()[:20]:
             res.say(f"ERROR offset={o:#x}: Cluster is not properly aligned; L2 entry corrupted.")
         res.corruptions += int(unaligned.sum())
         if active:
             res.allocated_clusters += len(offs)
             if len(offs) > 1:
-                jump = offs[1:] != offs[:-1] + U64(cs)
+                jump = offs[1:] != offs[:-1] + cs
                 res.fragmented_clusters += int((jump & (rows[1:] == rows[:-1])).sum())
-        cl = (offs // U64(cs)).astype(np.int64)
-        past = offs + U64(cs) > U64(self.fsize)
-        inside = ~past & ~unaligned
-        clash = np.zeros(len(offs), dtype=bool)
-        if not img.data_file:
-            clash[inside] = self.meta[cl[inside]] | self.l2_tables[cl[inside]]
-        drop = unaligned | past | clash
         already = l1_drop[rows]
+        whole = offs + cs <= self.fsize
+        c = offs // cs
+        clash = np.zeros(len(offs), dtype=bool)
+        ok = whole & ~unaligned
+        drop = unaligned | ~whole
         if not img.data_file:
-            self.refs.append(cl)
-            self.dropped.append(cl[drop | already])
-        for p in pos[rows, cols][drop & ~already].tolist():
-            self.l2_writes.append((p, self._zero_entry()))
+            clash[ok] = self.meta[c[ok]] | self.l2_tables[c[ok]]
+            drop |= clash
+            clusters, far = self.ranges(offs, cs, "data cluster")
+            drop_d, _ = self.ranges(offs[drop | already], cs, None)
+            self.count(clusters, drop_d)
+        p_std = pos[rows, cols]
+        e_std = ent[rows, cols]
+        for p in p_std[drop & ~already].tolist():
+            self.l2_writes[p] = self._zero_entry()
+        keepfix = fix[rows, cols] & ~drop
+        for p, e in zip(p_std[keepfix].tolist(), e_std[keepfix].tolist()):
+            self.l2_writes[p] = int(e).to_bytes(8, "big")
         if active:
-            self.copied.add(pos[rows, cols], ent[rows, cols], ~(drop | already))
+            self.copied.add(p_std, e_std, ~(drop | already))
+        other = fix & ~std & ~comp     # unallocated or plain zero entries with reserved bits
+        for p, e in zip(pos[other].tolist(), ent[other].tolist()):
+            self.l2_writes[p] = int(e).to_bytes(8, "big")
 
     def _zero_entry(self) -> bytes:
         """An L2 entry that reads as zeros (unallocated on v2, which has no zero flag)."""
@@ -285,16 +327,15 @@ class _Scan:
         return (OFLAG_ZERO if h.version >= 3 else 0).to_bytes(8, "big")
 
 
-def _l2_table_mask(img: Image, scan: _Scan) -> tuple[np.ndarray, list[tuple[int, int, bool]]]:
-    """Clusters holding an L2 table (active or snapshot), and the L1 tables to walk."""
+def _l2_table_mask(img: Image, scan: _Scan) -> list[tuple[int, int, bool]]:
+    """Mark the clusters holding an L2 table (active or snapshot); the L1 tables to walk."""
     l1s = [(img.header.l1_table_offset, img.header.l1_size, True)]
     l1s += [(s.l1_table_offset, s.l1_size, False) for s in img.snapshots]
-    mask = np.zeros(scan.n, dtype=bool)
     for off, size, _ in l1s:
         l2 = scan.read_u64(off, size) & U64(L1E_OFFSET_MASK)
         l2 = l2[(l2 != 0) & (l2 % U64(scan.cs) == 0)] // U64(scan.cs)
-        mask[l2[l2 < U64(scan.n)].astype(np.int64)] = True
-    return mask, l1s
+        scan.l2_tables[l2[l2 < U64(scan.n)].astype(np.int64)] = True
+    return l1s
 
 
 class _OnDisk:
@@ -307,14 +348,11 @@ class _OnDisk:
         self.table = scan.read_u64(h.refcount_table_offset, h.refcount_table_clusters * scan.cs // 8)
 
     def block(self, bi: int) -> np.ndarray | None:
-        """Counts of block ``bi`` (None where QEMU's read of it fails: a damaged entry)."""
-        if bi >= len(self.table):
+        """Counts of block ``bi`` (None where QEMU's read of it fails: an unaligned entry)."""
+        off = int(self.table[bi]) & rc.RT_OFFSET_MASK if bi < len(self.table) else 0
+        if not off:
             return np.zeros(self.epb, np.int64)
-        e = int(self.table[bi])
-        if not e:
-            return np.zeros(self.epb, np.int64)
-        off = e & rc.RT_OFFSET_MASK
-        if e & rc.RT_RESERVED_MASK or off % self.scan.cs:
+        if off % self.scan.cs:
             return None
         cs, fsize = self.scan.cs, self.scan.fsize
         raw = bytearray(cs)
@@ -350,15 +388,6 @@ class _OnDisk:
         return out, err
 
 
-def _bincount(parts: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Counts of clusters below ``n``, and (clusters, counts) of those at or above it."""
-    allc = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    inside = allc < n
-    counts = np.bincount(allc[inside], minlength=n).astype(np.int64)
-    far, far_n = np.unique(allc[~inside], return_counts=True)
-    return counts, far.astype(np.int64), far_n.astype(np.int64)
-
-
 def check(img: Image, repair: str | None = None) -> CheckResult:
     """Check ``img`` (and repair with ``repair`` = ``"leaks"`` or ``"all"``).
 
@@ -370,14 +399,15 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
     scan = _Scan(img, result)
     # Header, refcount table, active L1, snapshot table, bitmap directory and tables.
     for off, length, what in img.metadata_ranges():
-        scan.add_range(off, length)
+        counted = scan.add_range(off, length, what)
         if what == "refcount table":
-            scan.refstruct += scan.span(off, length).tolist()
+            scan.refstruct += counted.tolist()
     for s in img.snapshots:
-        scan.add_range(s.l1_table_offset, s.l1_size * 8)
+        scan.add_range(s.l1_table_offset, s.l1_size * 8, "snapshot L1 table")
     crypto = next((e for e in img.extensions if e.type == EXT_CRYPTO), None)
     if crypto is not None and len(crypto.data) >= 16:
-        scan.add_range(int.from_bytes(crypto.data[:8], "big"), int.from_bytes(crypto.data[8:16], "big"))
+        scan.add_range(int.from_bytes(crypto.data[:8], "big"), int.from_bytes(crypto.data[8:16], "big"),
+                       "LUKS header")
     ondisk = _OnDisk(img, scan)
     rt = ondisk.table
     rb = rt & U64(rc.RT_OFFSET_MASK)
@@ -389,83 +419,75 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
     if img.bitmaps_ext is not None:
         for e in img.entries:
             t = img.bitmap_table(e) & U64(bm.TE_OFFSET_MASK)
-            t = t[t != 0]
-            clusters = (t // U64(cs)).astype(np.int64)
-            scan.refs.append(clusters)
-            scan.meta[clusters[clusters < scan.n]] = True
+            clusters, _ = scan.ranges(t[t != 0].astype(np.int64), cs, f"bitmap data of {e.name!r}")
+            scan.count(clusters)
+            scan.meta[clusters] = True
             if e.in_use:
                 result.say(f"Bitmap {e.name!r} is in use (inconsistent)" + ("; made all-dirty" if repair == "all" else ""))
-    scan.l2_tables, l1s = _l2_table_mask(img, scan)
-    for off, size, active in l1s:
+    for off, size, active in _l2_table_mask(img, scan):
         scan.walk_l1(off, size, active)
-    expected, far, far_n = _bincount(scan.refs, scan.n)
-    _count_refblocks(scan, rt, expected, far)
-    expected, far, far_n = _bincount(scan.refs, scan.n)
-    # The refcount of a cluster QEMU's counter holds at its maximum is an error per extra reference.
+    _count_refblocks(scan, rt, np.bincount(np.concatenate(scan.refs), minlength=scan.m))
+    expected = np.bincount(np.concatenate(scan.refs), minlength=scan.m).astype(np.int64)
+    nb = scan.m if expected[scan.n] else scan.n       # QEMU's in-memory table grows only when referenced
+    expected = expected[:nb]
+    # QEMU's counter stops at the refcount maximum: every reference beyond it is an error.
     top = rc.max_refcount(h.refcount_order)
-    over = int(np.maximum(expected - top, 0).sum()) + int(np.maximum(far_n - top, 0).sum())
+    over = int(np.maximum(expected - top, 0).sum())
     if over:
         result.error(f"{over} references overflow the {h.refcount_bits}-bit refcounts", over)
-        expected, far_n = np.minimum(expected, top), np.minimum(far_n, top)
+        expected = np.minimum(expected, top)
 
-    disk, err = ondisk.counts(scan.n)
-    disk_far, err_far = ondisk.lookup(far)
-    result.check_errors += int(err.sum()) + int(err_far.sum())
-    if err.any() or err_far.any():
-        result.say(f"ERROR: {int(err.sum() + err_far.sum())} refcounts cannot be read (damaged refcount table entry)")
-    good, good_far = ~err, ~err_far
-    leaks = good & (disk > expected)
-    low = good & (disk < expected)
-    low_far = good_far & (disk_far < far_n)
-    leaks_far = good_far & (disk_far > far_n)
+    disk, err = ondisk.counts(nb)
+    result.check_errors += int(err.sum())
+    if err.any():
+        result.say(f"ERROR: {int(err.sum())} refcounts cannot be read (unaligned refcount block offset)")
+    leaks = ~err & (disk > expected)
+    low = ~err & (disk < expected)
     # QEMU rebuilds the refcount structure when a referenced cluster has no refcount.
-    unrefd = bool((low & (disk == 0)).any() or (low_far & (disk_far == 0)).any())
+    unrefd = bool((low & (disk == 0)).any())
     for c in np.nonzero(low)[0].tolist()[:100]:
         result.say(f"ERROR cluster {c} refcount={disk[c]} reference={expected[c]}")
-    for c, d, e in zip(far[low_far].tolist()[:100], disk_far[low_far].tolist(), far_n[low_far].tolist()):
-        result.say(f"ERROR cluster {c} refcount={d} reference={e} (past the end of the file)")
     for c in np.nonzero(leaks)[0].tolist()[:100]:
         result.say(f"Leaked cluster {c} refcount={disk[c]} reference={expected[c]}")
-    result.corruptions += int(low.sum()) + int(low_far.sum())
-    result.leaks += int(leaks.sum()) + int(leaks_far.sum())
-    used = np.nonzero(good & ((expected > 0) | (disk > 0)))[0]
-    highest = int(used[-1]) if len(used) else 0
-    if len(far):
-        used_far = far[good_far & ((far_n > 0) | (disk_far > 0))]
-        highest = max(highest, int(used_far[-1])) if len(used_far) else highest
-    result.image_end_offset = (highest + 1) * cs
+    result.corruptions += int(low.sum())
+    result.leaks += int(leaks.sum())
+    used = np.nonzero(~err & ((expected > 0) | (disk > 0)))[0]
+    result.image_end_offset = (int(used[-1]) + 1 if len(used) else 1) * cs
 
     # A damaged refcount table or block is replaced; missing counts are added in place.
-    rebuild = repair == "all" and (scan.rebuild or bool(err.any()) or bool(err_far.any()))
-    if repair == "leaks" and (scan.rebuild or unrefd or err.any() or err_far.any()):
+    rebuild = repair == "all" and (scan.rebuild or bool(err.any()))
+    if repair == "leaks" and (scan.rebuild or unrefd or err.any()):
         # QEMU gives up here ("need to rebuild refcount structures"); so do we, untouched.
         result.say("ERROR need to rebuild refcount structures (use -r all)")
-        _judge_copied(img, scan, disk, err, far, disk_far, result, fix=False)
+        _judge_copied(scan, ondisk, disk, err, result, fix=False)
         return result
 
     # What the refcounts will be after the repair (COPIED flags are judged against them).
     if repair == "all":
         kept = _subtract(expected, scan.dropped)
-        final = kept if not rebuild else _without(kept, scan.refstruct)
+        final = kept if not rebuild else _subtract(kept, [np.array(scan.refstruct, dtype=np.int64)])
+        err = np.zeros_like(err)
     elif repair == "leaks":
         final = np.where(leaks, expected, disk)
     else:
         final = disk
     fix_flags = repair == "all" or (repair == "leaks" and not low.any() and result.corruptions == 0
                                     and not result.check_errors)
-    flag_fixes = _judge_copied(img, scan, final, err if repair != "all" else np.zeros_like(err),
-                               far, disk_far, result, fix=fix_flags)
+    flag_fixes = _judge_copied(scan, ondisk, final, err, result, fix=fix_flags)
 
     if repair is None:
         return result
     if repair == "leaks":
         if leaks.any() or flag_fixes:
-            _repair_in_place(img, "leaks", final, disk, flag_fixes, [], [], reserve=expected)
+            _repair_in_place(img, "leaks", final, disk, flag_fixes, {}, {}, reserve=expected)
             result.leaks_fixed, result.leaks = int(leaks.sum()), result.leaks - int(leaks.sum())
             result.corruptions_fixed += len(flag_fixes)
             result.corruptions -= len(flag_fixes)
         return result
 
+    for p, _ in flag_fixes:
+        scan.l1_writes.pop(p, None)
+        scan.l2_writes.pop(p, None)
     drops = len(scan.l1_writes) + len(scan.l2_writes)
     flags = h.incompatible_features & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
     in_use = any(e.in_use for e in img.entries)
@@ -482,7 +504,8 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
     else:
         _repair_in_place(img, "all", final, disk, flag_fixes, scan.l1_writes, scan.l2_writes, reserve=expected)
     if drops:
-        result.say(f"Dropped {drops} table entries that pointed at unreadable or misplaced clusters")
+        result.say(f"Rewrote {drops} table entries (reserved bits, or pointing at unreadable or misplaced "
+                   "clusters: dropped)")
     if drop_bitmaps:
         result.say("Dropped the damaged bitmaps extension; its clusters were reclaimed")
     result.leaks_fixed, result.leaks = result.leaks, 0
@@ -491,12 +514,11 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
     return result
 
 
-def _count_refblocks(scan: _Scan, rt: np.ndarray, expected: np.ndarray, far: np.ndarray) -> None:
+def _count_refblocks(scan: _Scan, rt: np.ndarray, counts: np.ndarray) -> None:
     """QEMU's ``check_refblocks``: each refcount block, in table order, after everything else."""
     res, cs = scan.result, scan.cs
-    nb = max(scan.n, int(far[-1]) + 1 if len(far) else 0)
+    nb = scan.m if counts[scan.n] else scan.n
     seen: dict[int, int] = {}
-    extra: list[int] = []
     for i in np.nonzero(rt)[0].tolist():
         e = int(rt[i])
         off = e & rc.RT_OFFSET_MASK
@@ -513,12 +535,11 @@ def _count_refblocks(scan: _Scan, rt: np.ndarray, expected: np.ndarray, far: np.
             res.error(f"refcount block {i} is outside image")
             scan.rebuild = True
             continue
-        extra.append(c)
         seen[c] = seen.get(c, 0) + 1
-        have = (int(expected[c]) if c < scan.n else int(np.sum(far == c))) + seen[c]
-        if have != 1:
-            res.error(f"refcount block {i} refcount={have}")
+        if int(counts[c]) + seen[c] != 1:
+            res.error(f"refcount block {i} refcount={int(counts[c]) + seen[c]}")
             scan.rebuild = True
+    extra = [c for c, k in seen.items() for _ in range(k)]
     scan.refs.append(np.array(extra, dtype=np.int64))
     scan.refstruct += extra
 
@@ -526,16 +547,11 @@ def _count_refblocks(scan: _Scan, rt: np.ndarray, expected: np.ndarray, far: np.
 def _subtract(counts: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
     gone = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     gone = gone[gone < len(counts)]
-    return counts - np.bincount(gone, minlength=len(counts)).astype(np.int64)
+    return counts - np.bincount(gone, minlength=len(counts))[:len(counts)].astype(np.int64)
 
 
-def _without(counts: np.ndarray, clusters: list[int]) -> np.ndarray:
-    """``counts`` less one reference for each cluster of the old refcount structure."""
-    return _subtract(counts, [np.array(clusters, dtype=np.int64)])
-
-
-def _judge_copied(img: Image, scan: _Scan, final: np.ndarray, err: np.ndarray, far: np.ndarray,
-                  disk_far: np.ndarray, result: CheckResult, fix: bool) -> list[tuple[int, bytes]]:
+def _judge_copied(scan: _Scan, ondisk: _OnDisk, final: np.ndarray, err: np.ndarray, result: CheckResult,
+                  fix: bool) -> list[tuple[int, bytes]]:
     """QEMU's ``check_oflag_copied`` over the active tables, against ``final``; the fixes."""
     pos, value, keep = scan.copied.arrays()
     if fix and len(keep):
@@ -547,8 +563,8 @@ def _judge_copied(img: Image, scan: _Scan, final: np.ndarray, err: np.ndarray, f
     ref[inside] = final[cl[inside]]
     readable[inside] = ~err[cl[inside]]
     if (~inside).any():
-        lookup = dict(zip(far.tolist(), disk_far.tolist()))
-        ref[~inside] = [lookup.get(c, 0) for c in cl[~inside].tolist()]
+        ref[~inside], bad = ondisk.lookup(cl[~inside])
+        readable[~inside] = ~bad
     has = (value & U64(OFLAG_COPIED)) != 0
     wrong = readable & (has != (ref == 1))
     idx = np.nonzero(wrong)[0]
@@ -564,8 +580,8 @@ def _judge_copied(img: Image, scan: _Scan, final: np.ndarray, err: np.ndarray, f
     return fixes if fix else []
 
 
-def _stage_entries(tx: TxState, flag_fixes: list[tuple[int, bytes]], l1_writes: list[tuple[int, bytes]],
-                   l2_writes: list[tuple[int, bytes]]) -> None:
+def _stage_entries(tx: TxState, flag_fixes: list[tuple[int, bytes]], l1_writes: dict[int, bytes],
+                   l2_writes: dict[int, bytes]) -> None:
     """Drops go with the mapping steps (after increases, before any decrease); flags around the counts."""
     steps = tx.extra_steps
     for pos, data in flag_fixes:
@@ -574,13 +590,15 @@ def _stage_entries(tx: TxState, flag_fixes: list[tuple[int, bytes]], l1_writes: 
         name = "copied-set" if int.from_bytes(data, "big") & OFLAG_COPIED else "copied-cleared"
         steps.setdefault(name, []).append((pos, data))
     # The L2 entries first, then the L1 entries: a dropped L2 table is not written.
-    steps.setdefault("l2-updated", []).extend(l2_writes)
-    steps.setdefault("l1-updated", []).extend(l1_writes)
+    if l2_writes:
+        steps.setdefault("l2-updated", []).extend(sorted(l2_writes.items()))
+    if l1_writes:
+        steps.setdefault("l1-updated", []).extend(sorted(l1_writes.items()))
 
 
 def _repair_in_place(img: Image, repair: str, final: np.ndarray, ondisk: np.ndarray,
-                     flag_fixes: list[tuple[int, bytes]], l1_writes: list[tuple[int, bytes]],
-                     l2_writes: list[tuple[int, bytes]], reserve: np.ndarray) -> None:
+                     flag_fixes: list[tuple[int, bytes]], l1_writes: dict[int, bytes],
+                     l2_writes: dict[int, bytes], reserve: np.ndarray) -> None:
     with img.transaction(f"check -r {repair}") as tx:
         alloc = tx.alloc
         # Clusters something references are not free, whatever their refcount says.
@@ -607,7 +625,8 @@ def _rebuild(img: Image, final: np.ndarray, referenced: np.ndarray, scan: _Scan,
     """
     h, cs = img.header, scan.cs
     epb = rc.entries_per_block(cs, h.refcount_order)
-    start = scan.n
+    nz = np.nonzero(final)[0]
+    start = max(scan.n, int(nz[-1]) + 1 if len(nz) else 0)
     used_blocks = np.unique(np.nonzero(final)[0] // epb)
     k = 0
     while True:

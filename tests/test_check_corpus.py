@@ -1,0 +1,423 @@
+"""A corpus of damaged images, after what QEMU's iotests 060, 108 and 138 damage.
+
+Oracle: qemu-img check and qemu-img convert. Every case starts from an image qemu-img
+and qemu-io made (4 KiB clusters, 16 MiB disk, so that each L2 table covers 2 MiB and
+a case can damage one of them and leave the rest alone), then pokes bytes. For each:
+
+* ``qjournal check --output=json`` gives qemu-img's counters and exit code;
+* ``qjournal check -r all`` leaves an image qemu-img finds clean, and every guest byte
+  outside the damaged range reads as it did before (``qemu-img convert -O raw``);
+* where qemu-img refuses to open the image, qjournal refuses too: one line, exit 1,
+  the file untouched. Where the two differ on purpose, the case says why.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import struct
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+import qemu
+from qjournal.cli import main
+
+KEYS = ("corruptions", "leaks", "check-errors", "total-clusters", "allocated-clusters", "fragmented-clusters",
+        "compressed-clusters", "image-end-offset")
+CS = 4096
+MiB = 1 << 20
+COPIED = 1 << 63
+Damage = list[tuple[int, int]]  # guest (offset, length) ranges the damage makes unreadable or changes
+
+
+# -- building -----------------------------------------------------------------------
+def fresh(d: Path, *opts: str, size: str = "16M") -> Path:
+    """Data in four L2 tables' ranges: 0x11 at 0, 0x22 at 2M, 0x33 at 4M, 0x44 at 14M."""
+    p = qemu.create(d / "img.qcow2", size, f"cluster_size={CS}", *opts)
+    qemu.qemu_io(p, "write -P 0x11 0 64k", "write -P 0x22 2M 64k", "write -P 0x33 4M 16k",
+                 "write -P 0x44 14M 8k")
+    return p
+
+
+def u64(p: Path, off: int) -> int:
+    with open(p, "rb") as f:
+        f.seek(off)
+        return struct.unpack(">Q", f.read(8))[0]
+
+
+def poke(p: Path, off: int, data: bytes) -> None:
+    with open(p, "r+b") as f:
+        f.seek(off)
+        f.write(data)
+
+
+def poke64(p: Path, off: int, value: int) -> None:
+    poke(p, off, struct.pack(">Q", value))
+
+
+def l1_pos(p: Path, index: int) -> int:
+    """Where L1 entry ``index`` sits in the file."""
+    return u64(p, 40) + 8 * index
+
+
+def l2_pos(p: Path, guest: int) -> int:
+    """Where the L2 entry mapping guest offset ``guest`` sits in the file."""
+    per = CS // 8
+    l2 = u64(p, l1_pos(p, guest // (per * CS))) & 0x00FFFFFFFFFFFE00
+    return l2 + 8 * (guest // CS % per)
+
+
+def data_offset(p: Path, guest: int) -> int:
+    return u64(p, l2_pos(p, guest)) & 0x00FFFFFFFFFFFE00
+
+
+def reftable_pos(p: Path, index: int) -> int:
+    return u64(p, 48) + 8 * index
+
+
+def refcount_pos(p: Path, cluster: int) -> int:
+    """Where the 16-bit refcount of ``cluster`` sits (first refcount block)."""
+    return u64(p, reftable_pos(p, 0)) + 2 * cluster
+
+
+def set_refcount(p: Path, cluster: int, value: int) -> None:
+    poke(p, refcount_pos(p, cluster), struct.pack(">H", value))
+
+
+# -- the cases ----------------------------------------------------------------------
+# 060: overlapping and misplaced references.
+def l2_table_unaligned(d: Path) -> tuple[Path, Damage]:
+    """060: an L1 entry whose L2 table offset is not cluster aligned (0x2a00 into it)."""
+    p = fresh(d)
+    poke64(p, l1_pos(p, 0), u64(p, l1_pos(p, 0)) + 0x200 * 5)
+    return p, [(0, 2 * MiB)]
+
+
+def l2_table_past_eof(d: Path) -> tuple[Path, Damage]:
+    """An L1 entry whose L2 table lies past the end of the file (QEMU reads zeros)."""
+    p = fresh(d)
+    poke64(p, l1_pos(p, 1), COPIED | 64 * MiB)
+    return p, [(2 * MiB, 2 * MiB)]
+
+
+def l2_table_is_l1_table(d: Path) -> tuple[Path, Damage]:
+    """060: an L1 entry pointing at the L1 table itself (L2 table overlapping L1)."""
+    p = fresh(d)
+    poke64(p, l1_pos(p, 0), COPIED | u64(p, 40))
+    return p, [(0, 2 * MiB)]
+
+
+def l2_table_is_refcount_block(d: Path) -> tuple[Path, Damage]:
+    """An L1 entry pointing at the refcount block (L2 table overlapping a refcount block)."""
+    p = fresh(d)
+    poke64(p, l1_pos(p, 2), COPIED | u64(p, reftable_pos(p, 0)))
+    return p, [(4 * MiB, 2 * MiB)]
+
+
+def l1_entry_reserved_bits(d: Path) -> tuple[Path, Damage]:
+    """An L1 entry with reserved bits (56..62) set."""
+    p = fresh(d)
+    poke64(p, l1_pos(p, 1), u64(p, l1_pos(p, 1)) | (1 << 60))
+    return p, []
+
+
+def data_in_refcount_block(d: Path) -> tuple[Path, Damage]:
+    """060: a data cluster mapped onto the refcount block (QEMU rebuilds the refcounts
+    elsewhere; the guest keeps reading the old block's bytes)."""
+    p = fresh(d)
+    poke64(p, l2_pos(p, 0), COPIED | u64(p, reftable_pos(p, 0)))
+    return p, []
+
+
+def data_in_l1_table(d: Path) -> tuple[Path, Damage]:
+    """A data cluster mapped onto the L1 table."""
+    p = fresh(d)
+    poke64(p, l2_pos(p, 4096), COPIED | u64(p, 40))
+    return p, [(4096, 4096)]
+
+
+def data_in_inactive_l2(d: Path) -> tuple[Path, Damage]:
+    """060: after a snapshot, an active data cluster mapped onto the snapshot's L2 table."""
+    p = fresh(d)
+    old_l2 = u64(p, l1_pos(p, 0)) & 0x00FFFFFFFFFFFE00
+    qemu.qemu_img("snapshot", "-c", "s1", str(p))
+    qemu.qemu_io(p, "write -P 0x55 0 4k")
+    poke64(p, l2_pos(p, 0), COPIED | old_l2)
+    return p, [(0, 4096)]
+
+
+def data_unaligned(d: Path) -> tuple[Path, Damage]:
+    """060: an L2 entry whose data cluster offset is not cluster aligned."""
+    p = fresh(d)
+    poke64(p, l2_pos(p, 8192), u64(p, l2_pos(p, 8192)) + 0xa00)
+    return p, [(8192, 4096)]
+
+
+def zero_cluster_unaligned(d: Path) -> tuple[Path, Damage]:
+    """060: a preallocated zero cluster whose offset is not cluster aligned."""
+    p = fresh(d)
+    poke64(p, l2_pos(p, 2 * MiB), u64(p, l2_pos(p, 2 * MiB)) + 0xa00 | 1)
+    return p, [(2 * MiB, 4096)]
+
+
+def data_past_eof(d: Path) -> tuple[Path, Damage]:
+    """An L2 entry whose data cluster lies past the end of the file (QEMU reads zeros)."""
+    p = fresh(d)
+    poke64(p, l2_pos(p, 2 * MiB + 4096), COPIED | 32 * MiB)
+    return p, [(2 * MiB + 4096, 4096)]
+
+
+def data_referenced_twice(d: Path) -> tuple[Path, Damage]:
+    """Two L2 entries mapping the same data cluster, both claiming COPIED."""
+    p = fresh(d)
+    poke64(p, l2_pos(p, 4096), COPIED | data_offset(p, 0))
+    return p, []
+
+
+def l2_entry_reserved_bits(d: Path) -> tuple[Path, Damage]:
+    """A standard L2 entry with a reserved bit set."""
+    p = fresh(d)
+    poke64(p, l2_pos(p, 4 * MiB), u64(p, l2_pos(p, 4 * MiB)) | 2)
+    return p, []
+
+
+# Refcounts wrong, structure sound.
+def refcount_data_zeroed(d: Path) -> tuple[Path, Damage]:
+    """The refcount of a data cluster zeroed (QEMU wants a rebuild)."""
+    p = fresh(d)
+    set_refcount(p, data_offset(p, 2 * MiB) // CS, 0)
+    return p, []
+
+
+def refcount_l2_too_low(d: Path) -> tuple[Path, Damage]:
+    """After a snapshot, a shared L2 table's refcount lowered from 2 to 1."""
+    p = fresh(d)
+    qemu.qemu_img("snapshot", "-c", "s1", str(p))
+    set_refcount(p, (u64(p, l1_pos(p, 7)) & 0x00FFFFFFFFFFFE00) // CS, 1)
+    return p, []
+
+
+def refcount_l1_too_high(d: Path) -> tuple[Path, Damage]:
+    """The refcount of the L1 table raised to 2: a leak, and no COPIED flag involved."""
+    p = fresh(d)
+    set_refcount(p, u64(p, 40) // CS, 2)
+    return p, []
+
+
+def copied_set_on_shared(d: Path) -> tuple[Path, Damage]:
+    """After a snapshot, COPIED set on an L2 entry whose cluster the snapshot shares."""
+    p = fresh(d)
+    qemu.qemu_img("snapshot", "-c", "s1", str(p))
+    poke64(p, l2_pos(p, 14 * MiB), u64(p, l2_pos(p, 14 * MiB)) | COPIED)
+    return p, []
+
+
+def compressed(d: Path) -> tuple[Path, Damage]:
+    """Clean, with compressed clusters (counted as compressed and fragmented)."""
+    p = fresh(d)
+    qemu.qemu_io(p, "write -c -P 0x66 6M 16k", "write -c -P 0x67 8M 4k")
+    return p, []
+
+
+def compressed_copied(d: Path) -> tuple[Path, Damage]:
+    """A compressed cluster with the COPIED flag set (never allowed)."""
+    p = fresh(d)
+    qemu.qemu_io(p, "write -c -P 0x66 6M 4k")
+    poke64(p, l2_pos(p, 6 * MiB), u64(p, l2_pos(p, 6 * MiB)) | COPIED)
+    return p, []
+
+
+def snapshot_shared(d: Path) -> tuple[Path, Damage]:
+    """Clean: clusters shared by two snapshots and the active layer."""
+    p = fresh(d)
+    qemu.qemu_img("snapshot", "-c", "s1", str(p))
+    qemu.qemu_io(p, "write -P 0x77 0 4k")
+    qemu.qemu_img("snapshot", "-c", "s2", str(p))
+    qemu.qemu_io(p, "write -P 0x78 2M 4k")
+    return p, []
+
+
+# 108: refcount structures that must be rebuilt.
+def refblock_entry_unaligned(d: Path) -> tuple[Path, Damage]:
+    """060: a refcount table entry that is not cluster aligned (every refcount unreadable)."""
+    p = fresh(d)
+    poke64(p, reftable_pos(p, 0), u64(p, reftable_pos(p, 0)) + 0xa00)
+    return p, []
+
+
+def refblock_entry_reserved(d: Path) -> tuple[Path, Damage]:
+    """A refcount table entry with reserved bits set."""
+    p = fresh(d)
+    poke64(p, reftable_pos(p, 0), u64(p, reftable_pos(p, 0)) | 0x100)
+    return p, []
+
+
+def refblock_entry_zeroed(d: Path) -> tuple[Path, Damage]:
+    """060: the refcount table entry of the only refcount block zeroed (all refcounts 0)."""
+    p = fresh(d)
+    poke64(p, reftable_pos(p, 0), 0)
+    return p, []
+
+
+def refblock_zeroed(d: Path) -> tuple[Path, Damage]:
+    """060: the refcount block itself zeroed."""
+    p = fresh(d)
+    poke(p, u64(p, reftable_pos(p, 0)), bytes(CS))
+    return p, []
+
+
+def refblock_is_l1_table(d: Path) -> tuple[Path, Damage]:
+    """A refcount table entry pointing at the L1 table (refcount block overlapping L1)."""
+    p = fresh(d)
+    poke64(p, reftable_pos(p, 0), u64(p, 40))
+    return p, []
+
+
+def refblock_past_eof(d: Path) -> tuple[Path, Damage]:
+    """108: an (empty) second refcount block past the end of the file, itself counted."""
+    p = fresh(d)
+    poke64(p, reftable_pos(p, 1), 64 * MiB)
+    return p, []
+
+
+def refblock_overflow(d: Path) -> tuple[Path, Damage]:
+    """108: a refcount block offset near 2^63 (signed overflow after it)."""
+    p = fresh(d)
+    poke64(p, reftable_pos(p, 1), 0x7FFFFFFFFFFF0000 & ~(CS - 1))
+    return p, []
+
+
+def refblock_shared_twice(d: Path) -> tuple[Path, Damage]:
+    """Two refcount table entries pointing at the same block."""
+    p = fresh(d)
+    poke64(p, reftable_pos(p, 1), u64(p, reftable_pos(p, 0)))
+    return p, []
+
+
+def lazy_dirty_v3_refbits1(d: Path) -> tuple[Path, Damage]:
+    """refcount_bits=1, lazy refcounts, a crashed writer: the dirty bit and no counts."""
+    p = qemu.create(d / "img.qcow2", "16M", f"cluster_size={CS}", "refcount_bits=1", "lazy_refcounts=on")
+    qemu.qemu_io(p, "write -P 0x11 0 64k", "write -P 0x22 2M 64k")
+    qemu.run("qemu-io", "-f", "qcow2", "-c", "write -P 0x33 4M 64k", "-c", "abort", str(p), check=False)
+    return p, []
+
+
+CASES: dict[str, Callable[[Path], tuple[Path, Damage]]] = {f.__name__: f for f in (
+    l2_table_unaligned, l2_table_past_eof, l2_table_is_l1_table, l2_table_is_refcount_block,
+    l1_entry_reserved_bits, data_in_refcount_block, data_in_l1_table, data_in_inactive_l2, data_unaligned,
+    zero_cluster_unaligned, data_past_eof, data_referenced_twice, l2_entry_reserved_bits, refcount_data_zeroed,
+    refcount_l2_too_low, refcount_l1_too_high, copied_set_on_shared, compressed, compressed_copied,
+    snapshot_shared, refblock_entry_unaligned, refblock_entry_reserved, refblock_entry_zeroed, refblock_zeroed,
+    refblock_is_l1_table, refblock_past_eof, refblock_overflow, refblock_shared_twice, lazy_dirty_v3_refbits1)}
+
+
+# -- running ------------------------------------------------------------------------
+def ours(path: Path, *args: str) -> tuple[int, str, str]:
+    """qjournal check in-process; any exception but a one-line refusal fails the test."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["check", *args, str(path)])
+    return code, out.getvalue(), err.getvalue()
+
+
+def counters(d: dict) -> dict:
+    return {k: d.get(k, 0) for k in KEYS}
+
+
+def raw(path: Path, dest: Path) -> bytes | None:
+    """The guest disk as qemu-img convert reads it (None when the read fails)."""
+    res = qemu.qemu_img("convert", "-U", "-f", "qcow2", "-O", "raw", str(path), str(dest), check=False)
+    return dest.read_bytes() if res.returncode == 0 else None
+
+
+def masked(data: bytes, damage: Damage) -> bytes:
+    buf = bytearray(data)
+    for off, n in damage:
+        buf[off:off + n] = bytes(n)
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_check_and_repair(case: str, tmp_path: Path) -> None:
+    healthy = tmp_path / "healthy"
+    healthy.mkdir()
+    p, damage = CASES[case](tmp_path)
+    # The reference: the disk after the damage if qemu-img can read all of it, else before.
+    before = raw(p, tmp_path / "before.raw")
+    assert before is not None or damage, "qemu-img cannot read the damaged disk, but the case names no damage"
+    if before is None:
+        before = _undamaged_reference(case, healthy)
+    mine = tmp_path / "ours.qcow2"
+    shutil.copy(p, mine)
+    res = qemu.qemu_img("check", "--output=json", str(p), check=False)
+    code, out, err = ours(mine, "--output=json")
+    assert mine.read_bytes() == p.read_bytes(), "a check without -r changed the image"
+    if not res.stdout.strip():
+        # qemu-img refuses the image: so do we, in one line, and leave it alone.
+        assert res.returncode == 1 and code == 1 and out == "" and len(err.strip().splitlines()) == 1, (res, err)
+        return
+    assert counters(json.loads(out)) == counters(json.loads(res.stdout)), (out, res.stdout, res.stderr)
+    assert code == res.returncode
+
+    code, out, err = ours(mine, "-r", "all")
+    assert code == 0, out + err
+    qemu.assert_clean(mine)
+    after = raw(mine, tmp_path / "after.raw")
+    assert after is not None
+    assert masked(after, damage) == masked(before, damage)
+    assert qemu.info(mine)["dirty-flag"] is False
+    # A second check finds nothing left to do.
+    code, out, err = ours(mine, "--output=json")
+    assert code == 0 and not json.loads(out).get("corruptions") and not json.loads(out).get("leaks")
+
+
+def _undamaged_reference(case: str, d: Path) -> bytes:
+    """The disk of the same case's image before its damage (builders are deterministic)."""
+    from unittest import mock
+    with mock.patch(f"{__name__}.poke", lambda *a: None):
+        p, _ = CASES[case](d)
+    data = raw(p, d / "reference.raw")
+    assert data is not None
+    return data
+
+
+@pytest.mark.parametrize("field,value,what", [
+    (40, 0x3200, "L1 table offset unaligned"),
+    (48, 0x1200, "refcount table offset unaligned"),
+])
+def test_refused_as_qemu_img_refuses(field: int, value: int, what: str, tmp_path: Path) -> None:
+    """Header damage qemu-img will not open the image with: qjournal refuses in one line."""
+    p = fresh(tmp_path)
+    poke64(p, field, value)
+    snapshot = p.read_bytes()
+    res = qemu.qemu_img("check", "--output=json", str(p), check=False)
+    assert res.returncode == 1 and not res.stdout.strip(), what
+    for args in ((), ("-r", "all")):
+        code, out, err = ours(p, *args)
+        assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (what, err)
+        assert p.read_bytes() == snapshot
+
+
+@pytest.mark.parametrize("what", ["no refcount table", "L1 table past the end of the file"])
+def test_refused_where_qemu_img_goes_on(what: str, tmp_path: Path) -> None:
+    """Where the two differ on purpose: header fields qemu-img opens the image with and
+    qjournal's header validation (qjournal/format/header.py) refuses, so that no table is
+    trusted before it is bounded by the file. 108's first case zeroes refcount_table_offset
+    and _clusters: qemu-img check -r all builds a refcount table from nothing. An L1 table
+    past the end of the file: qemu-img reads zeros there. qjournal refuses in one line and
+    leaves the file as it is, with or without -r."""
+    p = fresh(tmp_path)
+    if what == "no refcount table":
+        poke64(p, 48, 0)
+        poke(p, 56, bytes(4))
+    else:
+        poke64(p, 40, 1 << 40)
+    snapshot = p.read_bytes()
+    assert qemu.qemu_img("check", "--output=json", str(p), check=False).stdout.strip()
+    for args in ((), ("-r", "all")):
+        code, out, err = ours(p, *args)
+        assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert p.read_bytes() == snapshot

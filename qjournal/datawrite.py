@@ -157,6 +157,12 @@ def _write(img: "Image", gm: GuestMap, offset: int, data: memoryview) -> None:
         elif gm.host_allocated(e) and (((e & L2E_OFFSET_MASK) // cs) in gm.fresh or (
                 e & OFLAG_COPIED and gm.owned(gc // gm.per_l2))) and not (not gm.extended and e & OFLAG_ZERO):
             host = e & L2E_OFFSET_MASK
+        elif gm.extended and not gm.host_allocated(e) and not e & OFLAG_COMPRESSED and (
+                offset > gc * cs or end < (gc + 1) * cs):
+            # Part of a cluster with no host cluster: a new one, of which only the
+            # subclusters written are allocated; the others keep reading through.
+            host = gm.tx.alloc.alloc(1)
+            gm.fresh.add(host // cs)
         else:
             run.append(gc)
             continue

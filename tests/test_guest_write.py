@@ -154,3 +154,134 @@ class TestZeroes:
         assert main(["discard", str(img), "0", "128k"]) == 0
         qemu.qemu_io(img, "read -P 0 0 128k", "read -P 0x11 128k 896k")
         qemu.assert_clean(img)
+
+
+class TestBatches:
+    """Many writes in one transaction: one commit, reads see them at once, all or nothing."""
+
+    def test_one_transaction_is_one_journal_commit(self, tmp_path: Path) -> None:
+        img = qemu.create(tmp_path / "t.qcow2", "16M", "cluster_size=4096")
+        qemu.qemu_io(img, "write -P 0x11 0 1M")
+        qemu.qemu_img("bitmap", "--add", "-g", "4096", str(img), "b0")
+        with qjournal.open(img, "r+") as q:
+            commits: list[str] = []
+            commit = q.journal.commit
+            q.journal.commit = lambda tx: (commits.append(tx.description), commit(tx))[1]  # type: ignore[method-assign]
+            with q.transaction("batch"):
+                q.write(8 * KiB, b"\x22" * 5000)            # in place: waits for the bits
+                q.write(2 * MiB, b"\x33" * 70000)           # new clusters
+                q.write(2 * MiB + 100, b"\x44" * 10)        # again, into a cluster the batch allocated
+                q.write_zeroes(4 * MiB, 64 * KiB)
+                q.write(4 * MiB + 8 * KiB, b"\x55" * 100)   # into a zero cluster the batch made
+                assert q.read(8 * KiB, 5000) == b"\x22" * 5000
+                assert q.read(2 * MiB, 110) == b"\x33" * 100 + b"\x44" * 10
+                assert q.read(4 * MiB + 8 * KiB - 1, 102) == b"\0" + b"\x55" * 100 + b"\0"
+            assert len(commits) == 1
+        qemu.qemu_io(img, "read -P 0x11 0 8k", "read -P 0x22 8k 5000", "read -P 0x33 2M 100",
+                     f"read -P 0x44 {2 * MiB + 100} 10", f"read -P 0x33 {2 * MiB + 110} {70000 - 110}",
+                     "read -P 0 4M 8k", f"read -P 0x55 {4 * MiB + 8 * KiB} 100")
+        qemu.assert_clean(img)
+        assert qemu.nbd_dirty_extents(img, "b0") == [(8 * KiB, 8 * KiB), (2 * MiB, 72 * KiB),
+                                                     (4 * MiB, 64 * KiB)]
+
+    def test_an_aborted_batch_maps_nothing_and_gives_the_space_back(self, tmp_path: Path) -> None:
+        img = qemu.create(tmp_path / "t.qcow2", "16M")
+        qemu.qemu_io(img, "write -P 0x11 0 1M")
+        size = img.stat().st_size
+        with qjournal.open(img, "r+") as q:
+            with pytest.raises(RuntimeError):
+                with q.transaction("doomed"):
+                    q.write(4 * MiB, b"\x22" * (3 * MiB))
+                    raise RuntimeError("give up")
+            assert q.read(4 * MiB, 3 * MiB) == bytes(3 * MiB)
+        assert img.stat().st_size == size
+        qemu.qemu_io(img, "read -P 0x11 0 1M", "read -P 0 1M 15M")
+        qemu.assert_clean(img)
+
+    def test_the_disk_commits_at_flush(self, tmp_path: Path) -> None:
+        img = qemu.create(tmp_path / "t.qcow2", "64M")
+        with qjournal.open(img, "r+") as q, q.disk() as disk:
+            for i in range(8):
+                disk.write(bytes([i + 1]) * MiB)
+            disk.seek(3 * MiB)
+            assert disk.read(MiB) == b"\x04" * MiB          # before any commit
+            disk.flush()
+            out = qemu.run("qemu-io", "-r", "-U", "-f", "qcow2", "-c", "read -P 0x08 7M 1M", str(img))
+            assert "read 1048576/1048576" in out.stdout    # durable, and QEMU sees it
+            disk.seek(20 * MiB)
+            disk.write(b"\x99" * 1000)
+        qemu.qemu_io(img, "read -P 0x01 0 1M", "read -P 0x08 7M 1M", "read -P 0x99 20M 1000")
+        qemu.assert_clean(img)
+
+
+class TestExtendedL2:
+    """Subcluster allocation (extended_l2=on): only the subclusters a write touches change."""
+
+    def test_subclusters_over_a_backing_file(self, tmp_path: Path) -> None:
+        base = qemu.create(tmp_path / "base.qcow2", "4M")
+        qemu.qemu_io(base, "write -P 0x44 0 4M")
+        top = tmp_path / "top.qcow2"
+        qemu.qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k",
+                      "-b", "base.qcow2", "-F", "qcow2", str(top))
+        with qjournal.open(top, "r+") as q:
+            q.write(6 * KiB, b"\x55" * 100)        # subcluster 3 of cluster 0 (2 KiB subclusters)
+        qemu.qemu_io(top, "read -P 0x44 0 6k", "read -P 0x55 6k 100", f"read -P 0x44 {6 * KiB + 100} 1M")
+        qemu.assert_clean(top)
+        # The untouched subclusters still come from the backing file.
+        m = json.loads(qemu.qemu_img("map", "--output=json", str(top)).stdout)
+        assert [(e["start"], e["length"], e["depth"]) for e in m][:3] == [
+            (0, 6 * KiB, 1), (6 * KiB, 2 * KiB, 0), (8 * KiB, 4 * MiB - 8 * KiB, 1)]
+        with qjournal.open(top, "r+") as q:
+            q.write(6 * KiB + 100, b"\x66" * 5000)  # in place, then into unallocated subclusters 4..5
+            q.write_zeroes(32 * KiB, 4 * KiB)        # two whole subclusters read as zeros
+        qemu.qemu_io(top, "read -P 0x55 6k 100", f"read -P 0x66 {6 * KiB + 100} 5000",
+                     f"read -P 0x44 {11 * KiB + 4} 21500", "read -P 0 32k 4k", "read -P 0x44 36k 1M")
+        qemu.assert_clean(top)
+        assert json.loads(main_json(["map", "--output=json", str(top)])) == \
+            json.loads(qemu.qemu_img("map", "--output=json", str(top)).stdout)
+
+    def test_qemu_io_and_qjournal_read_each_other(self, tmp_path: Path) -> None:
+        img = qemu.create(tmp_path / "x.qcow2", "8M", "extended_l2=on", "cluster_size=32k")
+        qemu.qemu_io(img, "write -P 0x11 1k 3k", "write -c -P 0x12 1M 32k")
+        with qjournal.open(img, "r+") as q:
+            assert q.read(1 * KiB, 3 * KiB) == b"\x11" * 3 * KiB
+            q.write(2 * KiB, b"\x22" * 40 * KiB)            # across a cluster boundary
+            q.write(1 * MiB + 7, b"\x23" * 9)                # into a compressed cluster
+            q.write_zeroes(1 * MiB + 2 * KiB, 1 * KiB)       # one whole subcluster of it
+        qemu.qemu_io(img, "read -P 0x11 1k 1k", "read -P 0x22 2k 40k", "read -P 0 42k 22k",
+                     "read -P 0x12 1M 7", f"read -P 0x23 {MiB + 7} 9", f"read -P 0x12 {MiB + 16} {2 * KiB - 16}",
+                     f"read -P 0 {MiB + 2 * KiB} 1k", f"read -P 0x12 {MiB + 3 * KiB} 29k")
+        qemu.assert_clean(img)
+
+
+class TestDataFile:
+    """External data files: data at the guest offset in the data file, no refcounts for it (as QEMU)."""
+
+    @pytest.mark.parametrize("raw", [False, True])
+    def test_writes_land_in_the_data_file(self, tmp_path: Path, raw: bool) -> None:
+        img = qemu.create(tmp_path / "d.qcow2", "8M", f"data_file={tmp_path / 'd.raw'}",
+                          f"data_file_raw={'on' if raw else 'off'}")
+        qemu.qemu_io(img, "write -P 0x11 0 1M")
+        with qjournal.open(img, "r+") as q:
+            q.write(100, b"\x22" * 70000)
+            q.write(5 * MiB - 1, b"\x33" * 3)
+            q.write_zeroes(512 * KiB, 128 * KiB)
+        qemu.qemu_io(img, "read -P 0x11 0 100", "read -P 0x22 100 70000", "read -P 0 512k 128k",
+                     "read -P 0x11 640k 384k", f"read -P 0x33 {5 * MiB - 1} 3", "read -P 0 1M 3M")
+        qemu.assert_clean(img)
+        data = (tmp_path / "d.raw").read_bytes()
+        assert data[100:70100] == b"\x22" * 70000 and data[5 * MiB - 1:5 * MiB + 2] == b"\x33" * 3
+        if raw:
+            # A raw data file stays a raw image of the disk: zeroes are data too.
+            assert data[512 * KiB:640 * KiB] == bytes(128 * KiB)
+            with qjournal.open(img) as q:
+                assert q.read(0, 8 * MiB) == data.ljust(8 * MiB, b"\0")
+
+
+def main_json(argv: list[str]) -> str:
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return out.getvalue()

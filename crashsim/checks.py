@@ -220,14 +220,15 @@ def guest_data(img: Image) -> Guest:
         else:
             ranges = [(0, img.header.size)]
         runs = [r for lo, hi in ranges for r in reader.runs(lo, hi)]
+        # Whole clusters, keyed by their offset (a run of subclusters starts anywhere in one).
+        clusters: set[int] = set()
         for g, n, kind, _ in runs:
-            if kind in (guest.UNALLOCATED, guest.ZERO):
-                continue
-            data = img.read(g, n)
-            for i in range(0, n, cs):
-                chunk = data[i:i + cs]
-                if chunk.count(0) != len(chunk):
-                    out.append((g + i, chunk))
+            if kind not in (guest.UNALLOCATED, guest.ZERO):
+                clusters.update(range(g // cs, (g + n - 1) // cs + 1))
+        for c in sorted(clusters):
+            chunk = img.read(c * cs, min(cs, img.header.size - c * cs))
+            if chunk.count(0) != len(chunk):
+                out.append((c * cs, chunk))
     finally:
         guest.release(img)
     return tuple(out)

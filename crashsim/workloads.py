@@ -152,7 +152,13 @@ SMALL_REFTABLE = Base("small-reftable", (
     _io("write 0 1950k"),   # the one-cluster refcount table covers 2 MiB: nearly full
 ))
 
-BASES = {b.name: b for b in (STANDARD, LONG_NAMES, SHIFTED, SMALL_REFTABLE)}
+EXTENDED_L2 = Base("extended-l2", (
+    _img("create", "-q", "-f", "qcow2", "-o", "cluster_size=64k,extended_l2=on", IMG, "16M"),
+    _img("bitmap", "--add", "-g", "4096", IMG, "b0"),
+    _io("write 0 4k", "write 32k 16k"),              # subclusters 0-1 and 16-23 of cluster 0
+))
+
+BASES = {b.name: b for b in (STANDARD, LONG_NAMES, SHIFTED, SMALL_REFTABLE, EXTENDED_L2)}
 
 
 @attrs.frozen
@@ -223,6 +229,21 @@ def _guest_zero(img: Image) -> None:
 
 def _grow_reftable(img: Image) -> None:
     img.write(2 << 20, b"\x5a" * (64 << 10))   # outgrows the refcount table: a new one is switched in
+
+
+def _guest_batch(img: Image) -> None:
+    with img.transaction("several guest writes"):         # one commit for all of them
+        img.write(4 << 10, b"\x11" * (8 << 10))          # in place: after the bits
+        img.write(5 << 20, b"\x22" * (12 << 10))         # new clusters
+        img.write((5 << 20) + 100, b"\x33" * 100)        # into a cluster this transaction allocated
+        img.write_zeroes(10 << 20, 16 << 10)             # zero clusters, data freed
+
+
+def _guest_extended_l2(img: Image) -> None:
+    with img.transaction("subcluster writes"):
+        img.write((1 << 20) + 5000, b"\x44" * 3000)      # two subclusters of a cluster with no host cluster
+        img.write(3000, b"\x55" * 6000)                  # in place, and into unallocated subclusters
+        img.write_zeroes(32 << 10, 8 << 10)              # four whole subclusters read as zeros
 
 
 def _two_transactions(img: Image) -> None:
@@ -369,6 +390,10 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              whole=True, relaxed=True),
     Workload("guest-zero", "write zeroes: whole clusters become zero clusters, their data freed",
              _guest_zero, relaxed=True),
+    Workload("guest-batch", "several guest writes, in place, new and zero, in one transaction",
+             _guest_batch, whole=True, relaxed=True),
+    Workload("guest-extended-l2", "subcluster writes and zeroes (extended L2) in one transaction",
+             _guest_extended_l2, base=EXTENDED_L2, whole=True, relaxed=True),
     Workload("guest-write-grows-reftable", "guest write that outgrows the refcount table (512 B clusters)",
              _grow_reftable, base=SMALL_REFTABLE, relaxed=True),
     Workload("set-in-use-two-pages", "set in_use on every bitmap, directory of two pages (seed protocol)",

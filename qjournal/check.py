@@ -480,9 +480,7 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
     if repair == "leaks":
         if leaks.any() or flag_fixes:
             _repair_in_place(img, "leaks", final, disk, flag_fixes, {}, {}, reserve=expected)
-            result.leaks_fixed, result.leaks = int(leaks.sum()), result.leaks - int(leaks.sum())
-            result.corruptions_fixed += len(flag_fixes)
-            result.corruptions -= len(flag_fixes)
+            return _recheck(img, result, int(leaks.sum()), len(flag_fixes))
         return result
 
     for p, _ in flag_fixes:
@@ -508,10 +506,16 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
                    "clusters: dropped)")
     if drop_bitmaps:
         result.say("Dropped the damaged bitmaps extension; its clusters were reclaimed")
-    result.leaks_fixed, result.leaks = result.leaks, 0
-    result.corruptions_fixed += result.corruptions + result.check_errors
-    result.corruptions = result.check_errors = 0
-    return result
+    # Unreadable refcounts (check errors) were no corruption of their own.
+    return _recheck(img, result, result.leaks, result.corruptions)
+
+
+def _recheck(img: Image, before: CheckResult, leaks_fixed: int, corruptions_fixed: int) -> CheckResult:
+    """As qemu-img does after a repair: the counters of a fresh check, and what was fixed."""
+    after = check(img, None)
+    after.leaks_fixed, after.corruptions_fixed = leaks_fixed, corruptions_fixed
+    after.messages = before.messages + after.messages
+    return after
 
 
 def _count_refblocks(scan: _Scan, rt: np.ndarray, counts: np.ndarray) -> None:

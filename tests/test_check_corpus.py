@@ -63,11 +63,19 @@ def l1_pos(p: Path, index: int) -> int:
     return u64(p, 40) + 8 * index
 
 
+def geometry(p: Path) -> tuple[int, int]:
+    """(cluster size, bytes per L2 entry) of the image."""
+    cs = 1 << struct.unpack(">I", p.read_bytes()[20:24])[0]
+    extended = u64(p, 72) & (1 << 4) if struct.unpack(">I", p.read_bytes()[4:8])[0] >= 3 else 0
+    return cs, 16 if extended else 8
+
+
 def l2_pos(p: Path, guest: int) -> int:
     """Where the L2 entry mapping guest offset ``guest`` sits in the file."""
-    per = CS // 8
-    l2 = u64(p, l1_pos(p, guest // (per * CS))) & 0x00FFFFFFFFFFFE00
-    return l2 + 8 * (guest // CS % per)
+    cs, width = geometry(p)
+    per = cs // width
+    l2 = u64(p, l1_pos(p, guest // (per * cs))) & 0x00FFFFFFFFFFFE00
+    return l2 + width * (guest // cs % per)
 
 
 def data_offset(p: Path, guest: int) -> int:
@@ -305,13 +313,52 @@ def lazy_dirty_v3_refbits1(d: Path) -> tuple[Path, Damage]:
     return p, []
 
 
+def huge_data_offset(d: Path) -> tuple[Path, Damage]:
+    """138: 512-byte clusters, a 512-byte disk, its data cluster moved to 32 PB (QEMU 7.2
+    counts the reference as past the end of the file instead of growing its table)."""
+    p = qemu.create(d / "img.qcow2", "512", "cluster_size=512")
+    qemu.qemu_io(p, "write -P 0x11 0 512")
+    poke64(p, l2_pos(p, 0), COPIED | 1 << 55)
+    return p, [(0, 512)]
+
+
+def extended_l2_damage(d: Path) -> tuple[Path, Damage]:
+    """Extended L2 entries (64 KiB clusters): one data cluster past the end of the file,
+    one unaligned, and the refcount of a third zeroed."""
+    p = qemu.create(d / "img.qcow2", "16M", "cluster_size=64k", "extended_l2=on")
+    qemu.qemu_io(p, "write -P 0x11 0 256k", "write -P 0x22 8M 64k")
+    poke64(p, l2_pos(p, 0), COPIED | 64 * MiB)
+    poke64(p, l2_pos(p, 65536), u64(p, l2_pos(p, 65536)) + 0x200)
+    cluster = data_offset(p, 8 * MiB) // 65536
+    poke(p, u64(p, reftable_pos(p, 0)) + 2 * cluster, bytes(2))
+    return p, [(0, 128 * 1024)]
+
+
+def v2_damage(d: Path) -> tuple[Path, Damage]:
+    """compat=0.10 (no zero clusters): a data cluster unaligned, another in the L1 table."""
+    p = fresh(d, "compat=0.10")
+    poke64(p, l2_pos(p, 8192), u64(p, l2_pos(p, 8192)) + 0xa00)
+    poke64(p, l2_pos(p, 2 * MiB), COPIED | u64(p, 40))
+    return p, [(8192, 4096), (2 * MiB, 4096)]
+
+
+def bitmaps_and_rebuild(d: Path) -> tuple[Path, Damage]:
+    """A persistent bitmap with dirty bits, and the refcount block entry unaligned."""
+    p = fresh(d)
+    qemu.qemu_img("bitmap", "--add", str(p), "b0")
+    qemu.qemu_io(p, "write -P 0x99 6M 64k")
+    poke64(p, reftable_pos(p, 0), u64(p, reftable_pos(p, 0)) + 0xa00)
+    return p, []
+
+
 CASES: dict[str, Callable[[Path], tuple[Path, Damage]]] = {f.__name__: f for f in (
     l2_table_unaligned, l2_table_past_eof, l2_table_is_l1_table, l2_table_is_refcount_block,
     l1_entry_reserved_bits, data_in_refcount_block, data_in_l1_table, data_in_inactive_l2, data_unaligned,
     zero_cluster_unaligned, data_past_eof, data_referenced_twice, l2_entry_reserved_bits, refcount_data_zeroed,
     refcount_l2_too_low, refcount_l1_too_high, copied_set_on_shared, compressed, compressed_copied,
     snapshot_shared, refblock_entry_unaligned, refblock_entry_reserved, refblock_entry_zeroed, refblock_zeroed,
-    refblock_is_l1_table, refblock_past_eof, refblock_overflow, refblock_shared_twice, lazy_dirty_v3_refbits1)}
+    refblock_is_l1_table, refblock_past_eof, refblock_overflow, refblock_shared_twice, lazy_dirty_v3_refbits1,
+    huge_data_offset, extended_l2_damage, v2_damage, bitmaps_and_rebuild)}
 
 
 # -- running ------------------------------------------------------------------------

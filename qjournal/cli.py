@@ -216,17 +216,22 @@ def cmd_write(args: argparse.Namespace) -> int:
     if (args.input is None) == (args.pattern is None):
         raise UsageError("write: give either -P PATTERN LENGTH or --input FILE")
     if args.input is not None:
-        with open(args.input, "rb") as f:
-            data = f.read()
-    else:
-        text, length = args.pattern
-        try:
-            pattern = int(text, 0)
-        except ValueError:
-            pattern = -1
-        if not 0 <= pattern <= 255:
-            raise UsageError(f"write: pattern {text!r} is not a byte value (0..255)")
-        data = bytes([pattern]) * _int(length)
+        # Streamed in chunks, all in one transaction: one commit, durable at the end.
+        total = 0
+        with open(args.input, "rb") as f, Image(args.filename, "r+") as img, img.transaction("qjournal write"):
+            while chunk := f.read(16 << 20):
+                img.write(offset + total, chunk)
+                total += len(chunk)
+        print(f"wrote {total}/{total} bytes at offset {offset}")
+        return 0
+    text, length = args.pattern
+    try:
+        pattern = int(text, 0)
+    except ValueError:
+        pattern = -1
+    if not 0 <= pattern <= 255:
+        raise UsageError(f"write: pattern {text!r} is not a byte value (0..255)")
+    data = bytes([pattern]) * _int(length)
     with Image(args.filename, "r+") as img:
         img.write(offset, data)
     print(f"wrote {len(data)}/{len(data)} bytes at offset {offset}")

@@ -45,6 +45,7 @@ class GuestDisk(io.RawIOBase):
         self._pos = 0
         self._batch: contextlib.AbstractContextManager[Any] | None = None
         self._batched = 0
+        img._disks.add(self)
 
     @property
     def size(self) -> int:

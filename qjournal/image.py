@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from typing import Any, Iterator
 
 import attrs
@@ -152,6 +153,7 @@ class Image:
         self.salvage = salvage
         self.bitmaps_damage: str | None = None
         self._tx: TxState | None = None
+        self._disks: weakref.WeakSet[Any] = weakref.WeakSet()  # GuestDisks whose batches close() commits
         if medium is None:
             try:
                 medium = MmapMedium(self.path, self.writable)
@@ -588,6 +590,8 @@ class Image:
 
     # -- lifetime -------------------------------------------------------------
     def close(self) -> None:
+        for disk in list(self._disks):
+            disk.flush()  # a batch of disk writes left open commits, as a disk cache flushes at shutdown
         from .guest import release
         release(self)
         if getattr(self, "journal", None) is not None:

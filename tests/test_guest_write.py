@@ -285,3 +285,13 @@ def main_json(argv: list[str]) -> str:
     with contextlib.redirect_stdout(out):
         assert main(argv) == 0
     return out.getvalue()
+
+
+def test_closing_the_image_commits_an_open_disk_batch(tmp_path: Path) -> None:
+    img = qemu.create(tmp_path / "t.qcow2", "16M")
+    q = qjournal.open(img, "r+")
+    disk = q.disk()
+    disk.write(b"\x42" * 100000)
+    q.close()                      # the disk was never flushed or closed
+    qemu.qemu_io(img, "read -P 0x42 0 100000")
+    qemu.assert_clean(img)

@@ -431,7 +431,7 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
     nb = scan.m if expected[scan.n] else scan.n       # QEMU's in-memory table grows only when referenced
     expected = expected[:nb]
     # QEMU's counter stops at the refcount maximum: every reference beyond it is an error.
-    top = rc.max_refcount(h.refcount_order)
+    top = min(rc.max_refcount(h.refcount_order), np.iinfo(np.int64).max)
     over = int(np.maximum(expected - top, 0).sum())
     if over:
         result.error(f"{over} references overflow the {h.refcount_bits}-bit refcounts", over)

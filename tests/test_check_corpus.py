@@ -468,3 +468,14 @@ def test_refused_where_qemu_img_goes_on(what: str, tmp_path: Path) -> None:
         code, out, err = ours(p, *args)
         assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert p.read_bytes() == snapshot
+
+
+@pytest.mark.parametrize("bits", [1, 2, 8, 32, 64])
+def test_every_refcount_width(bits: int, tmp_path: Path) -> None:
+    """Clean images of every refcount width (with a snapshot where a count of 2 fits)."""
+    p = fresh(tmp_path, f"refcount_bits={bits}")
+    if bits > 1:
+        qemu.qemu_img("snapshot", "-c", "s1", str(p))
+    res = qemu.qemu_img("check", "--output=json", str(p), check=False)
+    code, out, err = ours(p, "--output=json")
+    assert counters(json.loads(out)) == counters(json.loads(res.stdout)) and code == res.returncode == 0, err

@@ -393,6 +393,11 @@ class Image:
         """Discard a range: it reads as zeros afterwards, and whole clusters are freed."""
         self.write_zeroes(offset, length)
 
+    def resize(self, new_size: int, shrink: bool = False) -> None:
+        """Change the virtual size as ``qemu-img resize`` does (see :mod:`qjournal.resize`)."""
+        from .resize import resize
+        resize(self, new_size, shrink)
+
     # -- transactions -------------------------------------------------------
     @property
     def bitmaps(self) -> "Any":

@@ -66,7 +66,7 @@ class TestGrow:
                             "1M", "cluster_size=512")
         before = header_fields(ours)
         with Image(ours, "r+") as img:
-            resize(img, 8 * MiB)
+            img.resize(8 * MiB)                  # the library method
         after = header_fields(ours)
         assert after[1] * 8 > 512 and after[2] != before[2], (before, after)
         qemu.qemu_img("resize", str(theirs), "8M")

@@ -447,4 +447,4 @@ def _resize_grow(img: Image) -> None:
 
 WORKLOADS["resize-grows-l1"] = Workload(
     "resize-grows-l1", "resize 1M -> 8M (512 B clusters): new L1 table and bitmap switched with the size",
-    _resize_grow, base=RESIZE_BASE, whole=True)   # one journal transaction of its own, not via Image._commit
+    _resize_grow, base=RESIZE_BASE)

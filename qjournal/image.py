@@ -139,6 +139,7 @@ class TxState:
     clear_incompatible: int = 0  # dirty / corrupt bits that a repair clears
     extra_steps: dict[str, list[tuple[int, bytes]]] = attrs.Factory(dict)  # guest-write mapping steps
     guest: Any = None  # the staged guest mapping (qjournal.guestmap.GuestMap), once a guest write is made
+    steps: list[tuple[str, list[tuple[int, bytes]]]] | None = None  # planned by the operation itself (resize)
 
 
 class Image:
@@ -456,7 +457,7 @@ class Image:
     def _commit(self, tx: TxState) -> None:
         if tx.guest is not None:
             tx.guest.finalize()  # guest data durable; mapping staged as steps
-        steps = self._build_steps(tx)
+        steps = tx.steps if tx.steps is not None else self._build_steps(tx)
         if steps:
             # Ordered mode: everything written into new clusters is durable before the
             # commit that makes anything point at it. A crash before the commit leaves

@@ -67,7 +67,6 @@ from .format.extensions import EXT_BITMAPS
 from .format.header import AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, FIELD_OFFSET, MAX_L1_ENTRIES
 from .format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, compressed_span,
                             l2_entries)
-from .journal import Transaction
 
 if TYPE_CHECKING:
     from .image import Image
@@ -151,10 +150,14 @@ def resize(img: "Image", new_size: int, shrink: bool = False) -> None:
     h = img.header
     if new_size == h.size:
         return
+    with img.transaction(f"resize {h.size} -> {new_size}") as tx:
+        tx.steps = _plan(img, tx.alloc, tx.precommit, new_size)
+
+
+def _plan(img: "Image", alloc: Allocator, precommit: list[Write], new_size: int) -> list[tuple[str, list[Write]]]:
+    """The steps of the resize (see the module docstring); new clusters go to ``precommit``."""
+    h = img.header
     cs = h.cluster_size
-    alloc = Allocator(img.medium, h.cluster_bits, h.refcount_order, h.refcount_table_offset,
-                      h.refcount_table_clusters)
-    precommit: list[Write] = []
     new_header = h.replace(size=new_size)
     new_l1 = size_to_l1(new_size, cs, h.extended_l2)
     l2_writes: list[Write] = []
@@ -208,22 +211,7 @@ def resize(img: "Image", new_size: int, shrink: bool = False) -> None:
         steps.append(("l1-updated", l1_writes))
     if rplan.free:
         steps.append(("clusters-freed", rplan.free))
-
-    # Ordered mode: the new clusters are durable before the commit that makes anything
-    # point at them. A crash before the commit leaves unreferenced clusters.
-    for off, data in precommit:
-        img.medium.write(off, data)
-    if precommit:
-        img.medium.flush([(off, len(data)) for off, data in precommit])
-    jt = Transaction(description=f"resize {h.size} -> {new_size}")
-    for name, writes in steps:
-        jt.step(name)
-        for off, data in writes:
-            jt.write(off, data)
-    try:
-        img.journal.commit(jt)
-    finally:
-        img._load()
+    return steps
 
 
 def _discard_tail(img: "Image", alloc: Allocator, new_size: int) -> tuple[list[Write], list[Write]]:

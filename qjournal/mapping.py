@@ -129,6 +129,8 @@ class _Walk:
         host_path = data_file.path if data_file is not None else r.path
         for g, n, kind, host in r.runs(start, end):
             off = host if host >= 0 and kind != COMPRESSED and not crypt else None
+            if kind == ZERO and host == 0:
+                off = None  # QEMU: a zero entry with offset 0 is a plain zero cluster, even in a data file
             name = host_path if off is not None else None
             if kind == DATA:
                 if off is not None and self._preallocated(r):

@@ -129,8 +129,14 @@ class _Walk:
         host_path = data_file.path if data_file is not None else r.path
         for g, n, kind, host in r.runs(start, end):
             off = host if host >= 0 and kind != COMPRESSED and not crypt else None
-            if kind == ZERO and host == 0:
-                off = None  # QEMU: a zero entry with offset 0 is a plain zero cluster, even in a data file
+            if kind == ZERO and host == 0 and not r.extended:
+                # QEMU: a zero entry with offset 0 is a plain zero cluster, even in a data
+                # file (the zero flag is tested first); the rest of the run keeps its offsets.
+                head = min(n, r.cs - g % r.cs)
+                yield MapEntry(g, head, depth, True, True, False, None, None)
+                g, n, off = g + head, n - head, head
+                if not n:
+                    continue
             name = host_path if off is not None else None
             if kind == DATA:
                 if off is not None and self._preallocated(r):

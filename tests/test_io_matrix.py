@@ -127,41 +127,6 @@ def covering(seed: str = SEED) -> list[Combo]:
     return chosen
 
 
-# A standard L2 entry ZERO|COPIED with host offset 0 in a data-file image (what a
-# whole-cluster zero write, QEMU's or qjournal's, leaves on an allocated guest cluster 0):
-# QEMU's qcow2_get_cluster_type tests the zero flag before the data-file rule "offset 0
-# with COPIED is allocated", so it is a plain zero cluster and `qemu-img map` prints no
-# offset; qjournal counts it as allocated at host 0 and prints "offset": 0. Reads agree.
-MAP_ZERO_AT_HOST_0 = {  # the images whose sequence ends with such a cluster (2 in the covering)
-    "v3-2M-rc1-lazy-l2-zlib-back_none-data_raw-on", "v3-2M-rc1-lazy-l2-zstd-back_none-data_raw-off",
-    "v3-2M-rc16-eager-l2-zlib-back_raw-data_raw-off", "v3-2M-rc16-eager-l2-zstd-back_none-data_raw-off",
-    "v3-2M-rc16-lazy-l2-zlib-back_raw-data_raw-off", "v3-2M-rc16-lazy-l2-zstd-back_none-data_raw-on",
-    "v3-4k-rc1-eager-l2-zlib-back_qcow2-data_raw-off", "v3-4k-rc1-eager-l2-zstd-back_none-data_raw-off",
-    "v3-4k-rc1-eager-l2-zstd-back_raw-data_raw-off", "v3-4k-rc1-lazy-l2-zlib-back_none-data_raw-off",
-    "v3-4k-rc1-lazy-l2-zlib-back_none-data_raw-on", "v3-4k-rc1-lazy-l2-zlib-back_qcow2-data_raw-off",
-    "v3-4k-rc16-eager-l2-zlib-back_raw-data_raw-off", "v3-4k-rc16-lazy-l2-zstd-back_raw-data_raw-off",
-    "v3-4k-rc64-eager-l2-zlib-back_none-data_raw-off", "v3-4k-rc64-eager-l2-zstd-back_none-data_raw-off",
-    "v3-512-rc1-eager-l2-zlib-back_none-data_raw-off", "v3-512-rc1-eager-l2-zlib-back_qcow2-data_raw-off",
-    "v3-512-rc1-lazy-l2-zlib-back_none-data_raw-on", "v3-512-rc16-eager-l2-zlib-back_qcow2-data_raw-off",
-    "v3-512-rc16-eager-l2-zlib-back_raw-data_raw-off", "v3-512-rc16-lazy-l2-zlib-back_raw-data_raw-off",
-    "v3-512-rc64-eager-l2-zlib-back_qcow2-data_raw-off", "v3-512-rc64-eager-l2-zlib-back_raw-data_raw-off",
-    "v3-512-rc64-eager-l2-zstd-back_qcow2-data_raw-off", "v3-512-rc64-lazy-l2-zlib-back_raw-data_raw-off",
-    "v3-512-rc64-lazy-l2-zstd-back_qcow2-data_raw-off", "v3-64k-rc1-eager-l2-zlib-back_none-data_raw-on",
-    "v3-64k-rc1-lazy-l2-zlib-back_none-data_raw-off", "v3-64k-rc1-lazy-l2-zstd-back_qcow2-data_raw-off",
-    "v3-64k-rc16-eager-l2-zstd-back_none-data_raw-off", "v3-64k-rc16-lazy-l2-zstd-back_none-data_raw-off",
-    "v3-64k-rc64-eager-l2-zlib-back_qcow2-data_raw-off", "v3-64k-rc64-eager-l2-zlib-back_raw-data_raw-off",
-    "v3-64k-rc64-lazy-l2-zstd-back_raw-data_raw-off"
-}
-
-
-def known_bugs(c: Combo) -> list[pytest.MarkDecorator]:
-    """Mismatches with QEMU that qjournal has today: delete an entry when it is fixed."""
-    if c.id() in MAP_ZERO_AT_HOST_0:
-        return [pytest.mark.xfail(raises=AssertionError, strict=True,
-                                  reason="qjournal map: a data-file zero cluster at host offset 0 has an offset")]
-    return []
-
-
 COMBOS = every_combo() if os.environ.get("QJ_MATRIX") == "full" else covering()
 
 
@@ -311,7 +276,7 @@ def qjournal_map() -> list[dict[str, Any]]:
     return json.loads(out.getvalue())
 
 
-@pytest.mark.parametrize("combo", [pytest.param(c, id=c.id(), marks=known_bugs(c)) for c in COMBOS])
+@pytest.mark.parametrize("combo", [pytest.param(c, id=c.id()) for c in COMBOS])
 def test_qjournal_and_qemu_io_agree(combo: Combo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     g = geometry(combo)
@@ -347,4 +312,3 @@ def test_the_covering_covers_every_pair() -> None:
     assert set().union(*map(_pairs, plain)) == set().union(
         *(_pairs(c) for c in everything if not c.extended_l2 and c.data_file == "none"))
     assert covering() == chosen  # deterministic
-    assert MAP_ZERO_AT_HOST_0 <= {c.id() for c in everything}

@@ -66,32 +66,41 @@ class Allocator:
                 raise FormatError("refcount table", reftable_offset + 8 * i,
                                   f"entry {i}: refcount block at {off:#x} runs past the end of the file "
                                   f"({medium.size:#x})")
-        self._blocks: dict[int, np.ndarray] = {}
+        self._raw: dict[int, bytes | None] = {}  # packed blocks as on disk (None: no block)
         self._free: SortedList | None = None
         self._end = -(-medium.size // self.cs)
         self.deltas: dict[int, int] = {}
         self.taken: set[int] = set()
 
     # -- reading ----------------------------------------------------------
-    def block(self, bi: int) -> np.ndarray:
-        """The counts of refcount block ``bi`` (zeros where there is no block)."""
-        if bi not in self._blocks:
+    def _block(self, bi: int) -> bytes | None:
+        """The packed bytes of refcount block ``bi``; None where there is no block."""
+        if bi not in self._raw:
             off = int(self.reftable[bi]) if bi < len(self.reftable) else 0
-            if off:
-                self._blocks[bi] = rc.unpack_block(self.medium.read(off, self.cs), self.order)
-            else:
-                self._blocks[bi] = np.zeros(self.epb, dtype=np.uint64)
-        return self._blocks[bi]
+            self._raw[bi] = self.medium.read(off, self.cs) if off else None
+        return self._raw[bi]
+
+    def counts(self, bi: int, lo: int, hi: int) -> np.ndarray:
+        """Counts ``lo .. hi-1`` of refcount block ``bi`` (zeros where there is no block).
+
+        Only the bytes that hold them are decoded: a block of 1-bit refcounts in 2 MiB
+        clusters has 16 Mi entries, which a small write must not unpack.
+        """
+        raw = self._block(bi)
+        if raw is None:
+            return np.zeros(hi - lo, dtype=np.uint64)
+        return rc.unpack_entries(raw, self.order, lo, hi)
 
     def refcount(self, cluster: int) -> int:
-        return int(self.block(cluster // self.epb)[cluster % self.epb])
+        i = cluster % self.epb
+        return int(self.counts(cluster // self.epb, i, i + 1)[0])
 
     def all_refcounts(self, nclusters: int) -> np.ndarray:
         """Refcounts of clusters ``0 .. nclusters-1``."""
         nb = -(-nclusters // self.epb)
         if nb == 0:
             return np.zeros(0, dtype=np.uint64)
-        return np.concatenate([self.block(b) for b in range(nb)])[:nclusters]
+        return np.concatenate([self.counts(b, 0, min(self.epb, nclusters - b * self.epb)) for b in range(nb)])
 
     def _free_index(self) -> SortedList:
         if self._free is None:
@@ -182,13 +191,17 @@ class Allocator:
             if d:
                 by_block.setdefault(c // epb, []).append((c % epb, d))
         for bi, changes in sorted(by_block.items()):
-            old = self.block(bi)
+            # Only the entries between the first and last change, widened to whole bytes.
+            lo, hi = min(i for i, _ in changes), max(i for i, _ in changes) + 1
+            a, b = rc.byte_span(lo, hi, self.order)
+            lo, hi = (a * 8) >> self.order, (b * 8) >> self.order
+            old = self.counts(bi, lo, hi)
             inc = old.copy()
             new = old.copy()
             for idx, d in changes:
                 if d > 0:
-                    inc[idx] += np.uint64(d)
-                v = int(old[idx]) + d
+                    inc[idx - lo] += np.uint64(d)
+                v = int(old[idx - lo]) + d
                 c = bi * epb + idx
                 if v < 0:
                     raise FormatError("refcount block", int(self.reftable[bi]) if bi < len(self.reftable) else None,
@@ -196,11 +209,13 @@ class Allocator:
                 if v > self.max:
                     raise UsageError(f"refcount of cluster {c:#x} would exceed {self.max} "
                                      f"(refcount_bits={1 << self.order})")
-                new[idx] = np.uint64(v)
+                new[idx - lo] = np.uint64(v)
             if bi in new_blocks:
-                plan.precommit.append((new_blocks[bi], rc.pack_block(new, self.order)))
+                block = bytearray(cs)
+                block[a:b] = rc.pack_block(new, self.order)
+                plan.precommit.append((new_blocks[bi], bytes(block)))
                 continue
-            base = int(self.reftable[bi])
+            base = int(self.reftable[bi]) + a
             old_b = rc.pack_block(old, self.order)
             inc_b = rc.pack_block(inc, self.order)
             new_b = rc.pack_block(new, self.order)

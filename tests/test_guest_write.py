@@ -11,6 +11,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import qemu
 import qjournal
@@ -294,4 +296,28 @@ def test_closing_the_image_commits_an_open_disk_batch(tmp_path: Path) -> None:
     disk.write(b"\x42" * 100000)
     q.close()                      # the disk was never flushed or closed
     qemu.qemu_io(img, "read -P 0x42 0 100000")
+    qemu.assert_clean(img)
+
+
+@given(order=st.integers(0, 6), data=st.data())
+def test_refcount_entries_decode_alone_as_in_the_whole_block(order: int, data: st.DataObject) -> None:
+    """A write decodes only the refcount entries it changes: the same values as the whole block."""
+    from qjournal.format import refcount as rc
+    block = data.draw(st.binary(min_size=64, max_size=64))
+    whole = rc.unpack_block(block, order)
+    lo = data.draw(st.integers(0, len(whole) - 1))
+    hi = data.draw(st.integers(lo + 1, len(whole)))
+    assert rc.unpack_entries(block, order, lo, hi).tolist() == whole[lo:hi].tolist()
+    a, b = rc.byte_span(lo, hi, order)
+    first, end = (a * 8) >> order, (b * 8) >> order
+    assert rc.pack_block(whole[first:end], order) == block[a:b]
+
+
+def test_a_small_write_to_2m_clusters_with_1_bit_refcounts(tmp_path: Path) -> None:
+    """16 Mi refcount entries per block: the write changes one byte of it, and reads the same."""
+    img = qemu.create(tmp_path / "p.qcow2", "4G", "cluster_size=2M", "refcount_bits=1")
+    with qjournal.open(img, "r+") as q:
+        q.write(3 << 30, b"\x42" * 1000)
+        q.write((3 << 30) + (2 << 20), b"\x43" * 1000)
+    qemu.qemu_io(img, "read -P 0x42 3G 1000", f"read -P 0x43 {(3 << 30) + (2 << 20)} 1000")
     qemu.assert_clean(img)

@@ -37,6 +37,18 @@ def unpack_block(buf: bytes | bytearray | memoryview, refcount_order: int) -> np
     return vals.reshape(-1).astype(np.uint64)
 
 
+def byte_span(lo: int, hi: int, refcount_order: int) -> tuple[int, int]:
+    """The whole bytes of a block that hold entries ``lo .. hi-1``: (first byte, end byte)."""
+    return (lo << refcount_order) // 8, -(-(hi << refcount_order) // 8)
+
+
+def unpack_entries(buf: bytes | bytearray | memoryview, refcount_order: int, lo: int, hi: int) -> np.ndarray:
+    """Counts ``lo .. hi-1`` of a refcount block, as uint64 (only their bytes are decoded)."""
+    a, b = byte_span(lo, hi, refcount_order)
+    first = (a * 8) >> refcount_order
+    return unpack_block(memoryview(buf)[a:b], refcount_order)[lo - first:hi - first]
+
+
 def pack_block(counts: np.ndarray, refcount_order: int) -> bytes:
     """The bytes of a refcount block holding ``counts``."""
     if refcount_order >= 3:

@@ -53,9 +53,11 @@ from .format.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from .format.tables import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
                             OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, compressed_geometry, l2_entries)
 from .image import Image, TxState
+from .progress import Progress
 
 MAX_MESSAGES = 300
 U64 = np.uint64
+L2_CHUNK = 1024  # L2 tables decoded at a time
 
 
 @attrs.define
@@ -232,10 +234,15 @@ class _Scan:
             self.l1_writes[p] = bytes(8) if d else int(e).to_bytes(8, "big")
         if active:
             self.copied.add(pos, ent, ~drop)
-        self._walk_l2(l2off, drop, active)
+        # L2 tables a chunk at a time: memory stays bounded on a large image, and a
+        # terminal shows how far the check is.
+        with Progress(len(l2off), "check", "L2 table", minimum=L2_CHUNK) as bar:
+            for i in range(0, len(l2off), L2_CHUNK):
+                self._walk_l2(l2off[i:i + L2_CHUNK], drop[i:i + L2_CHUNK], active)
+                bar.update(len(l2off[i:i + L2_CHUNK]))
 
     def _walk_l2(self, l2off: np.ndarray, l1_drop: np.ndarray, active: bool) -> None:
-        """Every L2 table of one L1 at once (``check_refcounts_l2``), vectorised over entries."""
+        """Several L2 tables of one L1 at once (``check_refcounts_l2``), vectorised over entries."""
         if not len(l2off):
             return
         img, res, cs = self.img, self.result, self.cs

@@ -299,8 +299,10 @@ ZERO_CHUNK = 16 << 20  # zeros written as data, at most this much at a time
 def _zero_units(img: "Image", gm: GuestMap, gc: int, u0: int, u1: int) -> None:
     """Make units ``u0 .. u1-1`` of guest cluster ``gc`` (subclusters, or the cluster) read as zeros."""
     e, sub = gm.entry(gc)
+    if not e and not sub & ALL_ALLOCATED and img.backing_name is None:
+        return  # unallocated without a backing file: it reads as zeros already
     if not gm.extended:
-        if e == OFLAG_ZERO or (not e and gm.table(gc // gm.per_l2) is None and img.backing_name is None):
+        if e == OFLAG_ZERO:
             return
         if gm.has_data_file and gm.host_allocated(e):
             gm.set_entry(gc, (e & L2E_OFFSET_MASK) | OFLAG_COPIED | OFLAG_ZERO)

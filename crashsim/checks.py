@@ -225,10 +225,19 @@ def guest_data(img: Image) -> Guest:
         for g, n, kind, _ in runs:
             if kind not in (guest.UNALLOCATED, guest.ZERO):
                 clusters.update(range(g // cs, (g + n - 1) // cs + 1))
-        for c in sorted(clusters):
-            chunk = img.read(c * cs, min(cs, img.header.size - c * cs))
-            if chunk.count(0) != len(chunk):
-                out.append((c * cs, chunk))
+        order = sorted(clusters)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and order[j + 1] == order[j] + 1:
+                j += 1
+            start = order[i] * cs
+            data = img.read(start, min((order[j] + 1) * cs, img.header.size) - start)
+            for k in range(0, len(data), cs):
+                chunk = data[k:k + cs]
+                if chunk.count(0) != len(chunk):
+                    out.append((start + k, chunk))
+            i = j + 1
     finally:
         guest.release(img)
     return tuple(out)

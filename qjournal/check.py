@@ -114,16 +114,20 @@ class _Entries:
     pos: list[np.ndarray] = attrs.Factory(list)      # byte offset of the entry in the image
     value: list[np.ndarray] = attrs.Factory(list)    # the entry (reserved bits cleared)
     keep: list[np.ndarray] = attrs.Factory(list)     # False where -r all drops the entry
+    ref: list[np.ndarray] = attrs.Factory(list)      # the refcount to judge by, -1: look it up
 
-    def add(self, pos: np.ndarray, value: np.ndarray, keep: np.ndarray) -> None:
+    def add(self, pos: np.ndarray, value: np.ndarray, keep: np.ndarray, refcount: int = -1) -> None:
+        """Entries to judge; ``refcount`` >= 0 stands for every one of them (data-file clusters: 1)."""
         self.pos.append(pos.astype(np.int64))
         self.value.append(value.astype(U64))
         self.keep.append(keep.astype(bool))
+        self.ref.append(np.full(len(pos), refcount, dtype=np.int64))
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if not self.pos:
-            return np.zeros(0, np.int64), np.zeros(0, U64), np.zeros(0, bool)
-        return np.concatenate(self.pos), np.concatenate(self.value), np.concatenate(self.keep)
+            return np.zeros(0, np.int64), np.zeros(0, U64), np.zeros(0, bool), np.zeros(0, np.int64)
+        return (np.concatenate(self.pos), np.concatenate(self.value), np.concatenate(self.keep),
+                np.concatenate(self.ref))
 
 
 class _Scan:
@@ -260,6 +264,13 @@ class _Scan:
             ent = np.where(resv, ent & ~U64(L2E_RESERVED_MASK), ent)
         off = ent & U64(L2E_OFFSET_MASK)
         std = ~comp & (off != 0)        # normal and preallocated zero clusters
+        if img.data_file:
+            # Offset 0 with COPIED is guest data at the start of the data file (unless
+            # the zero flag makes it a plain zero cluster).
+            at0 = ~comp & (off == 0) & ((ent & U64(OFLAG_COPIED)) != 0)
+            if not ext:
+                at0 &= (ent & U64(OFLAG_ZERO)) == 0
+            std |= at0
         pos = l2off.astype(np.int64)[:, None] + 8 * width * np.arange(per, dtype=np.int64)[None, :]
         gone = np.broadcast_to(l1_drop[:, None], ent.shape)   # the whole table is dropped
         fix = resv & ~gone
@@ -302,7 +313,9 @@ class _Scan:
                 jump = offs[1:] != offs[:-1] + cs
                 res.fragmented_clusters += int((jump & (rows[1:] == rows[:-1])).sum())
         already = l1_drop[rows]
-        whole = offs + cs <= self.fsize
+        # Data clusters in an external data file have no refcounts here and lie
+        # wherever the data file reaches: only their alignment is checked (QEMU).
+        whole = offs + cs <= self.fsize if not img.data_file else np.ones(len(offs), dtype=bool)
         c = offs // cs
         clash = np.zeros(len(offs), dtype=bool)
         ok = whole & ~unaligned
@@ -321,7 +334,7 @@ class _Scan:
         for p, e in zip(p_std[keepfix].tolist(), e_std[keepfix].tolist()):
             self.l2_writes[p] = int(e).to_bytes(8, "big")
         if active:
-            self.copied.add(p_std, e_std, ~(drop | already))
+            self.copied.add(p_std, e_std, ~(drop | already), 1 if img.data_file else -1)
         other = fix & ~std & ~comp     # unallocated or plain zero entries with reserved bits
         for p, e in zip(pos[other].tolist(), ent[other].tolist()):
             self.l2_writes[p] = int(e).to_bytes(8, "big")
@@ -564,9 +577,9 @@ def _subtract(counts: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
 def _judge_copied(scan: _Scan, ondisk: _OnDisk, final: np.ndarray, err: np.ndarray, result: CheckResult,
                   fix: bool) -> list[tuple[int, bytes]]:
     """QEMU's ``check_oflag_copied`` over the active tables, against ``final``; the fixes."""
-    pos, value, keep = scan.copied.arrays()
+    pos, value, keep, given = scan.copied.arrays()
     if fix and len(keep):
-        pos, value = pos[keep], value[keep]
+        pos, value, given = pos[keep], value[keep], given[keep]
     cl = ((value & U64(L2E_OFFSET_MASK)) // U64(scan.cs)).astype(np.int64)
     ref = np.zeros(len(cl), np.int64)
     readable = np.ones(len(cl), dtype=bool)
@@ -576,6 +589,8 @@ def _judge_copied(scan: _Scan, ondisk: _OnDisk, final: np.ndarray, err: np.ndarr
     if (~inside).any():
         ref[~inside], bad = ondisk.lookup(cl[~inside])
         readable[~inside] = ~bad
+    ref = np.where(given >= 0, given, ref)
+    readable |= given >= 0
     has = (value & U64(OFLAG_COPIED)) != 0
     wrong = readable & (has != (ref == 1))
     idx = np.nonzero(wrong)[0]

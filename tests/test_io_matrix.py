@@ -269,6 +269,14 @@ def make_images(c: Combo, g: Geometry) -> list[Op]:
     return base
 
 
+def qjournal_check() -> dict[str, Any]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["check", "--output=json", IMG]) == 0
+    result: dict[str, Any] = json.loads(out.getvalue())
+    return result
+
+
 def qjournal_map() -> list[dict[str, Any]]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -302,6 +310,14 @@ def test_qjournal_and_qemu_io_agree(combo: Combo, tmp_path: Path, monkeypatch: p
 
     theirs = json.loads(qemu.qemu_img("map", "--output=json", IMG).stdout)
     assert qjournal_map() == theirs
+
+    # qjournal check counts as qemu-img check does, and its repair finds nothing to change.
+    counted = {k: v for k, v in qjournal_check().items() if k != "filename"}
+    assert counted == {k: v for k, v in qemu.check(IMG)[1].items() if k != "filename"}
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["check", "-r", "all", IMG]) == 0
+    res = qemu.qemu_img("compare", "-f", "qcow2", "-F", "raw", IMG, REF, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_the_covering_covers_every_pair() -> None:

@@ -154,8 +154,8 @@ SMALL_REFTABLE = Base("small-reftable", (
 
 EXTENDED_L2 = Base("extended-l2", (
     _img("create", "-q", "-f", "qcow2", "-o", "cluster_size=64k,extended_l2=on", IMG, "16M"),
-    _img("bitmap", "--add", "-g", "4096", IMG, "b0"),
     _io("write 0 4k", "write 32k 16k"),              # subclusters 0-1 and 16-23 of cluster 0
+    _img("bitmap", "--add", "-g", "4096", IMG, "b0"),  # after the writes: no bit set yet
 ))
 
 BASES = {b.name: b for b in (STANDARD, LONG_NAMES, SHIFTED, SMALL_REFTABLE, EXTENDED_L2)}
@@ -237,6 +237,9 @@ def _guest_batch(img: Image) -> None:
         img.write(5 << 20, b"\x22" * (12 << 10))         # new clusters
         img.write((5 << 20) + 100, b"\x33" * 100)        # into a cluster this transaction allocated
         img.write_zeroes(10 << 20, 16 << 10)             # zero clusters, data freed
+        img.write(20 << 20, b"\x44" * 100)               # in place (waits for the bits) ...
+        img.write_zeroes(20 << 20, 4 << 10)              # ... then zeroed: the waiting data is dropped
+        img.write((20 << 20) + 50, b"\x55" * 10)         # ... then a new cluster around zeros
 
 
 def _guest_extended_l2(img: Image) -> None:
@@ -244,6 +247,7 @@ def _guest_extended_l2(img: Image) -> None:
         img.write((1 << 20) + 5000, b"\x44" * 3000)      # two subclusters of a cluster with no host cluster
         img.write(3000, b"\x55" * 6000)                  # in place, and into unallocated subclusters
         img.write_zeroes(32 << 10, 8 << 10)              # four whole subclusters read as zeros
+        img.write((34 << 10) + 10, b"\x66" * 10)         # into one of them: mapped on disk, so in place
 
 
 def _two_transactions(img: Image) -> None:

@@ -28,7 +28,7 @@ must stay a raw image of the disk, so zeroes are written as data there.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -180,18 +180,24 @@ def _owned(img: "Image", gm: GuestMap, gc: int, e: int, sub: int, host: int, off
     base = gc * cs
     lo, hi = max(offset, base), min(offset + len(data), base + cs)
     fresh = host // cs in gm.fresh
+    on_disk = gm.mapped_on_disk(gc, host)  # units readers map to these host bytes until the commit
+
+    def put(h: int, g: int, piece: Any, unit_bit: int) -> None:
+        if fresh:
+            gm.write_direct(h, piece)
+        elif on_disk & unit_bit:
+            gm.write_in_place(h, g, piece)   # after the bitmap bits, when a bitmap records writes
+        else:
+            gm.write_direct(h, piece)        # unmapped until the commit maps it
+
     if not gm.extended:
         if gm.host_allocated(e) and not e & OFLAG_ZERO:
-            piece = data[lo - offset:hi - offset]
-            if fresh:
-                gm.write_direct(host + lo - base, piece)
-            else:
-                gm.write_in_place(host + lo - base, lo, piece)
+            put(host + lo - base, lo, data[lo - offset:hi - offset], 1)
             return
-        # A data-file cluster that reads as zeros or unallocated: nothing maps its
-        # host bytes yet, so they are written whole now and mapped at commit.
+        # A data-file cluster that reads as zeros or unallocated: written whole, with
+        # the zeros or backing data around the request, and mapped at commit.
         ceiling = min(cs, img.header.size - base)
-        gm.write_direct(host, _fill(img, gm, base, ceiling, offset, data))
+        put(host, base, _fill(img, gm, base, ceiling, offset, data), 1)
         gm.set_entry(gc, host | OFLAG_COPIED)
         return
     unit = cs // SUBCLUSTERS
@@ -202,15 +208,11 @@ def _owned(img: "Image", gm: GuestMap, gc: int, e: int, sub: int, host: int, off
         a, b = max(lo, u_lo), min(hi, u_hi)
         touched |= 1 << u
         if allocated >> u & 1:
-            piece = data[a - offset:b - offset]
-            if fresh:
-                gm.write_direct(host + a - base, piece)
-            else:
-                gm.write_in_place(host + a - base, a, piece)
+            put(host + a - base, a, data[a - offset:b - offset], 1 << u)
         else:
-            # An unallocated or zero subcluster: its host bytes are unmapped until the
-            # bitmap at commit says otherwise, so it is written whole now.
-            gm.write_direct(host + u * unit, _fill(img, gm, u_lo, unit, offset, data))
+            # An unallocated or zero subcluster: written whole, and allocated by the
+            # bitmap at commit.
+            put(host + u * unit, u_lo, _fill(img, gm, u_lo, unit, offset, data), 1 << u)
     new_sub = (allocated | touched) | ((sub >> SUBCLUSTERS) & ~touched & ALL_ALLOCATED) << SUBCLUSTERS
     new_e = (e & ~L2E_OFFSET_MASK) | OFLAG_COPIED | host
     if new_sub != sub or new_e != e:
@@ -242,6 +244,7 @@ def _new_clusters(img: "Image", gm: GuestMap, run: list[int], offset: int, data:
     gm.write_direct(host, content)
     for i, gc in enumerate(run):
         e, _ = gm.entry(gc)
+        gm.forget(gc * cs, (gc + 1) * cs)  # data waiting for the old host cluster is in the new one
         _release(img, gm, e)
         gm.fresh.add(host // cs + i)
         gm.set_entry(gc, (host + i * cs) | OFLAG_COPIED, ALL_ALLOCATED)
@@ -298,6 +301,8 @@ ZERO_CHUNK = 16 << 20  # zeros written as data, at most this much at a time
 
 def _zero_units(img: "Image", gm: GuestMap, gc: int, u0: int, u1: int) -> None:
     """Make units ``u0 .. u1-1`` of guest cluster ``gc`` (subclusters, or the cluster) read as zeros."""
+    unit = gm.cs // SUBCLUSTERS if gm.extended else gm.cs
+    gm.forget(gc * gm.cs + u0 * unit, gc * gm.cs + u1 * unit)  # in-place data there is zeroed too
     e, sub = gm.entry(gc)
     if not e and not sub & ALL_ALLOCATED and img.backing_name is None:
         return  # unallocated without a backing file: it reads as zeros already

@@ -5,7 +5,8 @@ Guest writes inside one transaction (one :meth:`Image.write`, or many inside
 mapping here, in memory; nothing that maps guest data changes on disk before the
 commit. What each write does to the file at once is only this: data into host
 clusters no entry maps yet (``fresh`` clusters this transaction allocated, or the
-unallocated subclusters of a cluster it owns), which no reader can see.
+unallocated subclusters of a cluster it owns), which no reader can see, and data in
+place when no enabled bitmap has to record it first.
 
 At commit, :meth:`GuestMap.finalize` turns the staged state into the steps of the
 ordering rule (``bitmap-bits-set`` → ``l2-updated`` → ``l1-updated``), new L2 tables
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import FormatError
-from .format.tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED
+from .format.tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO
 from .medium import FileMedium, Medium, merge_ranges
 
 if TYPE_CHECKING:
@@ -37,13 +38,14 @@ Write = tuple[int, bytes]
 class StagedTable:
     """One L2 table: its words (entries, and bitmaps for extended L2) as they will be."""
 
-    __slots__ = ("offset", "words", "new", "changed")
+    __slots__ = ("offset", "words", "new", "changed", "orig")
 
     def __init__(self, offset: int, words: np.ndarray, new: bool) -> None:
         self.offset = offset
         self.words = words  # uint64, cluster_size // 8 of them
         self.new = new  # in a cluster this transaction allocated (written whole before the commit)
         self.changed: set[int] = set()  # entry indexes changed in an existing table
+        self.orig = None if new else words.copy()  # the words on disk, which readers see until the commit
 
 
 class GuestMap:
@@ -141,6 +143,26 @@ class GuestMap:
         if not t.new:
             t.changed.add(i)
 
+    def mapped_on_disk(self, gc: int, host: int) -> int:
+        """Which units of guest cluster ``gc`` the image on disk maps to host bytes at ``host``.
+
+        A bit per subcluster with extended L2, else bit 0 for the whole cluster (data
+        that reads as zeros is not mapped). Bytes no unit maps may be written before
+        the commit; the others are written in place, after the bitmap bits.
+        """
+        if host // self.cs in self.fresh:
+            return 0
+        l1i, i = divmod(gc, self.per_l2)
+        t = self.tables.get(l1i)
+        if t is None or t.orig is None:
+            return 0  # no table, or a new one: the active L1 on disk maps nothing of it at ``host``
+        e = int(t.orig[i * self.ew])
+        if not self.host_allocated(e) or (e & L2E_OFFSET_MASK) != (host & L2E_OFFSET_MASK):
+            return 0
+        if self.extended:
+            return int(t.orig[i * self.ew + 1]) & ((1 << 32) - 1)
+        return 0 if e & OFLAG_ZERO else 1
+
     def host_allocated(self, entry: int) -> bool:
         """The entry has a host cluster (offset 0 counts, with COPIED, in a data-file image)."""
         if entry & OFLAG_COMPRESSED:
@@ -149,7 +171,8 @@ class GuestMap:
 
     # -- data --------------------------------------------------------------------
     def write_direct(self, host: int, data: Any) -> None:
-        """Data into host bytes no entry maps yet: written now, durable before the commit."""
+        """Data written now, durable before the commit: into host bytes the image on disk
+        does not map (see :meth:`mapped_on_disk`), or in place when nothing orders it."""
         self._write(host, data)
         self.data_ranges.append((host, len(data)))
 
@@ -168,6 +191,21 @@ class GuestMap:
             self.deferred_bytes += len(data)
         else:
             self.write_direct(host, data)
+
+    def forget(self, lo: int, hi: int) -> None:
+        """Drop waiting in-place data for guest bytes ``[lo, hi)``: they no longer map there."""
+        kept: list[tuple[int, int, bytes]] = []
+        for host, g, data in self.deferred:
+            end = g + len(data)
+            if end <= lo or g >= hi:
+                kept.append((host, g, data))
+                continue
+            if g < lo:
+                kept.append((host, g, data[:lo - g]))
+            if end > hi:
+                kept.append((host + hi - g, hi, data[hi - g:]))
+        self.deferred = kept
+        self.deferred_bytes = sum(len(d) for _, _, d in kept)
 
     def patch(self, offset: int, buf: memoryview) -> None:
         """Lay the waiting in-place data over ``buf`` (guest bytes at ``offset``)."""

@@ -140,6 +140,7 @@ class TxState:
     extra_steps: dict[str, list[tuple[int, bytes]]] = attrs.Factory(dict)  # guest-write mapping steps
     guest: Any = None  # the staged guest mapping (qjournal.guestmap.GuestMap), once a guest write is made
     steps: list[tuple[str, list[tuple[int, bytes]]]] | None = None  # planned by the operation itself (resize)
+    committed: bool = False  # the journal holds it: nothing of it may be undone any more
 
 
 class Image:
@@ -379,8 +380,9 @@ class Image:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest data (any alignment). Enabled bitmaps get their bits first.
 
-        Durable when it returns; inside ``with img.transaction():`` many writes share
-        one commit (and its syncs), durable when the block ends.
+        Durable when it returns, unless a transaction is open (``with
+        img.transaction():``, or a batch of :meth:`disk` writes): then it joins it, and
+        is durable when that commits.
         """
         from .datawrite import write
         write(self, offset, data)
@@ -422,7 +424,7 @@ class Image:
             yield tx
             self._commit(tx)
         except BaseException:
-            if self.medium.size > size and not self.journal.pending():
+            if not tx.committed and self.medium.size > size and not self.journal.pending():
                 # Guest data went into new clusters past the old end; nothing maps them.
                 self.medium.resize(size)
             raise
@@ -472,6 +474,7 @@ class Image:
                 for off, data in writes:
                     jt.write(off, data)
             self.journal.commit(jt)
+            tx.committed = True
         if tx.guest is not None:
             tx.guest.after_commit()  # in-place data that waited for the bitmap bits
 

@@ -43,7 +43,9 @@ def page_span(off: int, n: int) -> Range:
 
 
 class MmapMedium:
-    """A file mapped MAP_SHARED. Growth is ftruncate, fsync and a new map."""
+    """A file mapped MAP_SHARED. Growth is a pwrite past the end (or ftruncate); the map
+    is made again when a read or a small write first reaches past what it covers, and
+    the next flush is an fsync, so that the new size is durable too."""
 
     def __init__(self, path: str | os.PathLike[str], writable: bool) -> None:
         self.path = os.fspath(path)
@@ -105,10 +107,7 @@ class MmapMedium:
             # Bulk data, and anything that grows the file, goes by pwrite: no page
             # faults, and no new map per growth. The page cache is shared with the
             # map, so map readers see these bytes at once.
-            view = memoryview(data)
-            done = 0
-            while done < n:
-                done += os.pwrite(self.fd, view[done:], off + done)
+            pwrite_all(self.fd, data, off)
             if end > self._size:
                 self._size = end
                 self._size_dirty = True
@@ -189,6 +188,14 @@ class MemoryMedium:
         pass
 
 
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, off: int) -> None:
+    """Write all of ``data`` at ``off`` (one pwrite may write less: at most 2 GiB on Linux)."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], off + done)
+
+
 def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
     """Sorted, coalesced ``(offset, length)`` ranges."""
     out: list[list[int]] = []
@@ -228,7 +235,7 @@ class FileMedium:
     def write(self, off: int, data: bytes) -> None:
         if not self.writable:
             raise PermissionError(f"{self.path} is open read-only")
-        os.pwrite(self.fd, data, off)
+        pwrite_all(self.fd, data, off)
         if off + len(data) > self._size:
             self._size = off + len(data)
             self._size_dirty = True

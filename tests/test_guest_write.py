@@ -186,6 +186,20 @@ class TestBatches:
         assert qemu.nbd_dirty_extents(img, "b0") == [(8 * KiB, 8 * KiB), (2 * MiB, 72 * KiB),
                                                      (4 * MiB, 64 * KiB)]
 
+    def test_waiting_in_place_data_dies_with_its_cluster(self, tmp_path: Path) -> None:
+        """In-place data that waits for the bitmap bits, then zeroed, then rewritten around."""
+        img = qemu.create(tmp_path / "t.qcow2", "16M")
+        qemu.qemu_io(img, "write -P 0x11 0 1M")
+        qemu.qemu_img("bitmap", "--add", str(img), "b0")
+        with qjournal.open(img, "r+") as q:
+            with q.transaction("batch"):
+                q.write(0, b"\x22" * 4096)             # waits for the commit (the bits first)
+                q.write_zeroes(0, 64 * KiB)            # the cluster becomes a zero cluster
+                q.write(100, b"\x33")                  # a new cluster: zeros around the byte
+                assert q.read(0, 200) == bytes(100) + b"\x33" + bytes(99)
+        qemu.qemu_io(img, "read -P 0 0 100", "read -P 0x33 100 1", "read -P 0 101 65435", "read -P 0x11 64k 960k")
+        qemu.assert_clean(img)
+
     def test_an_aborted_batch_maps_nothing_and_gives_the_space_back(self, tmp_path: Path) -> None:
         img = qemu.create(tmp_path / "t.qcow2", "16M")
         qemu.qemu_io(img, "write -P 0x11 0 1M")

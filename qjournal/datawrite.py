@@ -265,8 +265,10 @@ def write_zeroes(img: "Image", offset: int, length: int) -> None:
     """Make ``[offset, offset + length)`` read as zeros.
 
     Whole clusters of a v3 image become zero clusters (and whole subclusters, with
-    extended L2), and what they held is freed; the rest is written with zero data, as
-    is everything in a v2 image or one with a raw data file. One transaction.
+    extended L2), and what they held is freed; in a v2 image without a backing file
+    they become unallocated. The rest is written with zero data, as is everything in a
+    v2 image with a backing file (no zero flag can hide it) or with a raw data file.
+    One transaction.
     """
     _check_request(img, offset, length)
     if length == 0:
@@ -276,7 +278,7 @@ def write_zeroes(img: "Image", offset: int, length: int) -> None:
         gm = stage(img)
         h = img.header
         raw = bool(h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW) and gm.has_data_file
-        if h.version < 3 or raw:
+        if (h.version < 3 and img.backing_name is not None) or raw:
             for off in range(offset, offset + length, ZERO_CHUNK):
                 n = min(ZERO_CHUNK, offset + length - off)
                 _write(img, gm, off, memoryview(bytes(n)))
@@ -287,12 +289,18 @@ def write_zeroes(img: "Image", offset: int, length: int) -> None:
             _write(img, gm, offset, memoryview(bytes(length)))
             return
         gm.dirty.append((first * unit, (end - first) * unit))
-        for gc in range(first * unit // cs, (end * unit - 1) // cs + 1):
+        gc, last = first * unit // cs, (end * unit - 1) // cs
+        while gc <= last:
+            if img.backing_name is None and gm.table(gc // gm.per_l2) is None:
+                gc = (gc // gm.per_l2 + 1) * gm.per_l2  # no L2 table, no backing file: zeros already
+                continue
             u0 = max(first * unit, gc * cs) // unit - gc * cs // unit
             u1 = min(end * unit, (gc + 1) * cs) // unit - gc * cs // unit
             _zero_units(img, gm, gc, u0, u1)
+            gc += 1
         for off, n in ((offset, first * unit - offset), (end * unit, offset + length - end * unit)):
-            if n:
+            e, sub = gm.entry(off // cs)
+            if n and (e or sub & ALL_ALLOCATED or img.backing_name is not None):
                 _write(img, gm, off, memoryview(bytes(n)))
 
 
@@ -307,13 +315,13 @@ def _zero_units(img: "Image", gm: GuestMap, gc: int, u0: int, u1: int) -> None:
     if not e and not sub & ALL_ALLOCATED and img.backing_name is None:
         return  # unallocated without a backing file: it reads as zeros already
     if not gm.extended:
-        if e == OFLAG_ZERO:
+        if e == OFLAG_ZERO or (not e and img.header.version < 3):
             return
         if gm.has_data_file and gm.host_allocated(e):
             gm.set_entry(gc, (e & L2E_OFFSET_MASK) | OFLAG_COPIED | OFLAG_ZERO)
             return
         _release(img, gm, e)
-        gm.set_entry(gc, OFLAG_ZERO)
+        gm.set_entry(gc, OFLAG_ZERO if img.header.version >= 3 else 0)  # v2: no backing file here
         return
     mask = ((1 << u1) - 1) & ~((1 << u0) - 1)
     if e & OFLAG_COMPRESSED:

@@ -150,12 +150,22 @@ class TestZeroes:
         qemu.qemu_io(top, "read -P 0 0 256k", "read -P 0x44 256k 1M")
         qemu.assert_clean(top)
 
-    def test_v2_writes_zero_data(self, tmp_path: Path) -> None:
-        img = qemu.create(tmp_path / "v2.qcow2", "4M", "compat=0.10")
+    def test_v2_frees_whole_clusters(self, tmp_path: Path) -> None:
+        img = qemu.create(tmp_path / "v2.qcow2", "1T", "compat=0.10")
         qemu.qemu_io(img, "write -P 0x11 0 1M")
-        assert main(["discard", str(img), "0", "128k"]) == 0
-        qemu.qemu_io(img, "read -P 0 0 128k", "read -P 0x11 128k 896k")
-        qemu.assert_clean(img)
+        before = qemu.check(img)[1]["allocated-clusters"]
+        assert main(["discard", str(img), "100", str((1 << 40) - 200)]) == 0   # a terabyte: nothing written
+        qemu.qemu_io(img, "read -P 0x11 0 100", "read -P 0 100 1M")
+        assert qemu.assert_clean(img)["allocated-clusters"] == before - 15   # the head cluster stays
+
+    def test_v2_over_a_backing_file_writes_zero_data(self, tmp_path: Path) -> None:
+        base = qemu.create(tmp_path / "base.qcow2", "4M", "compat=0.10")
+        qemu.qemu_io(base, "write -P 0x44 0 4M")
+        top = tmp_path / "top.qcow2"
+        qemu.qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "base.qcow2", "-F", "qcow2", str(top))
+        assert main(["discard", str(top), "0", "128k"]) == 0
+        qemu.qemu_io(top, "read -P 0 0 128k", "read -P 0x44 128k 1M")
+        qemu.assert_clean(top)
 
 
 class TestBatches:

@@ -315,7 +315,10 @@ class _Scan:
         already = l1_drop[rows]
         # Data clusters in an external data file have no refcounts here and lie
         # wherever the data file reaches: only their alignment is checked (QEMU).
-        whole = offs + cs <= self.fsize if not img.data_file else np.ones(len(offs), dtype=bool)
+        # A data cluster may end past the end of the file (QEMU does not write the tail
+        # of a fresh cluster, nor do we the unwritten subclusters): only one that starts
+        # there is unreadable.
+        whole = offs < self.fsize if not img.data_file else np.ones(len(offs), dtype=bool)
         c = offs // cs
         clash = np.zeros(len(offs), dtype=bool)
         ok = whole & ~unaligned

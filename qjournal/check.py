@@ -57,7 +57,7 @@ from .progress import Progress
 
 MAX_MESSAGES = 300
 U64 = np.uint64
-L2_CHUNK = 1024  # L2 tables decoded at a time
+L2_CHUNK_BYTES = 64 << 20  # L2 tables decoded at a time: this many bytes of them
 
 
 @attrs.define
@@ -240,10 +240,11 @@ class _Scan:
             self.copied.add(pos, ent, ~drop)
         # L2 tables a chunk at a time: memory stays bounded on a large image, and a
         # terminal shows how far the check is.
-        with Progress(len(l2off), "check", "L2 table", minimum=L2_CHUNK) as bar:
-            for i in range(0, len(l2off), L2_CHUNK):
-                self._walk_l2(l2off[i:i + L2_CHUNK], drop[i:i + L2_CHUNK], active)
-                bar.update(len(l2off[i:i + L2_CHUNK]))
+        chunk = max(1, L2_CHUNK_BYTES // cs)
+        with Progress(len(l2off), "check", "L2 table", minimum=chunk) as bar:
+            for i in range(0, len(l2off), chunk):
+                self._walk_l2(l2off[i:i + chunk], drop[i:i + chunk], active)
+                bar.update(len(l2off[i:i + chunk]))
 
     def _walk_l2(self, l2off: np.ndarray, l1_drop: np.ndarray, active: bool) -> None:
         """Several L2 tables of one L1 at once (``check_refcounts_l2``), vectorised over entries."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import json
 import sys
 from typing import Any, Sequence
@@ -221,7 +222,11 @@ def cmd_write(args: argparse.Namespace) -> int:
         # end), and memory bounded however large the input is.
         total = 0
         with open(args.input, "rb") as f, Image(args.filename, "r+") as img:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise UsageError(f"write: --input {args.input} is not a regular file (its length must be "
+                                 "known before anything is written)")
+            size = st.st_size
             if offset + size > img.header.size:
                 raise UsageError(f"write: {size} bytes at offset {offset} run past the end of the "
                                  f"{img.header.size}-byte disk")

@@ -116,6 +116,8 @@ def test_cli_write_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     src = tmp_path / "in.bin"
     src.write_bytes(bytes(range(256)) * 16)
     assert main(["write", str(img), "5000", "--input", str(src)]) == 0
+    assert main(["write", str(img), "0", "--input", "/dev/zero"]) == 1      # no length known: refused
+    assert main(["write", str(img), "16M", "--input", str(src)]) == 1       # past the end: refused
     assert main(["zero", str(img), "1M", "64k"]) == 0
     qemu.qemu_io(img, "read -P 0 1M 64k", "read -P 0xab 1088k 64k")
     with qjournal.open(img) as q:

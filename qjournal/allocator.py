@@ -26,6 +26,7 @@ from sortedcontainers import SortedList
 
 from .errors import FormatError, UsageError
 from .format import refcount as rc
+from .format.tables import L2E_OFFSET_MASK, OFLAG_COMPRESSED, compressed_span
 from .medium import Medium
 
 Write = tuple[int, bytes]
@@ -150,6 +151,13 @@ class Allocator:
         c0 = offset // self.cs
         for c in range(c0, c0 + n):
             self.deltas[c] = self.deltas.get(c, 0) - 1
+
+    def free_entry(self, entry: int) -> None:
+        """Drop the reference a standard L2 entry holds: its cluster, or its compressed data."""
+        if entry & OFLAG_COMPRESSED:
+            self.free_clusters_of([compressed_span(entry, self.cluster_bits)])
+        elif entry & L2E_OFFSET_MASK:
+            self.free(entry & L2E_OFFSET_MASK, 1)
 
     def free_clusters_of(self, ranges: Iterable[tuple[int, int]]) -> None:
         """Free every cluster touched by the byte ranges ``(offset, length)``."""

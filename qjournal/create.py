@@ -54,6 +54,7 @@ from .format.header import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMP
                             COMPRESSION_ZSTD, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
                             INCOMPAT_KNOWN, MAGIC, QEMU_V3_LENGTH, V2_LENGTH, Header)
 from .format.refcount import pack_block
+from .format.tables import size_to_l1
 from .lock import acquire
 from .medium import fsync_directory
 
@@ -565,11 +566,6 @@ class _Layout:
     l2_tables: tuple[int, ...]  # offsets of the preallocated L2 tables, in guest order
 
 
-def _l1_entries(size: int, cluster_bits: int, extended_l2: bool) -> int:
-    l2_entries = (1 << cluster_bits) // (16 if extended_l2 else 8)
-    return -(-size // (l2_entries << cluster_bits))
-
-
 def _cluster0(options: CreateOptions, size: int, alloc: _QemuAllocator, l1_size: int, l1_offset: int) -> bytes:
     """The header cluster as ``qcow2_update_header`` writes it."""
     cs = alloc.cluster_size
@@ -620,7 +616,7 @@ def _layout(size: int, options: CreateOptions) -> _Layout:
     cs = alloc.cluster_size
     first = alloc.alloc(3 * cs)
     assert first == 0, "a fresh image's first three clusters are free"
-    l1_size = _l1_entries(size, cluster_bits, options.extended_l2)
+    l1_size = size_to_l1(size, 1 << cluster_bits, options.extended_l2)
     l1_offset = 0
     if l1_size:
         l1_offset = alloc.alloc(l1_size * 8)
@@ -781,7 +777,7 @@ def create_image(path: str, size: int | None, options: CreateOptions) -> None:
                          "(it is rounded up to a multiple of 512)")
     size += -size % SECTOR
     bits = options.cluster_size.bit_length() - 1
-    if _l1_entries(size, bits, options.extended_l2) > MAX_L1_ENTRIES:
+    if size_to_l1(size, 1 << bits, options.extended_l2) > MAX_L1_ENTRIES:
         raise UsageError(f"image size {size} is too large for qcow2 with {options.cluster_size}-byte clusters"
                          f"{' and extended L2' if options.extended_l2 else ''} (the L1 table would exceed "
                          "32 MiB); use larger clusters")

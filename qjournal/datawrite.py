@@ -35,7 +35,7 @@ import numpy as np
 from .errors import UnsupportedError, UsageError
 from .format import bitmaps as bm
 from .format.header import AUTOCLEAR_DATA_FILE_RAW
-from .format.tables import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, compressed_span
+from .format.tables import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS
 from .guestmap import GuestMap
 
 if TYPE_CHECKING:
@@ -103,7 +103,6 @@ def bits_steps(img: "Image", ranges: list[tuple[int, int]]) -> list[Write]:
 
 
 
-SUBCLUSTERS = 32
 ALL_ALLOCATED = (1 << SUBCLUSTERS) - 1
 ALL_ZERO = ALL_ALLOCATED << SUBCLUSTERS
 
@@ -252,13 +251,10 @@ def _new_clusters(img: "Image", gm: GuestMap, run: list[int], offset: int, data:
 
 def _release(img: "Image", gm: GuestMap, e: int) -> None:
     """Drop this image's reference to what entry ``e`` maps (applied in the free step)."""
-    alloc = gm.tx.alloc
-    if e & OFLAG_COMPRESSED:
-        alloc.free_clusters_of([compressed_span(e, img.header.cluster_bits)])
-    elif gm.host_allocated(e) and not gm.has_data_file:
-        host = e & L2E_OFFSET_MASK
-        gm.fresh.discard(host // gm.cs)
-        alloc.free(host, 1)
+    if gm.has_data_file:
+        return  # data-file clusters have no refcounts
+    gm.fresh.discard((e & L2E_OFFSET_MASK) // gm.cs)
+    gm.tx.alloc.free_entry(e)
 
 
 def write_zeroes(img: "Image", offset: int, length: int) -> None:

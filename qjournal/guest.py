@@ -50,8 +50,8 @@ import numpy as np
 from .errors import FormatError, UnsupportedError, UsageError
 from .format.header import AUTOCLEAR_DATA_FILE_RAW, COMPRESSION_ZSTD, MAGIC
 from .format.tables import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
-                            OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, compressed_geometry, compressed_span,
-                            l2_entries)
+                            OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS, compressed_geometry,
+                            compressed_span, l2_entries)
 from .medium import MmapMedium
 
 if TYPE_CHECKING:
@@ -67,7 +67,6 @@ Run = tuple[int, int, int, int]
 """``(guest offset, length, kind, host)``. ``host`` is -1 when the entry has no host
 offset; an unallocated or zero run may have one (a preallocated cluster)."""
 
-SUBCLUSTERS = 32
 PARALLEL_MIN = 4 << 20  # a read of at least this much data (smaller shares cost more than they gain) ...
 PARALLEL_THREADS = min(4, os.cpu_count() or 1)  # ... is shared between this many threads, the caller's included
 L2_CACHE_BYTES = 32 << 20

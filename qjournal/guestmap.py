@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import FormatError
-from .format.tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO
+from .format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+                            SUBCLUSTERS)
 from .medium import FileMedium, Medium, merge_ranges
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ class GuestMap:
         if not self.host_allocated(e) or (e & L2E_OFFSET_MASK) != (host & L2E_OFFSET_MASK):
             return 0
         if self.extended:
-            return int(t.orig[i * self.ew + 1]) & ((1 << 32) - 1)
+            return int(t.orig[i * self.ew + 1]) & ((1 << SUBCLUSTERS) - 1)
         return 0 if e & OFLAG_ZERO else 1
 
     def host_allocated(self, entry: int) -> bool:

@@ -65,8 +65,7 @@ from .errors import BitmapError, UnsupportedError, UsageError
 from .format import bitmaps as bm
 from .format.extensions import EXT_BITMAPS
 from .format.header import AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, FIELD_OFFSET, MAX_L1_ENTRIES
-from .format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, compressed_span,
-                            l2_entries)
+from .format.tables import L1E_OFFSET_MASK, OFLAG_COPIED, l2_entries, size_to_l1
 
 if TYPE_CHECKING:
     from .image import Image
@@ -76,12 +75,6 @@ SECTOR = 512
 HEADER_SPAN = (FIELD_OFFSET["size"], FIELD_OFFSET["refcount_table_offset"])       # bytes 24..47
 REFTABLE_SPAN = (FIELD_OFFSET["refcount_table_offset"], FIELD_OFFSET["nb_snapshots"])  # bytes 48..59
 AUTOCLEAR = FIELD_OFFSET["autoclear_features"]
-
-
-def size_to_l1(size: int, cluster_size: int, extended_l2: bool) -> int:
-    """L1 entries a disk of ``size`` bytes needs (QEMU's ``size_to_l1``)."""
-    span = l2_entries(cluster_size, extended_l2) * cluster_size
-    return -(-size // span)
 
 
 def target_size(current: int, text: str) -> int:
@@ -241,10 +234,7 @@ def _discard_tail(img: "Image", alloc: Allocator, new_size: int) -> tuple[list[W
             raise UnsupportedError(f"L2 table at {toff:#x} (L1 index {l1i}) is shared; shrinking it needs "
                                    "copy-on-write, which qjournal does not do")
         for entry in raw[start * words::words].tolist():
-            if entry & OFLAG_COMPRESSED:
-                alloc.free_clusters_of([compressed_span(entry, h.cluster_bits)])
-            elif entry & L2E_OFFSET_MASK:
-                alloc.free(entry & L2E_OFFSET_MASK, 1)
+            alloc.free_entry(entry)
         if l1i < keep_l1:
             lo = start * words * 8
             if raw[start * words:].any():

@@ -19,10 +19,16 @@ L1E_RESERVED_MASK = 0x7F000000000001FF
 L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2E_RESERVED_MASK = 0x3F000000000001FE
 COMPRESSED_SECTOR = 512
+SUBCLUSTERS = 32  # per cluster with extended L2: the bitmap's low half "allocated", high half "reads as zeros"
 
 
 def l2_entries(cluster_size: int, extended_l2: bool) -> int:
     return cluster_size // (16 if extended_l2 else 8)
+
+
+def size_to_l1(size: int, cluster_size: int, extended_l2: bool) -> int:
+    """L1 entries a disk of ``size`` bytes needs (QEMU's ``size_to_l1``)."""
+    return -(-size // (l2_entries(cluster_size, extended_l2) * cluster_size))
 
 
 def compressed_geometry(cluster_bits: int) -> tuple[int, int, int]:

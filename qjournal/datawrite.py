@@ -146,6 +146,16 @@ def _fill(img: "Image", gm: GuestMap, start: int, length: int, offset: int, data
 def _write(img: "Image", gm: GuestMap, offset: int, data: memoryview) -> None:
     cs = gm.cs
     end = offset + len(data)
+    # Every entry the request touches is checked (the rules reads apply) before
+    # anything is written: a damaged entry refuses the request, not half of it.
+    from .guest import reader
+    for _ in reader(img).runs(offset - offset % cs, min(-(-end // cs) * cs, img.header.size)):
+        pass
+    for gc in range(offset // cs, (end - 1) // cs + 1):
+        e, _ = gm.entry(gc)
+        host = e & L2E_OFFSET_MASK
+        if gm.host_allocated(e) and host // cs not in gm.fresh and e & OFLAG_COPIED:
+            gm.check_host(gc, host)   # data over metadata: refused before any byte is written
     gm.dirty.append((offset, len(data)))
     run: list[int] = []  # consecutive guest clusters that get new host clusters
     for gc in range(offset // cs, (end - 1) // cs + 1):

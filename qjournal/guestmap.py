@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import FormatError
+from .format.bitmaps import TE_OFFSET_MASK
 from .format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
                             SUBCLUSTERS)
 from .medium import FileMedium, Medium, merge_ranges
@@ -76,6 +77,7 @@ class GuestMap:
             self._data_file = reader(img).data_file
             assert self._data_file is not None
             self.target = FileMedium(self._data_file.path, True)
+        self._metadata: dict[int, str] | None = None  # cluster -> what metadata it holds (check_host)
         # In-place data must wait for the commit when an enabled bitmap records writes.
         self.ordered = any(e.auto and not e.in_use and e.table_size for e in tx.entries)
 
@@ -163,6 +165,43 @@ class GuestMap:
         if self.extended:
             return int(t.orig[i * self.ew + 1]) & ((1 << SUBCLUSTERS) - 1)
         return 0 if e & OFLAG_ZERO else 1
+
+    def check_host(self, gc: int, host: int) -> None:
+        """Refuse to write guest data over metadata (a damaged entry would have us do it).
+
+        QEMU's overlap check: a cluster the image maps as guest data must not hold the
+        header, a table, a refcount block or bitmap data. Nothing is written before this
+        holds for every cluster a request writes in place.
+        """
+        if self.has_data_file:
+            return
+        if self._metadata is None:
+            img, cs = self.img, self.cs
+            meta: dict[int, str] = {}
+            for off, length, name in img.metadata_ranges():
+                for c in range(off // cs, (off + max(length, 1) - 1) // cs + 1):
+                    meta[c] = name
+            for e in img.entries:
+                table = img.bitmap_table(e) & np.uint64(TE_OFFSET_MASK)
+                for c in (table[table != 0] // np.uint64(cs)).tolist():
+                    meta[int(c)] = f"bitmap data of {e.name!r}"
+            for off in self.tx.alloc.reftable[self.tx.alloc.reftable != 0].tolist():
+                meta[int(off) // cs] = "refcount block"
+            l1s = [img.l1_table()] + [img.medium.array(s.l1_table_offset, s.l1_size, ">u8").astype(np.uint64)
+                                      for s in img.snapshots]
+            for l1 in l1s:
+                for off in (l1 & np.uint64(L1E_OFFSET_MASK)).tolist():
+                    if off:
+                        meta[int(off) // cs] = "an L2 table"
+            self._metadata = meta
+        what = self._metadata.get(host // self.cs)
+        if what is not None:
+            l1i, i = divmod(gc, self.per_l2)
+            t = self.tables.get(l1i)
+            where = t.offset + 8 * self.ew * i if t is not None else None
+            raise FormatError("L2 table", where, f"entry {i} (guest offset {gc * self.cs:#x}) maps data to "
+                              f"cluster {host - host % self.cs:#x}, which holds the {what}; refusing to write "
+                              "(qjournal check -r all repairs the image)")
 
     def host_allocated(self, entry: int) -> bool:
         """The entry has a host cluster (offset 0 counts, with COPIED, in a data-file image)."""

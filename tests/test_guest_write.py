@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 from pathlib import Path
 
 import pytest
@@ -347,3 +348,42 @@ def test_a_small_write_to_2m_clusters_with_1_bit_refcounts(tmp_path: Path) -> No
         q.write((3 << 30) + (2 << 20), b"\x43" * 1000)
     qemu.qemu_io(img, "read -P 0x42 3G 1000", f"read -P 0x43 {(3 << 30) + (2 << 20)} 1000")
     qemu.assert_clean(img)
+
+
+class TestDamagedEntries:
+    """A write that meets a damaged L2 entry is refused whole: one line, exit 1, nothing written."""
+
+    def _image(self, tmp_path: Path) -> tuple[Path, int]:
+        img = qemu.create(tmp_path / "d.qcow2", "16M")
+        qemu.qemu_io(img, "write -P 0x11 0 256k")
+        raw = img.read_bytes()
+        l1 = struct.unpack_from(">Q", raw, struct.unpack_from(">Q", raw, 40)[0])[0] & ((1 << 56) - 512)
+        return img, l1          # the L2 table; entry i at l1 + 8 * i
+
+    def _refused(self, img: Path, capsys: pytest.CaptureFixture[str], *args: str) -> str:
+        before = img.read_bytes()
+        capsys.readouterr()
+        assert main(["write", str(img), *args]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("qjournal: L2 table at offset 0x"), err
+        assert img.read_bytes() == before
+        return err[0]
+
+    def test_data_mapped_onto_the_refcount_table(self, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+        img, l2 = self._image(tmp_path)
+        reftable = struct.unpack_from(">Q", img.read_bytes(), 48)[0]
+        with open(img, "r+b") as f:
+            f.seek(l2 + 8 * 3)
+            f.write((reftable | 1 << 63).to_bytes(8, "big"))   # cluster 3 "is" the refcount table, COPIED
+        # The request starts in a sound cluster: it must not be half done either.
+        assert "refcount table" in self._refused(img, capsys, "0", "-P", "0x22", "256k")
+
+    def test_reserved_bits(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        img, l2 = self._image(tmp_path)
+        raw = bytearray(img.read_bytes())
+        e = struct.unpack_from(">Q", raw, l2 + 8 * 2)[0]
+        with open(img, "r+b") as f:
+            f.seek(l2 + 8 * 2)
+            f.write((e | 1 << 60).to_bytes(8, "big"))
+        assert "reserved bits" in self._refused(img, capsys, "0", "-P", "0x22", "256k")

@@ -222,11 +222,12 @@ def cmd_write(args: argparse.Namespace) -> int:
         # end), and memory bounded however large the input is.
         total = 0
         with open(args.input, "rb") as f, Image(args.filename, "r+") as img:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise UsageError(f"write: --input {args.input} is not a regular file (its length must be "
-                                 "known before anything is written)")
-            size = st.st_size
+            mode = os.fstat(f.fileno()).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise UsageError(f"write: --input {args.input} is not a file or a block device (its length "
+                                 "must be known before anything is written)")
+            size = os.lseek(f.fileno(), 0, os.SEEK_END)
+            os.lseek(f.fileno(), 0, os.SEEK_SET)
             if offset + size > img.header.size:
                 raise UsageError(f"write: {size} bytes at offset {offset} run past the end of the "
                                  f"{img.header.size}-byte disk")

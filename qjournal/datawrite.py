@@ -35,7 +35,7 @@ import numpy as np
 from .errors import UnsupportedError, UsageError
 from .format import bitmaps as bm
 from .format.header import AUTOCLEAR_DATA_FILE_RAW
-from .format.tables import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS
+from .format.tables import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS, compressed_span
 from .guestmap import GuestMap
 
 if TYPE_CHECKING:
@@ -123,7 +123,40 @@ def write(img: "Image", offset: int, data: bytes | bytearray | memoryview) -> No
     if not len(view):
         return
     with img.transaction("guest write"):
-        _write(img, stage(img), offset, view)
+        gm = stage(img)
+        _validate(img, gm, offset, offset + len(view))
+        _write(img, gm, offset, view)
+
+
+def _validate(img: "Image", gm: GuestMap, start: int, end: int) -> None:
+    """Refuse a request over damaged entries before it writes anything.
+
+    Every entry of ``[start, end)`` must keep the rules reads apply, and no cluster an
+    entry maps (which the request may write in place, or release) may hold metadata:
+    a damaged entry refuses the whole request, not half of it, and never gets us to
+    write or free a table.
+    """
+    from .guest import reader
+    cs, per = gm.cs, gm.per_l2
+    first, last = start // cs, (end - 1) // cs
+    for _ in reader(img).runs(first * cs, min((last + 1) * cs, img.header.size)):
+        pass
+    for l1i in range(first // per, last // per + 1):
+        t = gm.table(l1i)
+        if t is None:
+            continue
+        a, b = max(first, l1i * per) - l1i * per, min(last + 1, (l1i + 1) * per) - l1i * per
+        ent = t.words[a * gm.ew:b * gm.ew:gm.ew]
+        comp = (ent & np.uint64(OFLAG_COMPRESSED)) != 0
+        off = ent & np.uint64(L2E_OFFSET_MASK)
+        mapped = np.nonzero(~comp & (off != 0))[0]
+        if gm.fresh:
+            mapped = mapped[~np.isin((off[mapped] // np.uint64(cs)).astype(np.int64), list(gm.fresh))]
+        gm.check_hosts(mapped + l1i * per + a, off[mapped])
+        for i in np.nonzero(comp)[0].tolist():
+            coff, clen = compressed_span(int(ent[i]), img.header.cluster_bits)
+            spanned = np.arange(coff // cs, (coff + clen - 1) // cs + 1, dtype=np.uint64) * np.uint64(cs)
+            gm.check_hosts(np.full(len(spanned), l1i * per + a + i), spanned)
 
 
 def _fill(img: "Image", gm: GuestMap, start: int, length: int, offset: int, data: memoryview) -> bytearray:
@@ -146,16 +179,6 @@ def _fill(img: "Image", gm: GuestMap, start: int, length: int, offset: int, data
 def _write(img: "Image", gm: GuestMap, offset: int, data: memoryview) -> None:
     cs = gm.cs
     end = offset + len(data)
-    # Every entry the request touches is checked (the rules reads apply) before
-    # anything is written: a damaged entry refuses the request, not half of it.
-    from .guest import reader
-    for _ in reader(img).runs(offset - offset % cs, min(-(-end // cs) * cs, img.header.size)):
-        pass
-    for gc in range(offset // cs, (end - 1) // cs + 1):
-        e, _ = gm.entry(gc)
-        host = e & L2E_OFFSET_MASK
-        if gm.host_allocated(e) and host // cs not in gm.fresh and e & OFLAG_COPIED:
-            gm.check_host(gc, host)   # data over metadata: refused before any byte is written
     gm.dirty.append((offset, len(data)))
     run: list[int] = []  # consecutive guest clusters that get new host clusters
     for gc in range(offset // cs, (end - 1) // cs + 1):
@@ -282,6 +305,7 @@ def write_zeroes(img: "Image", offset: int, length: int) -> None:
     cs = img.header.cluster_size
     with img.transaction("guest write zeroes"):
         gm = stage(img)
+        _validate(img, gm, offset, offset + length)
         h = img.header
         raw = bool(h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW) and gm.has_data_file
         if (h.version < 3 and img.backing_name is not None) or raw:

@@ -69,6 +69,7 @@ class GuestMap:
         self.data_ranges: list[Range] = []  # host ranges written before the commit
         self.deferred: list[tuple[int, int, bytes]] = []  # (host, guest, data) written after the commit
         self.deferred_bytes = 0
+        self._deferred_at: set[int] = set()  # guest clusters some waiting data touches
         self.has_data_file = h.has_data_file
         self.target: Medium = img.medium
         self._data_file: Any = None
@@ -77,7 +78,7 @@ class GuestMap:
             self._data_file = reader(img).data_file
             assert self._data_file is not None
             self.target = FileMedium(self._data_file.path, True)
-        self._metadata: dict[int, str] | None = None  # cluster -> what metadata it holds (check_host)
+        self._metadata: tuple[np.ndarray, np.ndarray, list[str]] | None = None  # see _metadata_index
         # In-place data must wait for the commit when an enabled bitmap records writes.
         self.ordered = any(e.auto and not e.in_use and e.table_size for e in tx.entries)
 
@@ -166,42 +167,55 @@ class GuestMap:
             return int(t.orig[i * self.ew + 1]) & ((1 << SUBCLUSTERS) - 1)
         return 0 if e & OFLAG_ZERO else 1
 
-    def check_host(self, gc: int, host: int) -> None:
-        """Refuse to write guest data over metadata (a damaged entry would have us do it).
-
-        QEMU's overlap check: a cluster the image maps as guest data must not hold the
-        header, a table, a refcount block or bitmap data. Nothing is written before this
-        holds for every cluster a request writes in place.
-        """
-        if self.has_data_file:
-            return
+    def _metadata_index(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Sorted cluster numbers that hold metadata, the label index of each, the labels."""
         if self._metadata is None:
             img, cs = self.img, self.cs
-            meta: dict[int, str] = {}
+            parts: list[tuple[np.ndarray, str]] = []
             for off, length, name in img.metadata_ranges():
-                for c in range(off // cs, (off + max(length, 1) - 1) // cs + 1):
-                    meta[c] = name
+                parts.append((np.arange(off // cs, (off + max(length, 1) - 1) // cs + 1, dtype=np.int64), name))
+            for s in img.snapshots:
+                end = s.l1_table_offset + max(s.l1_size * 8, 1) - 1
+                parts.append((np.arange(s.l1_table_offset // cs, end // cs + 1, dtype=np.int64),
+                              f"L1 table of snapshot {s.name!r}"))
             for e in img.entries:
                 table = img.bitmap_table(e) & np.uint64(TE_OFFSET_MASK)
-                for c in (table[table != 0] // np.uint64(cs)).tolist():
-                    meta[int(c)] = f"bitmap data of {e.name!r}"
-            for off in self.tx.alloc.reftable[self.tx.alloc.reftable != 0].tolist():
-                meta[int(off) // cs] = "refcount block"
-            l1s = [img.l1_table()] + [img.medium.array(s.l1_table_offset, s.l1_size, ">u8").astype(np.uint64)
-                                      for s in img.snapshots]
-            for l1 in l1s:
-                for off in (l1 & np.uint64(L1E_OFFSET_MASK)).tolist():
-                    if off:
-                        meta[int(off) // cs] = "an L2 table"
-            self._metadata = meta
-        what = self._metadata.get(host // self.cs)
-        if what is not None:
+                parts.append(((table[table != 0] // np.uint64(cs)).astype(np.int64), f"bitmap data of {e.name!r}"))
+            rt = self.tx.alloc.reftable
+            parts.append(((rt[rt != 0] // np.uint64(cs)).astype(np.int64), "refcount block"))
+            for l1 in [img.l1_table()] + [img.medium.array(s.l1_table_offset, s.l1_size, ">u8").astype(np.uint64)
+                                          for s in img.snapshots]:
+                l2s = l1 & np.uint64(L1E_OFFSET_MASK)
+                parts.append(((l2s[l2s != 0] // np.uint64(cs)).astype(np.int64), "L2 table"))
+            clusters = np.concatenate([c for c, _ in parts])
+            names = np.concatenate([np.full(len(c), i) for i, (c, _) in enumerate(parts)])
+            order = np.argsort(clusters, kind="stable")
+            self._metadata = (clusters[order], names[order], [n for _, n in parts])
+        return self._metadata
+
+    def check_hosts(self, gcs: np.ndarray, hosts: np.ndarray) -> None:
+        """Refuse guest data over metadata (a damaged entry would have us write or free it).
+
+        QEMU's overlap check: a cluster an L2 entry maps (``hosts``, for guest clusters
+        ``gcs``) must not hold the header, a table, a refcount block or bitmap data. A
+        request checks every cluster it may write in place or release before it writes
+        anything.
+        """
+        if self.has_data_file or not len(hosts):
+            return
+        meta, names, labels = self._metadata_index()
+        c = (np.asarray(hosts, dtype=np.uint64) // np.uint64(self.cs)).astype(np.int64)
+        idx = np.minimum(np.searchsorted(meta, c), max(len(meta) - 1, 0))
+        hit = np.nonzero(meta[idx] == c)[0] if len(meta) else np.zeros(0, dtype=np.int64)
+        if len(hit):
+            k = int(hit[0])
+            gc, host = int(gcs[k]), int(c[k]) * self.cs
             l1i, i = divmod(gc, self.per_l2)
             t = self.tables.get(l1i)
             where = t.offset + 8 * self.ew * i if t is not None else None
             raise FormatError("L2 table", where, f"entry {i} (guest offset {gc * self.cs:#x}) maps data to "
-                              f"cluster {host - host % self.cs:#x}, which holds the {what}; refusing to write "
-                              "(qjournal check -r all repairs the image)")
+                              f"cluster {host:#x}, which holds metadata ({labels[int(names[idx[k]])]}); refusing "
+                              "to write (qjournal check -r all repairs the image)")
 
     def host_allocated(self, entry: int) -> bool:
         """The entry has a host cluster (offset 0 counts, with COPIED, in a data-file image)."""
@@ -229,11 +243,14 @@ class GuestMap:
             # waits, everything in place waits.
             self.deferred.append((host, guest, bytes(data)))
             self.deferred_bytes += len(data)
+            self._deferred_at.update(range(guest // self.cs, (guest + len(data) - 1) // self.cs + 1))
         else:
             self.write_direct(host, data)
 
     def forget(self, lo: int, hi: int) -> None:
         """Drop waiting in-place data for guest bytes ``[lo, hi)``: they no longer map there."""
+        if not self._touches(lo, hi):
+            return
         kept: list[tuple[int, int, bytes]] = []
         for host, g, data in self.deferred:
             end = g + len(data)
@@ -247,9 +264,20 @@ class GuestMap:
         self.deferred = kept
         self.deferred_bytes = sum(len(d) for _, _, d in kept)
 
+    def _touches(self, lo: int, hi: int) -> bool:
+        """Some waiting data may lie in guest bytes ``[lo, hi)`` (checked cluster by cluster)."""
+        if not self._deferred_at or hi <= lo:
+            return False
+        first, last = lo // self.cs, (hi - 1) // self.cs
+        if last - first + 1 > len(self._deferred_at):
+            return any(first <= c <= last for c in self._deferred_at)
+        return any(c in self._deferred_at for c in range(first, last + 1))
+
     def patch(self, offset: int, buf: memoryview) -> None:
         """Lay the waiting in-place data over ``buf`` (guest bytes at ``offset``)."""
         end = offset + len(buf)
+        if not self._touches(offset, end):
+            return
         for _, g, data in self.deferred:
             lo, hi = max(g, offset), min(g + len(data), end)
             if lo < hi:
@@ -290,6 +318,7 @@ class GuestMap:
                 self._write(host, data)
             self.target.flush([(host, len(data)) for host, _, data in self.deferred])
             self.deferred, self.deferred_bytes = [], 0
+            self._deferred_at.clear()
 
     def close(self) -> None:
         if self.target is not self.img.medium:

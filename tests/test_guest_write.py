@@ -379,6 +379,50 @@ class TestDamagedEntries:
         # The request starts in a sound cluster: it must not be half done either.
         assert "refcount table" in self._refused(img, capsys, "0", "-P", "0x22", "256k")
 
+    @pytest.mark.parametrize("command", [["write", "1M", "-P", "0xaa", "4k"], ["discard", "1M", "64k"]])
+    def test_an_entry_onto_its_own_l2_table_is_never_freed(self, tmp_path: Path, command: list[str],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+        img, l2 = self._image(tmp_path)
+        qemu.qemu_io(img, "write -P 2 1M 64k")
+        with open(img, "r+b") as f:
+            f.seek(l2 + 8 * 16)
+            f.write(l2.to_bytes(8, "big"))        # without COPIED: a copy-on-write would free it
+        before = img.read_bytes()
+        capsys.readouterr()
+        assert main([command[0], str(img), *command[1:]]) == 1
+        assert "L2 table" in capsys.readouterr().err and img.read_bytes() == before
+
+    def test_data_mapped_onto_a_snapshot_l1_table(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        img, l2 = self._image(tmp_path)
+        qemu.qemu_img("snapshot", "-c", "snap", str(img))
+        raw = img.read_bytes()
+        snapshots = struct.unpack_from(">Q", raw, 64)[0]
+        snap_l1 = struct.unpack_from(">Q", raw, snapshots)[0]
+        l2 = struct.unpack_from(">Q", raw, struct.unpack_from(">Q", raw, 40)[0])[0] & ((1 << 56) - 512)
+        with open(img, "r+b") as f:
+            f.seek(l2 + 8 * 16)
+            f.write((snap_l1 | 1 << 63).to_bytes(8, "big"))
+        assert "L1 table of snapshot 'snap'" in self._refused(img, capsys, "1M", "-P", "0xcc", "512")
+
+    def test_a_zero_written_as_data_is_refused_whole(self, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+        base = qemu.create(tmp_path / "base.qcow2", "64M")
+        img = tmp_path / "v2.qcow2"
+        qemu.qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "base.qcow2", "-F", "qcow2",
+                      str(img))
+        qemu.qemu_io(img, "write -P 5 0 32M")
+        raw = img.read_bytes()
+        l2 = struct.unpack_from(">Q", raw, struct.unpack_from(">Q", raw, 40)[0])[0] & ((1 << 56) - 512)
+        e = struct.unpack_from(">Q", raw, l2 + 8 * 320)[0]
+        with open(img, "r+b") as f:
+            f.seek(l2 + 8 * 320)                 # guest offset 20 MiB: reserved bit 1
+            f.write((e | 2).to_bytes(8, "big"))
+        before = img.read_bytes()
+        capsys.readouterr()
+        assert main(["zero", str(img), "0", "32M"]) == 1
+        assert "reserved bits" in capsys.readouterr().err and img.read_bytes() == before
+        assert base.exists()
+
     def test_reserved_bits(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         img, l2 = self._image(tmp_path)
         raw = bytearray(img.read_bytes())

@@ -101,8 +101,6 @@ def bits_steps(img: "Image", ranges: list[tuple[int, int]]) -> list[Write]:
     return out
 
 
-
-
 ALL_ALLOCATED = (1 << SUBCLUSTERS) - 1
 ALL_ZERO = ALL_ALLOCATED << SUBCLUSTERS
 

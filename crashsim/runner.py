@@ -27,7 +27,6 @@ import hashlib
 import math
 import os
 import random
-import sys
 import tempfile
 import threading
 import time
@@ -39,6 +38,7 @@ import attrs
 from qjournal.check import check
 from qjournal.image import Image
 from qjournal.medium import MemoryMedium
+from qjournal.progress import Progress
 
 from . import explain
 from .checks import Caches, Expect, Judged, Semantic, judge, recover, semantic
@@ -626,7 +626,7 @@ def run(workloads: Sequence[Workload], opts: Options, executor: cf.Executor | No
     if executor is None:
         executor, shutdown = make_executor(opts)
     jobs = opts.jobs or os.cpu_count() or 1
-    bar = _bar(progress)
+    bar = Progress(0, "crashsim", "batch", minimum=0, show=progress)
     try:
         prepared: list[Prepared | WorkloadResult] = []
         for w in workloads:
@@ -640,14 +640,14 @@ def run(workloads: Sequence[Workload], opts: Options, executor: cf.Executor | No
             prepared.append(p)
         for item in prepared:
             if isinstance(item, Prepared):
-                _collect(item, item.futures, bar.tick)
+                _collect(item, item.futures, bar.update)
                 if "recovery" in opts.strategies:
                     item.futures = _submit(item, executor, _wave2(item, opts), jobs)
                     bar.add(len(item.futures))
         results: list[WorkloadResult] = []
         for item in prepared:
             if isinstance(item, Prepared):
-                _collect(item, item.futures, bar.tick)
+                _collect(item, item.futures, bar.update)
                 item = finish(item, opts)
             results.append(item)
     finally:
@@ -659,31 +659,6 @@ def run(workloads: Sequence[Workload], opts: Options, executor: cf.Executor | No
 def _error_result(w: Workload, error: str) -> WorkloadResult:
     return WorkloadResult(w.name, w.description, w.expect_failure, w.journaled, w.base.describe(), (), -1,
                           (), (), (), (), "", "", 0.0, error)
-
-
-class _Bar:
-    def __init__(self, bar: Any) -> None:
-        self.bar = bar
-
-    def add(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.total = (self.bar.total or 0) + n
-            self.bar.refresh()
-
-    def tick(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _bar(progress: bool) -> _Bar:
-    if not progress or not sys.stderr.isatty():
-        return _Bar(None)
-    from tqdm import tqdm
-    return _Bar(tqdm(total=0, unit="batch", desc="crashsim", leave=False))
 
 
 def recorded_state(w: Workload, opts: Options, state: CrashState,

@@ -23,7 +23,7 @@ KEYS = ("check-errors", "corruptions", "leaks", "total-clusters", "allocated-clu
 
 def run_check(image: Path) -> dict[str, object]:
     import qjournal
-    from qjournal.check import check
+    from qjournal.ops.check import check
     with qjournal.open(image) as img:
         return check(img).to_json()
 

@@ -73,7 +73,7 @@ def build(path: Path, cluster_size: str) -> None:
 def read_all(image: Path, digest: bool = False) -> bytes:
     """Read the whole guest disk, 8 MiB at a time; the sha256 of what was read if asked."""
     import qjournal
-    from qjournal.disk import GuestDisk
+    from qjournal.write.disk import GuestDisk
     h = hashlib.sha256() if digest else None
     buf = memoryview(bytearray(CHUNK))
     with qjournal.open(image) as img, GuestDisk(img) as disk:

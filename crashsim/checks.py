@@ -37,14 +37,14 @@ from typing import Any
 import attrs
 import numpy as np
 
-from qjournal import guest
-from qjournal.check import check
+from qjournal.read import guest
+from qjournal.ops.check import check
 from qjournal.errors import QcowError
 from qjournal.format.bitmaps import FLAG_AUTO, FLAG_IN_USE
 from qjournal.format.tables import L1E_OFFSET_MASK
-from qjournal.image import Image
+from qjournal.core.image import Image
 from qjournal.journal import Journal
-from qjournal.medium import MemoryMedium
+from qjournal.storage.medium import MemoryMedium
 
 from .model import OracleResult
 from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium

@@ -16,8 +16,8 @@ import subprocess
 import sys
 import tempfile
 
-from qjournal.image import Image
-from qjournal.medium import MemoryMedium
+from qjournal.core.image import Image
+from qjournal.storage.medium import MemoryMedium
 
 from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium
 

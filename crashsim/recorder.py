@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, Iterable
 import attrs
 import numpy as np
 
-from qjournal.medium import MemoryMedium, Range
+from qjournal.storage.medium import MemoryMedium, Range
 
 if TYPE_CHECKING:
-    from qjournal.image import Image
+    from qjournal.core.image import Image
 
 IMAGE = "image"
 JOURNAL = "journal"

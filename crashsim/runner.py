@@ -35,9 +35,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import attrs
 
-from qjournal.check import check
-from qjournal.image import Image
-from qjournal.medium import MemoryMedium
+from qjournal.ops.check import check
+from qjournal.core.image import Image
+from qjournal.storage.medium import MemoryMedium
 from qjournal.progress import Progress
 
 from . import explain

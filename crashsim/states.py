@@ -66,7 +66,7 @@ from typing import Iterator, Union
 
 import attrs
 
-from qjournal.medium import page_span
+from qjournal.storage.medium import page_span
 
 from .recorder import JOURNAL, Entry, Recording
 

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, TypeVar
 import attrs
 
 from qjournal.format.extensions import EXT_BITMAPS, parse_extensions
-from qjournal.image import Image
+from qjournal.core.image import Image
 
 from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium, bracket_transactions
 
@@ -445,7 +445,7 @@ BASES[RESIZE_BASE.name] = RESIZE_BASE
 
 
 def _resize_grow(img: Image) -> None:
-    from qjournal.resize import resize
+    from qjournal.ops.resize import resize
     resize(img, 8 << 20)      # the L1 table grows from one cluster to four, the bitmap table from one to four
 
 

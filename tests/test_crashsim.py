@@ -21,7 +21,7 @@ from crashsim.model import STRATEGIES, Options, RunResult, WorkloadResult
 from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium
 from crashsim.runner import InlineExecutor, record, run
 from crashsim.workloads import STANDARD, WORKLOADS, Workload, find, workload
-from qjournal.image import Image
+from qjournal.core.image import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = [w for w in WORKLOADS.values() if not w.expect_failure]
@@ -164,7 +164,7 @@ def real() -> dict[str, WorkloadResult]:
 
 class TestRealWorkloads:
     def test_every_journaled_operation_is_covered(self) -> None:
-        from qjournal.bitmaps import Bitmaps
+        from qjournal.ops.bitmaps import Bitmaps
         ops = {"add", "remove", "clear", "enable", "disable", "merge", "repair", "set_in_use"}
         assert ops <= set(vars(Bitmaps))
         names = set(WORKLOADS)

@@ -6,7 +6,7 @@ import random
 import pytest
 from hypothesis import given, strategies as st
 
-from qjournal.crc32c import crc32c, crc32c_blocks
+from qjournal.journal.crc32c import crc32c, crc32c_blocks
 
 
 def reference(data: bytes, crc: int = 0) -> int:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from qjournal.create import CreateOptions, create_image, parse_options, parse_size
+from qjournal.ops.create import CreateOptions, create_image, parse_options, parse_size
 from qjournal.errors import LockError, UsageError
-from qjournal.lock import acquire
+from qjournal.storage.lock import acquire
 
 qcreate = importlib.import_module("qjournal.create")  # the module (qjournal.create is also a function)
 

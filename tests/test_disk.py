@@ -16,7 +16,7 @@ import pytest
 
 import qemu
 import qjournal
-from qjournal.disk import GuestDisk
+from qjournal.write.disk import GuestDisk
 from test_guest_read import CASES
 
 MiB = 1 << 20

@@ -18,7 +18,7 @@ import pytest
 
 import qemu
 from qjournal.cli import main
-from qjournal.image import Image
+from qjournal.core.image import Image
 
 UNKNOWN = 0x12345678
 EXT_BACKING_FORMAT = 0xE2792ACA

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import qjournal
-from qjournal import guest
+from qjournal.read import guest
 from qjournal.errors import FormatError, UnsupportedError, UsageError
 
 KiB, MiB = 1 << 10, 1 << 20

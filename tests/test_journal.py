@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from qjournal.crc32c import crc32c
+from qjournal.journal.crc32c import crc32c
 from qjournal.errors import JournalError, QcowError
 from qjournal.journal import Journal, PendingTransaction, Step, Transaction
 from qjournal.journal.records import (BEGIN, CHECKPOINT, COMMIT, STEP, WRITE, FileHeader, pack_record,
                                       pack_write)
-from qjournal.medium import FileMedium, MemoryMedium, MmapMedium, Range
+from qjournal.storage.medium import FileMedium, MemoryMedium, MmapMedium, Range
 
 HYPO = settings(deadline=None, derandomize=bool(os.environ.get("CI")),
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

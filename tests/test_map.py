@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 
 import qjournal
-from qjournal.mapping import map_image
+from qjournal.read.mapping import map_image
 from test_guest_read import (CASES, PROPERTY_EXAMPLES, RANDOM_IMAGE, Layer, build, chdir, qj, random_image,
                              run)
 

@@ -17,8 +17,8 @@ import pytest
 
 import qemu
 from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium, apply_entry
-from qjournal.image import Image
-from qjournal.medium import MemoryMedium
+from qjournal.core.image import Image
+from qjournal.storage.medium import MemoryMedium
 
 MiB = 1 << 20
 
@@ -186,7 +186,7 @@ def _committed_unapplied(base: bytes, tmp_path: Path) -> Path:
 class TestRecoverCommand:
     def test_journal_shows_and_recover_replays(self, base: bytes, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-        from qjournal.cli import main
+        from qjournal.cli.main import main
         path = _committed_unapplied(base, tmp_path)
         assert "pending" not in [b["name"] for b in qemu.bitmaps(path)]
         assert main(["journal", str(path)]) == 0
@@ -205,7 +205,7 @@ class TestRecoverCommand:
 
     def test_recover_refuses_an_image_changed_since(self, base: bytes, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-        from qjournal.cli import main
+        from qjournal.cli.main import main
         path = _committed_unapplied(base, tmp_path)
         qemu.qemu_img("bitmap", "--add", str(path), "by-qemu")  # QEMU wrote the image after the crash
         image, journal = path.read_bytes(), Path(f"{path}.qjournal").read_bytes()

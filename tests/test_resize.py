@@ -17,9 +17,9 @@ import qemu
 from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium
 from qjournal.cli import main
 from qjournal.errors import QcowError
-from qjournal.image import Image
-from qjournal.medium import MemoryMedium
-from qjournal.resize import resize
+from qjournal.core.image import Image
+from qjournal.storage.medium import MemoryMedium
+from qjournal.ops.resize import resize
 
 KiB, MiB = 1 << 10, 1 << 20
 

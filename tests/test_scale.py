@@ -13,8 +13,8 @@ import pytest
 import qemu
 import qjournal
 from qjournal.format import bitmaps as bm
-from qjournal.image import Image
-from qjournal.medium import MmapMedium
+from qjournal.core.image import Image
+from qjournal.storage.medium import MmapMedium
 
 TiB = 1 << 40
 

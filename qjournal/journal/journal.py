@@ -11,9 +11,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..crc32c import crc32c, crc32c_blocks
+from .crc32c import crc32c, crc32c_blocks
 from ..errors import JournalError
-from ..medium import FileMedium, Medium, fsync_directory
+from ..storage.medium import FileMedium, Medium, fsync_directory
 from .records import (BEGIN, CHECKPOINT, CHECKPOINTED, COMMIT, COMMITTED, HEADER_SIZE, INCOMPLETE, PIECE, STEP,
                       WRITE, FileHeader, Log, pack_commit, pack_record, pack_write, pieces, read_log)
 from .transaction import PendingTransaction, Step, Transaction

@@ -11,9 +11,9 @@ import struct
 import attrs
 import numpy as np
 
-from ..crc32c import crc32c
+from .crc32c import crc32c
 from ..errors import JournalError
-from ..medium import Medium
+from ..storage.medium import Medium
 from .transaction import PendingTransaction, Step
 
 MAGIC = b"qjournal"

@@ -12,7 +12,7 @@ import fcntl
 import os
 import struct
 
-from .errors import LockError
+from ..errors import LockError
 
 PERM_CONSISTENT_READ = 0
 PERM_WRITE = 1

@@ -25,10 +25,10 @@ import io
 import os
 from typing import TYPE_CHECKING, Any
 
-from . import guest
+from ..read import guest
 
 if TYPE_CHECKING:
-    from .image import Image
+    from ..core.image import Image
 
 
 BATCH_BYTES = 256 << 20  # written bytes after which a batch of writes commits

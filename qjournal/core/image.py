@@ -21,20 +21,20 @@ from typing import Any, Iterator
 import attrs
 import numpy as np
 
-from . import lock
+from ..storage import lock
 from .allocator import Allocator
-from .errors import FormatError, UnsupportedError, UsageError
-from .format import bitmaps as bm
-from .format.extensions import (EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_DATA_FILE, KNOWN,
+from ..errors import FormatError, UnsupportedError, UsageError
+from ..format import bitmaps as bm
+from ..format.extensions import (EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_DATA_FILE, KNOWN,
                                 Extension, parse_extensions)
-from .format.header import (AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS,
+from ..format.header import (AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS,
                             COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_KNOWN, Header)
-from .format.snapshots import Snapshot, parse_snapshots
-from .format.tables import L1E_OFFSET_MASK
-from .headerwrite import Cluster0, plan as plan_cluster0, unsafe_boundary
-from .journal import Journal, Transaction
-from .medium import Medium, MmapMedium
-from .overlay import OverlayMedium
+from ..format.snapshots import Snapshot, parse_snapshots
+from ..format.tables import L1E_OFFSET_MASK
+from .cluster0 import Cluster0, plan as plan_cluster0, unsafe_boundary
+from ..journal import Journal, Transaction
+from ..storage.medium import Medium, MmapMedium
+from ..storage.overlay import OverlayMedium
 
 
 @attrs.frozen
@@ -186,7 +186,7 @@ class Image:
             if self.writable and not salvage and self.header.incompatible_features & INCOMPAT_DIRTY:
                 # Lazy refcounts left the image dirty: rebuild the refcounts first, as QEMU
                 # does at a writable open, in one transaction that also clears the bit.
-                from .check import check
+                from ..ops.check import check
                 check(self, "all")
         except BaseException:
             medium.close()
@@ -343,8 +343,8 @@ class Image:
         if h.crypt_method == 1:
             encrypt = {"format": "aes"}
         elif h.crypt_method == 2:
-            from .format.extensions import EXT_CRYPTO
-            from .format.luks import HEADER_SIZE, luks_info
+            from ..format.extensions import EXT_CRYPTO
+            from ..format.luks import HEADER_SIZE, luks_info
             ext = next((e for e in self.extensions if e.type == EXT_CRYPTO), None)
             if ext is None or len(ext.data) < 16:
                 raise FormatError("qcow2 header", 32, "LUKS encryption without a full disk encryption extension")
@@ -369,12 +369,12 @@ class Image:
     # -- guest data -----------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
         """The guest disk's bytes at ``offset`` (any alignment; backing chain included)."""
-        from .guest import read
+        from ..read.guest import read
         return read(self, offset, length)
 
     def disk(self) -> "Any":
         """The guest disk as a seekable, readable ``io.RawIOBase`` (see :class:`qjournal.disk.GuestDisk`)."""
-        from .disk import GuestDisk
+        from ..write.disk import GuestDisk
         return GuestDisk(self)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -384,12 +384,12 @@ class Image:
         img.transaction():``, or a batch of :meth:`disk` writes): then it joins it, and
         is durable when that commits.
         """
-        from .datawrite import write
+        from ..write.data import write
         write(self, offset, data)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeros (whole clusters become zero clusters)."""
-        from .datawrite import write_zeroes
+        from ..write.data import write_zeroes
         write_zeroes(self, offset, length)
 
     def discard(self, offset: int, length: int) -> None:
@@ -398,13 +398,13 @@ class Image:
 
     def resize(self, new_size: int, shrink: bool = False) -> None:
         """Change the virtual size as ``qemu-img resize`` does (see :mod:`qjournal.resize`)."""
-        from .resize import resize
+        from ..ops.resize import resize
         resize(self, new_size, shrink)
 
     # -- transactions -------------------------------------------------------
     @property
     def bitmaps(self) -> "Any":
-        from .bitmaps import Bitmaps
+        from ..ops.bitmaps import Bitmaps
         return Bitmaps(self)
 
     @contextlib.contextmanager
@@ -601,7 +601,7 @@ class Image:
     def close(self) -> None:
         for disk in list(self._disks):
             disk.flush()  # a batch of disk writes left open commits, as a disk cache flushes at shutdown
-        from .guest import release
+        from ..read.guest import release
         release(self)
         if getattr(self, "journal", None) is not None:
             self.journal.close()

@@ -46,14 +46,14 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
-from .format import bitmaps as bm
-from .format import refcount as rc
-from .format.extensions import EXT_CRYPTO
-from .format.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
-from .format.tables import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
+from ..format import bitmaps as bm
+from ..format import refcount as rc
+from ..format.extensions import EXT_CRYPTO
+from ..format.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
+from ..format.tables import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
                             OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, compressed_geometry, l2_entries)
-from .image import Image, TxState
-from .progress import Progress
+from ..core.image import Image, TxState
+from ..progress import Progress
 
 MAX_MESSAGES = 300
 U64 = np.uint64

@@ -18,9 +18,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from . import guest
-from .errors import UnsupportedError, UsageError
-from .image import Image
+from ..read import guest
+from ..errors import UnsupportedError, UsageError
+from ..core.image import Image
 
 CHUNK = 16 << 20  # bytes read, checked or written at a time
 
@@ -53,7 +53,7 @@ def _format(fmt: str | None) -> None:
 
 
 def _pattern(text: str) -> int:
-    from .create import _strtou64
+    from ..ops.create import _strtou64
     try:
         value = _strtou64(text)
     except (ValueError, OverflowError):
@@ -64,7 +64,7 @@ def _pattern(text: str) -> int:
 
 
 def cmd_read(args: argparse.Namespace) -> int:
-    from .create import parse_size
+    from ..ops.create import parse_size
     _format(args.format)
     offset, length = parse_size(args.offset), parse_size(args.length)
     pattern = _pattern(args.pattern) if args.pattern is not None else None
@@ -96,8 +96,8 @@ def cmd_read(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    from .create import parse_size
-    from .mapping import entries, format_human, format_json
+    from ..ops.create import parse_size
+    from ..read.mapping import entries, format_human, format_json
     _format(args.format)
     start = parse_size(args.start_offset) if args.start_offset is not None else 0
     length = parse_size(args.max_length) if args.max_length is not None else None

@@ -47,16 +47,16 @@ from typing import Iterable, Iterator
 import attrs
 import numpy as np
 
-from .errors import FormatError, UsageError
-from .format.extensions import (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_TABLE, Extension,
+from ..errors import FormatError, UsageError
+from ..format.extensions import (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_TABLE, Extension,
                                 pack_extensions, pack_feature_table)
-from .format.header import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB,
+from ..format.header import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB,
                             COMPRESSION_ZSTD, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
                             INCOMPAT_KNOWN, MAGIC, QEMU_V3_LENGTH, V2_LENGTH, Header)
-from .format.refcount import pack_block
-from .format.tables import size_to_l1
-from .lock import acquire
-from .medium import fsync_directory
+from ..format.refcount import pack_block
+from ..format.tables import size_to_l1
+from ..storage.lock import acquire
+from ..storage.medium import fsync_directory
 
 SECTOR = 512
 INT64_MAX = (1 << 63) - 1

@@ -32,14 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import UnsupportedError, UsageError
-from .format import bitmaps as bm
-from .format.header import AUTOCLEAR_DATA_FILE_RAW
-from .format.tables import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS, compressed_span
+from ..errors import UnsupportedError, UsageError
+from ..format import bitmaps as bm
+from ..format.header import AUTOCLEAR_DATA_FILE_RAW
+from ..format.tables import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS, compressed_span
 from .guestmap import GuestMap
 
 if TYPE_CHECKING:
-    from .image import Image
+    from ..core.image import Image
 
 Write = tuple[int, bytes]
 
@@ -134,7 +134,7 @@ def _validate(img: "Image", gm: GuestMap, start: int, end: int) -> None:
     a damaged entry refuses the whole request, not half of it, and never gets us to
     write or free a table.
     """
-    from .guest import reader
+    from ..read.guest import reader
     cs, per = gm.cs, gm.per_l2
     first, last = start // cs, (end - 1) // cs
     for _ in reader(img).runs(first * cs, min((last + 1) * cs, img.header.size)):
@@ -162,7 +162,7 @@ def _fill(img: "Image", gm: GuestMap, start: int, length: int, offset: int, data
 
     Past the end of the disk the bytes are zeros (the tail of the last cluster).
     """
-    from .guest import reader
+    from ..read.guest import reader
     disk = img.header.size
     buf = bytearray(length)
     lo, hi = max(offset, start), min(offset + len(data), start + length)

@@ -47,15 +47,15 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
 
 import numpy as np
 
-from .errors import FormatError, UnsupportedError, UsageError
-from .format.header import AUTOCLEAR_DATA_FILE_RAW, COMPRESSION_ZSTD, MAGIC
-from .format.tables import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
+from ..errors import FormatError, UnsupportedError, UsageError
+from ..format.header import AUTOCLEAR_DATA_FILE_RAW, COMPRESSION_ZSTD, MAGIC
+from ..format.tables import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
                             OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS, compressed_geometry,
                             compressed_span, l2_entries)
-from .medium import MmapMedium
+from ..storage.medium import MmapMedium
 
 if TYPE_CHECKING:
-    from .image import Image
+    from ..core.image import Image
 
 # What a run of guest bytes is (the ``kind`` of a :class:`Run`).
 UNALLOCATED = 0  # the backing chain, or zeros
@@ -312,7 +312,7 @@ class GuestReader:
         if os.path.realpath(path) in self._chain:
             raise FormatError("backing file name", img.header.backing_file_offset,
                               f"the backing chain loops back to {path}")
-        from .image import Image
+        from ..core.image import Image
         try:
             bimg = Image(path, "r")
         except UsageError as e:

@@ -11,8 +11,8 @@ import json
 import sys
 from typing import Any, Sequence
 
-from . import Image
-from .errors import QcowError, UsageError
+from .. import Image
+from ..errors import QcowError, UsageError
 
 
 def _human_size(n: int) -> str:
@@ -82,7 +82,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # -- create --------------------------------------------------------------------
 def cmd_create(args: argparse.Namespace) -> int:
-    from .create import create_image, parse_options, parse_size
+    from ..ops.create import create_image, parse_options, parse_size
     spec = ",".join(args.options or [])
     extra = []
     if args.backing_file:
@@ -100,7 +100,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 # -- check ---------------------------------------------------------------------
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import check
+    from ..ops.check import check
     writable = args.repair is not None
     with Image(args.filename, "r+" if writable else "r", salvage=True, take_locks=not args.force_share) as img:
         res = check(img, args.repair)
@@ -144,7 +144,7 @@ class _Ordered(argparse.Action):
 
 
 def cmd_bitmap(args: argparse.Namespace) -> int:
-    from .create import parse_size
+    from ..ops.create import parse_size
     actions = args.actions or []
     if not actions:
         raise UsageError("bitmap: give at least one of --add, --remove, --clear, --enable, --disable, "
@@ -209,7 +209,7 @@ def _dump(args: argparse.Namespace) -> int:
 
 # -- guest writes ----------------------------------------------------------------
 def _int(text: str) -> int:
-    from .create import parse_size
+    from ..ops.create import parse_size
     return parse_size(text)
 
 
@@ -261,9 +261,9 @@ def cmd_zero(args: argparse.Namespace) -> int:
 
 # -- journal -------------------------------------------------------------------
 def cmd_recover(args: argparse.Namespace) -> int:
-    from .journal import Journal
-    from .medium import MmapMedium
-    from . import lock
+    from ..journal import Journal
+    from ..storage.medium import MmapMedium
+    from ..storage import lock
     m = MmapMedium(args.filename, True)
     try:
         lock.acquire(m.fd, args.filename, True)
@@ -279,8 +279,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_journal(args: argparse.Namespace) -> int:
-    from .journal import Journal
-    from .medium import MmapMedium
+    from ..journal import Journal
+    from ..storage.medium import MmapMedium
     m = MmapMedium(args.filename, False)
     try:
         j = Journal.open_for(args.filename, m, False)
@@ -369,9 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("filename")
     j.set_defaults(func=cmd_journal)
 
-    from .cli_guest import add_parsers
+    from .guest import add_parsers
     add_parsers(sub)
-    from .cli_resize import add_parsers as add_resize
+    from .resize import add_parsers as add_resize
     add_resize(sub)
     return p
 

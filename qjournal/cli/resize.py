@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .errors import UnsupportedError, UsageError
-from .image import Image
+from ..errors import UnsupportedError, UsageError
+from ..core.image import Image
 
 
 def add_parsers(sub: Any) -> None:
@@ -59,7 +59,7 @@ def _options(args: argparse.Namespace) -> tuple[str, bool, bool]:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    from .resize import resize, target_size
+    from ..ops.resize import resize, target_size
     size, shrink, quiet = _options(args)
     with Image(args.filename, "r+") as img:
         resize(img, target_size(img.header.size, size), shrink)

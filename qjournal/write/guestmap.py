@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import FormatError
-from .format.bitmaps import TE_OFFSET_MASK
-from .format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+from ..errors import FormatError
+from ..format.bitmaps import TE_OFFSET_MASK
+from ..format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
                             SUBCLUSTERS)
-from .medium import FileMedium, Medium, merge_ranges
+from ..storage.medium import FileMedium, Medium, merge_ranges
 
 if TYPE_CHECKING:
-    from .image import Image, TxState
+    from ..core.image import Image, TxState
 
 Range = tuple[int, int]
 Write = tuple[int, bytes]
@@ -74,7 +74,7 @@ class GuestMap:
         self.target: Medium = img.medium
         self._data_file: Any = None
         if img.data_file is not None:
-            from .guest import reader
+            from ..read.guest import reader
             self._data_file = reader(img).data_file
             assert self._data_file is not None
             self.target = FileMedium(self._data_file.path, True)
@@ -292,7 +292,7 @@ class GuestMap:
         unreferenced clusters, invisible to every reader).
         """
         img, tx = self.img, self.tx
-        from .datawrite import bits_steps
+        from .data import bits_steps
         bits = bits_steps(img, merge_ranges(self.dirty)) if self.dirty else []
         l2_writes: list[Write] = []
         for l1i, t in sorted(self.tables.items()):

@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 import numpy as np
 
-from .allocator import Allocator
-from .errors import FormatError
-from .format import refcount as rc
+from ..core.allocator import Allocator
+from ..errors import FormatError
+from ..format import refcount as rc
 from .guest import COMPRESSED, DATA, ZERO, GuestReader, Layer, RawFile, reader
 
 if TYPE_CHECKING:
-    from .image import Image
+    from ..core.image import Image
 
 
 class MapEntry(NamedTuple):

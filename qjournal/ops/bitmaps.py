@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Iterator
 import attrs
 import numpy as np
 
-from .errors import BitmapError
-from .format import bitmaps as bm
+from ..errors import BitmapError
+from ..format import bitmaps as bm
 
 if TYPE_CHECKING:
-    from .image import Image
+    from ..core.image import Image
 
 
 def _check_name(name: str) -> None:

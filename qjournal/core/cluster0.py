@@ -20,9 +20,9 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
-from .errors import UsageError
-from .format.extensions import Extension, padded, pack_extensions
-from .format.header import FIELD_OFFSET, Header
+from ..errors import UsageError
+from ..format.extensions import Extension, padded, pack_extensions
+from ..format.header import FIELD_OFFSET, Header
 
 SECTOR = 512
 AUTOCLEAR_BYTES = (FIELD_OFFSET["autoclear_features"], 8)
@@ -151,8 +151,8 @@ def unsafe_boundary(old_bytes: bytes, old: Cluster0, new: Cluster0,
     the new one, and a bitmaps extension declared consistent (autoclear bit 0) must be
     the old or the new one.
     """
-    from .format.extensions import EXT_BITMAPS, parse_extensions
-    from .format.header import FIELD_OFFSET as F
+    from ..format.extensions import EXT_BITMAPS, parse_extensions
+    from ..format.header import FIELD_OFFSET as F
     cs = len(old_bytes)
     cur = bytearray(old_bytes)
     keep = {(e.type, e.data) for e in old.extensions} & {(e.type, e.data) for e in new.extensions}

@@ -60,15 +60,15 @@ from typing import TYPE_CHECKING
 import attrs
 import numpy as np
 
-from .allocator import Allocator
-from .errors import BitmapError, UnsupportedError, UsageError
-from .format import bitmaps as bm
-from .format.extensions import EXT_BITMAPS
-from .format.header import AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, FIELD_OFFSET, MAX_L1_ENTRIES
-from .format.tables import L1E_OFFSET_MASK, OFLAG_COPIED, l2_entries, size_to_l1
+from ..core.allocator import Allocator
+from ..errors import BitmapError, UnsupportedError, UsageError
+from ..format import bitmaps as bm
+from ..format.extensions import EXT_BITMAPS
+from ..format.header import AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, FIELD_OFFSET, MAX_L1_ENTRIES
+from ..format.tables import L1E_OFFSET_MASK, OFLAG_COPIED, l2_entries, size_to_l1
 
 if TYPE_CHECKING:
-    from .image import Image
+    from ..core.image import Image
 
 Write = tuple[int, bytes]
 SECTOR = 512
@@ -116,7 +116,7 @@ def check_request(img: "Image", new_size: int, shrink: bool) -> None:
         raise UsageError("Failed to grow the L1 table: File too large "
                          f"(a disk of {new_size} bytes needs an L1 table larger than QEMU's 32 MiB)")
     if new_size > h.size and img.backing_name is not None:
-        from .guest import reader, release
+        from ..read.guest import reader, release
         try:
             backing = reader(img).backing
             longer = backing is not None and backing.size > h.size

@@ -24,10 +24,10 @@ import attrs
 import numpy as np
 from sortedcontainers import SortedList
 
-from .errors import FormatError, UsageError
-from .format import refcount as rc
-from .format.tables import L2E_OFFSET_MASK, OFLAG_COMPRESSED, compressed_span
-from .medium import Medium
+from ..errors import FormatError, UsageError
+from ..format import refcount as rc
+from ..format.tables import L2E_OFFSET_MASK, OFLAG_COMPRESSED, compressed_span
+from ..storage.medium import Medium
 
 Write = tuple[int, bytes]
 

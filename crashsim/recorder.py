@@ -38,7 +38,7 @@ class Entry:
     site: str = ""
 
 
-_MEDIA = frozenset({__name__, "qjournal.medium", "qjournal.overlay"})
+_MEDIA = frozenset({__name__, "qjournal.storage.medium", "qjournal.storage.overlay"})
 
 
 def _call_site() -> str:

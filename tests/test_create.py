@@ -25,7 +25,7 @@ from qjournal.ops.create import CreateOptions, create_image, parse_options, pars
 from qjournal.errors import LockError, UsageError
 from qjournal.storage.lock import acquire
 
-qcreate = importlib.import_module("qjournal.create")  # the module (qjournal.create is also a function)
+qcreate = importlib.import_module("qjournal.ops.create")
 
 IMG = "img.qcow2"
 BASE_QCOW2_SIZE = "1G"

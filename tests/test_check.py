@@ -136,7 +136,7 @@ def test_counts_equal_qemu_img(case: str, repair: str | None, tmp_path: Path) ->
 def test_l2_tables_counted_a_chunk_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The scan takes L2 tables in chunks (bounded memory on large images): same counters."""
     import qjournal.ops.check
-    monkeypatch.setattr(qjournal.check, "L2_CHUNK_BYTES", 3 * 512)   # three tables at a time
+    monkeypatch.setattr(qjournal.ops.check, "L2_CHUNK_BYTES", 3 * 512)   # three tables at a time
     img = qemu.create(tmp_path / "c.qcow2", "4M", "cluster_size=512")   # 32 KiB per L2 table
     qemu.qemu_io(img, *(f"write -P {i + 1} {i * 40}k {(i % 5) + 1}k" for i in range(20)), "write -c 2M 512")
     qemu.qemu_img("snapshot", "-c", "s", str(img))

@@ -42,7 +42,7 @@ from qjournal.ops.check import check
 from qjournal.errors import QcowError
 from qjournal.format.bitmaps import FLAG_AUTO, FLAG_IN_USE
 from qjournal.format.tables import L1E_OFFSET_MASK
-from qjournal.core.image import Image
+from qjournal import Image
 from qjournal.journal import Journal
 from qjournal.storage.medium import MemoryMedium
 

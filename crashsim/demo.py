@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 
-from qjournal.core.image import Image
+from qjournal import Image
 from qjournal.storage.medium import MemoryMedium
 
 from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium

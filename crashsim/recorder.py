@@ -12,7 +12,7 @@ as the whole file, ``flush([])`` as no range at all (it covers nothing).
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import attrs
 import numpy as np
@@ -125,18 +125,16 @@ class RecordingMedium(MemoryMedium):
 
 
 def bracket_transactions(img: "Image", rec: Recording) -> list[str]:
-    """Mark each transaction of ``img`` with ``tx-begin``/``tx-end`` in ``rec``; returns the list
-    their descriptions are appended to, in order. Wraps this instance's commit only."""
+    """Mark each transaction of ``img`` with ``tx-begin``/``tx-end`` in ``rec``, through the
+    image's commit observer; returns the list their descriptions are appended to, in order."""
     descriptions: list[str] = []
-    original = img._commit
 
-    def commit(tx: Any) -> None:
-        descriptions.append("; ".join(tx.description))
-        rec.mark("tx-begin")
-        try:
-            original(tx)
-        finally:
+    def observe(event: str, description: str) -> None:
+        if event == "begin":
+            descriptions.append(description)
+            rec.mark("tx-begin")
+        else:
             rec.mark("tx-end")
 
-    setattr(img, "_commit", commit)
+    img.observe_commits(observe)
     return descriptions

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 import attrs
 
 from qjournal.ops.check import check
-from qjournal.core.image import Image
+from qjournal import Image
 from qjournal.storage.medium import MemoryMedium
 from qjournal.progress import Progress
 

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, TypeVar
 import attrs
 
 from qjournal.format.extensions import EXT_BITMAPS, parse_extensions
-from qjournal.core.image import Image
+from qjournal import Image
 
 from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium, bracket_transactions
 
@@ -445,8 +445,7 @@ BASES[RESIZE_BASE.name] = RESIZE_BASE
 
 
 def _resize_grow(img: Image) -> None:
-    from qjournal.ops.resize import resize
-    resize(img, 8 << 20)      # the L1 table grows from one cluster to four, the bitmap table from one to four
+    img.resize(8 << 20)      # the L1 table grows from one cluster to four, the bitmap table from one to four
 
 
 WORKLOADS["resize-grows-l1"] = Workload(

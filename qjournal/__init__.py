@@ -14,7 +14,8 @@ from typing import Any
 
 from .errors import (BitmapError, FormatError, JournalError, LockError, QcowError, UnsupportedError,
                      UsageError)
-from .core.image import Image, ImageInfo
+from .api import Image, ImageInfo
+from .ops.create import CreateOptions, create_image
 
 __all__ = ["open", "create", "Image", "ImageInfo", "QcowError", "FormatError", "UsageError", "BitmapError",
            "LockError", "JournalError", "UnsupportedError"]
@@ -37,6 +38,5 @@ def create(path: str | os.PathLike[str], size: int | None, **options: Any) -> Im
     (compat, cluster_size, refcount_bits, lazy_refcounts, extended_l2,
     compression_type, backing_file, backing_fmt, data_file, data_file_raw).
     """
-    from .ops.create import CreateOptions, create_image
     create_image(os.fspath(path), size, CreateOptions(**options))
     return Image(path, "r+")

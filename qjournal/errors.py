@@ -1,7 +1,18 @@
 """One hierarchy of errors, rooted at :class:`QcowError`.
 
-Every error names the structure, the offset and the rule it found broken, so that
-the command line can print it as one line and exit non-zero.
+Every error names what it found broken, both in its one-line message (which the
+command line prints) and in structured fields a program can test:
+
+=============  ==============================================================
+``structure``  the on-disk structure (``"L2 table"``, ``"journal record"``), or None
+``offset``     the byte offset of the structure or the broken field, or None
+``rule``       the rule broken, in words, or None
+``path``       the file concerned, or None
+=============  ==============================================================
+
+>>> e = FormatError("L1 table", 0x30000, "entry 3 is unaligned", path="disk.qcow2")
+>>> str(e), e.structure, hex(e.offset), e.path
+('L1 table at offset 0x30000: entry 3 is unaligned', 'L1 table', '0x30000', 'disk.qcow2')
 """
 from __future__ import annotations
 
@@ -11,16 +22,26 @@ class QcowError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message: str = "", *, structure: str | None = None, offset: int | None = None,
+                 rule: str | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.structure = structure
+        self.offset = offset
+        self.rule = rule if rule is not None else (message or None)
+        self.path = path
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in (("structure", self.structure), ("offset", self.offset),
+                                                     ("path", self.path)) if v is not None)
+        return f"{type(self).__name__}({str(self)!r}{', ' if fields else ''}{fields})"
+
 
 class FormatError(QcowError, ValueError):
     """An on-disk structure breaks a rule of the qcow2 specification."""
 
-    def __init__(self, structure: str, offset: int | None, rule: str) -> None:
-        self.structure = structure
-        self.offset = offset
-        self.rule = rule
+    def __init__(self, structure: str, offset: int | None, rule: str, *, path: str | None = None) -> None:
         where = f" at offset {offset:#x}" if offset is not None else ""
-        super().__init__(f"{structure}{where}: {rule}")
+        super().__init__(f"{structure}{where}: {rule}", structure=structure, offset=offset, rule=rule, path=path)
 
 
 class UnsupportedError(QcowError):
@@ -29,6 +50,10 @@ class UnsupportedError(QcowError):
 
 class UsageError(QcowError, ValueError):
     """A request that cannot be carried out on this image as asked."""
+
+
+class ImageNotFoundError(UsageError, FileNotFoundError):
+    """The image (or a file it names) does not exist."""
 
 
 class BitmapError(UsageError):

@@ -21,7 +21,7 @@ from crashsim.model import STRATEGIES, Options, RunResult, WorkloadResult
 from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium
 from crashsim.runner import InlineExecutor, record, run
 from crashsim.workloads import STANDARD, WORKLOADS, Workload, find, workload
-from qjournal.core.image import Image
+from qjournal import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = [w for w in WORKLOADS.values() if not w.expect_failure]
@@ -48,7 +48,7 @@ class TestRecorder:
                    journal_medium=RecordingMedium(rec, JOURNAL)) as img:
             img.medium.buf[0x800] ^= 0xFF       # type: ignore[attr-defined]  # unused bytes of cluster 0
             with pytest.raises(AssertionError, match=r"image: byte 0x800 changed without a write through the "
-                                                     r"medium \(caught at the barrier from qjournal\.image:"):
+                                                     r"medium \(caught at the barrier from qjournal\.core\.image:"):
                 img.bitmaps.add("x", 65536)
             img.medium.buf[0x800] ^= 0xFF       # type: ignore[attr-defined]
 

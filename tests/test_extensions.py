@@ -18,7 +18,8 @@ import pytest
 
 import qemu
 from qjournal.cli import main
-from qjournal.core.image import Image
+from qjournal import Image
+from qjournal.core import image as core_image
 
 UNKNOWN = 0x12345678
 EXT_BACKING_FORMAT = 0xE2792ACA
@@ -139,14 +140,14 @@ Steps = list[tuple[bytes, list[tuple[str, list[tuple[int, bytes]]]]]]
 def header_steps(monkeypatch: pytest.MonkeyPatch) -> Steps:
     """Records, for every commit, cluster 0 before it and the ordered steps it applies."""
     recorded: Steps = []
-    build = Image._build_steps
+    build = core_image.plan
 
-    def wrapper(self: Image, tx: object) -> list[tuple[str, list[tuple[int, bytes]]]]:
-        steps = build(self, tx)  # type: ignore[arg-type]
-        recorded.append((bytes(self._cluster0), steps))
+    def wrapper(img: Image, tx: object) -> list[tuple[str, list[tuple[int, bytes]]]]:
+        steps = build(img, tx)  # type: ignore[arg-type]
+        recorded.append((img.cluster0_bytes, steps))
         return steps
 
-    monkeypatch.setattr(Image, "_build_steps", wrapper)
+    monkeypatch.setattr(core_image, "plan", wrapper)
     return recorded
 
 

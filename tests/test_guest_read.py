@@ -13,6 +13,7 @@ from __future__ import annotations
 from contextlib import chdir
 
 import contextlib
+import importlib
 import io
 import os
 import random
@@ -225,7 +226,7 @@ class TestRequests:
             at = _l2_entry(q, 0)
             _patch(img, at, img.read_bytes()[at + 8:at + 16])  # guest cluster 0 -> the host cluster of 1
             assert guest.read(q, 0, 4) == b"\x11" * 4
-            q._load()
+            q.reload()
             assert guest.read(q, 0, 4) == b"\x22" * 4
 
     def test_large_reads_use_threads_and_agree(self, images: dict[str, Path], converted: dict[str, bytes]) -> None:
@@ -371,7 +372,8 @@ def test_entries_sharing_a_compressed_cluster(tmp_path: Path) -> None:
 def qj(*argv: str) -> tuple[int, str, str]:
     """``qjournal ARGV`` in-process, with ``read`` and ``map`` registered."""
     import argparse
-    from qjournal import cli, cli_guest
+    from qjournal.cli import guest as cli_guest
+    cli = importlib.import_module("qjournal.cli.main")
     build_parser = cli.build_parser
 
     def with_guest() -> argparse.ArgumentParser:

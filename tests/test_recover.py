@@ -17,7 +17,7 @@ import pytest
 
 import qemu
 from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium, apply_entry
-from qjournal.core.image import Image
+from qjournal import Image
 from qjournal.storage.medium import MemoryMedium
 
 MiB = 1 << 20

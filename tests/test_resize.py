@@ -17,7 +17,7 @@ import qemu
 from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium
 from qjournal.cli import main
 from qjournal.errors import QcowError
-from qjournal.core.image import Image
+from qjournal import Image
 from qjournal.storage.medium import MemoryMedium
 from qjournal.ops.resize import resize
 

@@ -13,7 +13,7 @@ import pytest
 import qemu
 import qjournal
 from qjournal.format import bitmaps as bm
-from qjournal.core.image import Image
+from qjournal import Image
 from qjournal.storage.medium import MmapMedium
 
 TiB = 1 << 40

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..read import guest
 from ..errors import UnsupportedError, UsageError
-from ..core.image import Image
+from ..api import Image
 
 CHUNK = 16 << 20  # bytes read, checked or written at a time
 

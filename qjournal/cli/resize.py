@@ -14,7 +14,7 @@ import argparse
 from typing import Any
 
 from ..errors import UnsupportedError, UsageError
-from ..core.image import Image
+from ..api import Image
 
 
 def add_parsers(sub: Any) -> None:

@@ -4,18 +4,18 @@ Opening reads only metadata (header cluster, tables, bitmap directory) through t
 memory map; nothing is read as a whole. Every cache here is derived from the image
 and rebuilt after each commit or abort, never trusted across a crash.
 
-Every change is a transaction (:meth:`Image.transaction`). Operations stage their
-intent (a new bitmap directory, new tables, cluster allocations and frees) and write
-new data only into clusters nothing references yet. At commit the image turns the
-staged intent into ordered steps (see :meth:`Image._build_steps`) and hands them to
-the journal, which makes them durable in one sync and applies them with a barrier
+Every change is a transaction (:meth:`Image.transaction`, a
+:class:`~qjournal.core.transaction.Transaction`). Operations declare what they write
+per phase (new clusters, refcount changes, tables, directory, header fields, frees)
+and write new data only into clusters nothing references yet. At commit the one
+ordering table (:mod:`qjournal.core.ordering`) turns the declaration into ordered
+steps, and the journal makes them durable in one sync and applies them with a barrier
 between steps.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import weakref
 from typing import Any, Iterator
 
 import attrs
@@ -23,16 +23,20 @@ import numpy as np
 
 from ..storage import lock
 from .allocator import Allocator
-from ..errors import FormatError, UnsupportedError, UsageError
+from ..errors import FormatError, ImageNotFoundError, UnsupportedError, UsageError
 from ..format import bitmaps as bm
-from ..format.extensions import (EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_DATA_FILE, KNOWN,
+from ..format.extensions import (EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, KNOWN,
                                 Extension, parse_extensions)
-from ..format.header import (AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS,
-                            COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_KNOWN, Header)
+from ..format.header import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES,
+                             COMPRESSION_TYPE_OFFSET, FIELD_OFFSET, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+                             INCOMPAT_KNOWN, Header)
+from ..format.luks import HEADER_SIZE as LUKS_HEADER_SIZE, luks_info
 from ..format.snapshots import Snapshot, parse_snapshots
 from ..format.tables import L1E_OFFSET_MASK
-from .cluster0 import Cluster0, plan as plan_cluster0, unsafe_boundary
-from ..journal import Journal, Transaction
+from .cluster0 import Cluster0
+from .ordering import plan
+from .transaction import CommitObserver, Transaction
+from ..journal import Journal, Transaction as JournalTransaction
 from ..storage.medium import Medium, MmapMedium
 from ..storage.overlay import OverlayMedium
 
@@ -127,24 +131,13 @@ def snapshot_json(s: Snapshot) -> dict[str, Any]:
     return d
 
 
-@attrs.define
-class TxState:
-    """What one transaction has staged so far."""
-
-    alloc: Allocator
-    entries: list[bm.DirectoryEntry]
-    precommit: list[tuple[int, Any]] = attrs.Factory(list)  # (offset, bytes or uint8 array)
-    description: list[str] = attrs.Factory(list)
-    force_guard: bool = False  # the seed protocol: rewrite the directory in place under autoclear
-    clear_incompatible: int = 0  # dirty / corrupt bits that a repair clears
-    extra_steps: dict[str, list[tuple[int, bytes]]] = attrs.Factory(dict)  # guest-write mapping steps
-    guest: Any = None  # the staged guest mapping (qjournal.guestmap.GuestMap), once a guest write is made
-    steps: list[tuple[str, list[tuple[int, bytes]]]] | None = None  # planned by the operation itself (resize)
-    committed: bool = False  # the journal holds it: nothing of it may be undone any more
-
-
 class Image:
-    """An open qcow2 image. Use :func:`qjournal.open` rather than this constructor."""
+    """An open qcow2 image: header, extensions, bitmap directory and snapshot table,
+    validated, and the transactions that change them.
+
+    This is the core layer; :class:`qjournal.api.Image` (what :func:`qjournal.open`
+    returns) adds guest reads and writes, bitmaps, resize and check on top of it.
+    """
 
     def __init__(self, path: str | os.PathLike[str], mode: str = "r", *, medium: Medium | None = None,
                  journal_medium: Medium | None = None, take_locks: bool = True, salvage: bool = False) -> None:
@@ -154,20 +147,22 @@ class Image:
         self.writable = mode == "r+"
         self.salvage = salvage
         self.bitmaps_damage: str | None = None
-        self._tx: TxState | None = None
-        self._disks: weakref.WeakSet[Any] = weakref.WeakSet()  # GuestDisks whose batches close() commits
+        self.closed = False
+        self._tx: Transaction | None = None
+        self._observers: list[CommitObserver] = []
         if medium is None:
             try:
                 medium = MmapMedium(self.path, self.writable)
+            except FileNotFoundError as e:
+                raise ImageNotFoundError(f"{self.path}: cannot open: {e.strerror}", path=self.path) from None
             except OSError as e:
-                raise UsageError(f"{self.path}: cannot open: {e.strerror}") from None
+                raise UsageError(f"{self.path}: cannot open: {e.strerror}", path=self.path) from None
             if take_locks:
                 try:
                     lock.acquire(medium.fd, self.path, self.writable)
                 except Exception:
                     medium.close()
                     raise
-        self._base = medium
         try:
             # The header must at least be a qcow2 header before a journal is trusted.
             Header.parse(medium.read(0, min(medium.size, 4096)))
@@ -182,22 +177,21 @@ class Image:
                 self.medium = OverlayMedium(medium, self.journal.overlay())
             else:
                 self.medium = medium
-            self._load()
-            if self.writable and not salvage and self.header.incompatible_features & INCOMPAT_DIRTY:
-                # Lazy refcounts left the image dirty: rebuild the refcounts first, as QEMU
-                # does at a writable open, in one transaction that also clears the bit.
-                from ..ops.check import check
-                check(self, "all")
+            self.reload()
         except BaseException:
             medium.close()
             raise
 
     # -- loading and validation ---------------------------------------------
-    def _load(self) -> None:
+    def reload(self) -> None:
+        """Read and validate the metadata again (after a commit, or a change made outside)."""
         m = self.medium
         size = m.size
         head = m.read(0, min(size, 4096))
-        hl = int.from_bytes(head[100:104], "big") if len(head) >= 104 and head[4:8] == b"\0\0\0\3" else 0
+        hl = 0
+        v, hlo = FIELD_OFFSET["version"], FIELD_OFFSET["header_length"]
+        if len(head) >= hlo + 4 and int.from_bytes(head[v:v + 4], "big") == 3:
+            hl = int.from_bytes(head[hlo:hlo + 4], "big")
         if hl > len(head):
             head = m.read(0, min(size, hl))
         h = Header.parse(head, size)
@@ -343,16 +337,14 @@ class Image:
         if h.crypt_method == 1:
             encrypt = {"format": "aes"}
         elif h.crypt_method == 2:
-            from ..format.extensions import EXT_CRYPTO
-            from ..format.luks import HEADER_SIZE, luks_info
             ext = next((e for e in self.extensions if e.type == EXT_CRYPTO), None)
             if ext is None or len(ext.data) < 16:
-                raise FormatError("qcow2 header", 32, "LUKS encryption without a full disk encryption extension")
+                raise FormatError("qcow2 header", FIELD_OFFSET["crypt_method"], "LUKS encryption without a full disk encryption extension")
             loff = int.from_bytes(ext.data[:8], "big")
-            if loff + HEADER_SIZE > self.medium.size:
+            if loff + LUKS_HEADER_SIZE > self.medium.size:
                 raise FormatError("full disk encryption extension", ext.offset,
                                   f"LUKS header at {loff:#x} runs past the end of the file")
-            encrypt = luks_info(self.medium.read(loff, HEADER_SIZE), loff)
+            encrypt = luks_info(self.medium.read(loff, LUKS_HEADER_SIZE), loff)
         return ImageInfo(
             filename=self.path, virtual_size=h.size, cluster_size=h.cluster_size, actual_size=actual,
             dirty_flag=bool(h.incompatible_features & INCOMPAT_DIRTY),
@@ -366,59 +358,68 @@ class Image:
             snapshots=self.snapshots, unknown_extensions=unknown, encrypted=bool(h.crypt_method),
             encrypt=encrypt)
 
-    # -- guest data -----------------------------------------------------------
-    def read(self, offset: int, length: int) -> bytes:
-        """The guest disk's bytes at ``offset`` (any alignment; backing chain included)."""
-        from ..read.guest import read
-        return read(self, offset, length)
+    # -- cluster 0 as it stands -----------------------------------------------
+    @property
+    def cluster0_bytes(self) -> bytes:
+        """Cluster 0 (header, extensions, backing file name) as the file holds it."""
+        return self._cluster0
 
-    def disk(self) -> "Any":
-        """The guest disk as a seekable, readable ``io.RawIOBase`` (see :class:`qjournal.disk.GuestDisk`)."""
-        from ..write.disk import GuestDisk
-        return GuestDisk(self)
+    @property
+    def cluster0(self) -> Cluster0:
+        """The visible layout of cluster 0: header, extensions, backing name, kept tail."""
+        h = self.header
+        tail_start = COMPRESSION_TYPE_OFFSET + 1
+        tail = self._cluster0[tail_start:h.header_length] if h.version >= 3 and h.header_length > tail_start else b""
+        return Cluster0(h, self.extensions, self.backing_name, tail)
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write guest data (any alignment). Enabled bitmaps get their bits first.
-
-        Durable when it returns, unless a transaction is open (``with
-        img.transaction():``, or a batch of :meth:`disk` writes): then it joins it, and
-        is durable when that commits.
-        """
-        from ..write.data import write
-        write(self, offset, data)
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        """Make ``length`` bytes at ``offset`` read as zeros (whole clusters become zero clusters)."""
-        from ..write.data import write_zeroes
-        write_zeroes(self, offset, length)
-
-    def discard(self, offset: int, length: int) -> None:
-        """Discard a range: it reads as zeros afterwards, and whole clusters are freed."""
-        self.write_zeroes(offset, length)
-
-    def resize(self, new_size: int, shrink: bool = False) -> None:
-        """Change the virtual size as ``qemu-img resize`` does (see :mod:`qjournal.resize`)."""
-        from ..ops.resize import resize
-        resize(self, new_size, shrink)
+    @property
+    def backing_span(self) -> tuple[int, int] | None:
+        """(offset, length) of the backing file name in cluster 0, or None."""
+        if self.backing_name is None:
+            return None
+        return self.header.backing_file_offset, self.header.backing_file_size
 
     # -- transactions -------------------------------------------------------
     @property
-    def bitmaps(self) -> "Any":
-        from ..ops.bitmaps import Bitmaps
-        return Bitmaps(self)
+    def staged(self) -> Transaction | None:
+        """The open transaction, or None outside ``with img.transaction():``."""
+        return self._tx
+
+    def require_transaction(self) -> Transaction:
+        """The open transaction; RuntimeError outside ``with img.transaction():``."""
+        if self._tx is None:
+            raise RuntimeError("no transaction is open (use `with img.transaction():`)")
+        return self._tx
+
+    def observe_commits(self, observer: CommitObserver) -> None:
+        """Call ``observer("begin", description)`` before each commit writes anything and
+        ``observer("end", description)`` after it: the seam crashsim brackets transactions by."""
+        self._observers.append(observer)
 
     @contextlib.contextmanager
-    def transaction(self, description: str = "transaction") -> Iterator[TxState]:
-        """Make every operation inside one atomic unit (nested calls join the outer one)."""
+    def transaction(self, description: str = "transaction", *,
+                    refcount_table: tuple[int, int] | None = None) -> Iterator[Transaction]:
+        """Make every operation inside one atomic unit (nested calls join the outer one).
+
+        ``refcount_table`` (offset, clusters) makes the transaction count with a new
+        refcount table, already written and synced, that its header switch puts in
+        place (``check -r all`` rebuilding the refcount structure).
+        """
+        self.ensure_open()
         if self._tx is not None:
-            self._tx.description.append(description)
+            if refcount_table is not None:
+                raise UsageError("a refcount table switch cannot join an open transaction")
+            self._tx.descriptions.append(description)
             yield self._tx
             return
         if not self.writable:
             raise UsageError(f"{self.path}: the image is open read-only")
         h = self.header
-        self._tx = tx = TxState(Allocator(self.medium, h.cluster_bits, h.refcount_order, h.refcount_table_offset,
-                                          h.refcount_table_clusters), list(self.entries), description=[description])
+        rt_offset, rt_clusters = refcount_table or (h.refcount_table_offset, h.refcount_table_clusters)
+        alloc = Allocator(self.medium, h.cluster_bits, h.refcount_order, rt_offset, rt_clusters)
+        self._tx = tx = Transaction(self.medium, alloc, list(self.entries), description)
+        if refcount_table is not None:
+            tx.set_header(refcount_table_offset=rt_offset, refcount_table_clusters=rt_clusters)
         size = self.medium.size
         try:
             yield tx
@@ -432,177 +433,52 @@ class Image:
             self._tx = None
             if tx.guest is not None:
                 tx.guest.close()
-            self._load()
+            self.reload()
 
-    def _staged(self) -> TxState:
-        if self._tx is None:
-            raise RuntimeError("no transaction is open")
-        return self._tx
-
-    def precommit_write(self, off: int, data: Any) -> None:
-        """Stage a write into clusters this transaction allocated.
-
-        Nothing reaches the file before commit, so a refused transaction leaves the
-        image byte-identical; reads inside the transaction see the staged bytes.
-        """
-        if not isinstance(data, (bytes, np.ndarray)):
-            data = bytes(data)
-        self._staged().precommit.append((off, data))
+    def _commit(self, tx: Transaction) -> None:
+        for observer in self._observers:
+            observer("begin", tx.description)
+        try:
+            if tx.guest is not None:
+                tx.guest.finalize()  # guest data durable; mapping staged in its phases
+            steps = plan(self, tx)
+            if steps:
+                # Ordered mode: everything written into new clusters is durable before the
+                # commit that makes anything point at it. A crash before the commit leaves
+                # unreferenced clusters (and perhaps a longer file): invisible to every reader.
+                for off, data in tx.new_writes:
+                    self.medium.write(off, data)
+                if tx.new_writes:
+                    self.medium.flush([(off, len(data)) for off, data in tx.new_writes])
+                jt = JournalTransaction(description=tx.description)
+                for name, writes in steps:
+                    jt.step(name)
+                    for off, data in writes:
+                        jt.write(off, data)
+                self.journal.commit(jt)
+                tx.committed = True
+            if tx.guest is not None:
+                tx.guest.after_commit()  # in-place data that waited for the bitmap bits
+        finally:
+            for observer in self._observers:
+                observer("end", tx.description)
 
     @property
     def reader(self) -> Medium:
-        """The medium as this transaction sees it (staged new clusters included)."""
-        if self._tx is not None and self._tx.precommit:
-            return OverlayMedium(self.medium, self._tx.precommit)
-        return self.medium
-
-    def _commit(self, tx: TxState) -> None:
-        if tx.guest is not None:
-            tx.guest.finalize()  # guest data durable; mapping staged as steps
-        steps = tx.steps if tx.steps is not None else self._build_steps(tx)
-        if steps:
-            # Ordered mode: everything written into new clusters is durable before the
-            # commit that makes anything point at it. A crash before the commit leaves
-            # unreferenced clusters (and perhaps a longer file): invisible to every reader.
-            for off, data in tx.precommit:
-                self.medium.write(off, data)
-            if tx.precommit:
-                self.medium.flush([(off, len(data)) for off, data in tx.precommit])
-            jt = Transaction(description="; ".join(tx.description))
-            for name, writes in steps:
-                jt.step(name)
-                for off, data in writes:
-                    jt.write(off, data)
-            self.journal.commit(jt)
-            tx.committed = True
-        if tx.guest is not None:
-            tx.guest.after_commit()  # in-place data that waited for the bitmap bits
-
-    def _build_steps(self, tx: TxState) -> list[tuple[str, list[tuple[int, bytes]]]]:
-        """The ordered steps of the transaction (see the ordering rule in DESIGN.md)."""
-        h, cs, alloc = self.header, self.header.cluster_size, tx.alloc
-        old_c0 = Cluster0(h, self.extensions, self.backing_name, self._header_tail())
-        exts = [e for e in self.extensions if e.type != EXT_BITMAPS]
-        bitmap_steps: list[tuple[str, list[tuple[int, bytes]]]] = []
-        new_ext: Extension | None = None
-        bitmaps_changed = tx.entries != self.entries or self.stale_bitmaps_ext or tx.force_guard
-        old_ext = next((e for e in self.extensions if e.type == EXT_BITMAPS), None)
-        if bitmaps_changed and self._in_place_possible(tx):
-            # The seed protocol: clear autoclear, rewrite the directory in place, set
-            # autoclear. A crash between the first and last write leaves bitmaps that
-            # every reader drops, never a half-written directory that claims to be valid.
-            be = self.bitmaps_ext
-            assert be is not None
-            ac = h.autoclear_features & AUTOCLEAR_KNOWN
-            ac_off = 88
-            bitmap_steps = [
-                ("autoclear-cleared", [(ac_off, (ac & ~AUTOCLEAR_BITMAPS).to_bytes(8, "big"))]),
-                ("directory-written", [(be.directory_offset, bm.pack_directory(tx.entries))]),
-                ("autoclear-set", [(ac_off, (ac | AUTOCLEAR_BITMAPS).to_bytes(8, "big"))]),
-            ]
-            new_ext = old_ext
-        elif bitmaps_changed:
-            if tx.entries:
-                directory = bm.pack_directory(tx.entries)
-                if len(directory) > bm.MAX_DIRECTORY_SIZE:
-                    raise UsageError(f"bitmap directory of {len(directory)} bytes exceeds QEMU's limit of "
-                                     f"{bm.MAX_DIRECTORY_SIZE}")
-                n = -(-len(directory) // cs)
-                doff = alloc.alloc(n)
-                self.precommit_write(doff, directory + bytes(n * cs - len(directory)))
-                new_ext = Extension(EXT_BITMAPS, bm.BitmapsExtension(len(tx.entries), len(directory), doff).pack())
-            if self.bitmaps_ext:
-                alloc.free_clusters_of([(self.bitmaps_ext.directory_offset, self.bitmaps_ext.directory_size)])
-        elif old_ext is not None and not self.stale_bitmaps_ext:
-            new_ext = old_ext
-        if new_ext is not None:
-            exts.append(Extension(EXT_BITMAPS, new_ext.data))
-        rplan = alloc.materialize()
-        for off, data in rplan.precommit:
-            self.precommit_write(off, data)
-
-        steps: list[tuple[str, list[tuple[int, bytes]]]] = []
-        if tx.extra_steps.get("copied-cleared"):
-            steps.append(("copied-cleared", tx.extra_steps["copied-cleared"]))
-        if rplan.increase:
-            steps.append(("refcounts-increased", rplan.increase))
-        if rplan.hook:
-            steps.append(("refcount-blocks-hooked", rplan.hook))
-        header = h.replace(incompatible_features=h.incompatible_features & ~tx.clear_incompatible)
-        cur_bytes = self._cluster0
-        cur_c0 = old_c0
-        if rplan.new_reftable:
-            header = header.replace(refcount_table_offset=rplan.new_reftable[0],
-                                    refcount_table_clusters=rplan.new_reftable[1])
-            mid = Cluster0(header, self.extensions, self.backing_name, self._header_tail())
-            for name, writes in plan_cluster0(cur_bytes, cur_c0, mid, False):
-                steps.append(("refcount-table-switched", writes))
-            cur_bytes, cur_c0 = mid.render(len(cur_bytes)), mid
-        # Guest writes: bits before the mapping, the L2 entry before the L1 entry; all
-        # after the refcounts (a new refcount table included) count the new clusters.
-        for name in ("bitmap-bits-set", "l2-updated", "l1-updated"):
-            if tx.extra_steps.get(name):
-                steps.append((name, tx.extra_steps[name]))
-        ac = header.autoclear_features & AUTOCLEAR_KNOWN
-        ac = (ac | AUTOCLEAR_BITMAPS) if new_ext is not None else (ac & ~AUTOCLEAR_BITMAPS)
-        if bitmap_steps:
-            steps += bitmap_steps
-            ac = header.autoclear_features & AUTOCLEAR_KNOWN | AUTOCLEAR_BITMAPS
-        header = header.replace(autoclear_features=ac)
-        # Extensions keep their order; a new bitmaps extension goes last, where QEMU puts it.
-        order = {x.type: i for i, x in enumerate(self.extensions)}
-        ordered = sorted(exts, key=lambda e: order.get(e.type, len(order)))
-        new_c0 = Cluster0(header, tuple(ordered), self.backing_name,
-                          self._header_tail()).place(self._backing_span())
-        if not bitmap_steps or new_c0.header != cur_c0.header.replace(autoclear_features=ac):
-            if bitmap_steps:
-                cur_bytes = cur_bytes[:88] + ac.to_bytes(8, "big") + cur_bytes[96:]
-                cur_c0 = attrs.evolve(cur_c0, header=cur_c0.header.replace(autoclear_features=ac))
-            hsteps = plan_cluster0(cur_bytes, cur_c0, new_c0, guard_bitmaps=bitmaps_changed)
-            why = unsafe_boundary(cur_bytes, cur_c0, new_c0, hsteps)
-            if why and old_ext is not None and new_ext is None:
-                # Dropping the bitmaps extension would move the extensions after it
-                # across a sector boundary, and no order of sector writes keeps them
-                # intact. Keep it in place instead, declared stale by the clear
-                # autoclear bit: QEMU ignores it (and drops it at its next writable
-                # open), we treat it as absent.
-                new_c0 = Cluster0(header, self.extensions, self.backing_name,
-                                  self._header_tail()).place(self._backing_span())
-                hsteps = plan_cluster0(cur_bytes, cur_c0, new_c0, guard_bitmaps=bitmaps_changed)
-                why = unsafe_boundary(cur_bytes, cur_c0, new_c0, hsteps)
-            if why:
-                raise UsageError(f"{self.path}: no crash-safe way to rewrite the header cluster: {why} "
-                                 "(the header extensions and the backing file name do not fit side by side)")
-            steps += hsteps
-        if rplan.free:
-            steps.append(("clusters-freed", rplan.free))
-        if tx.extra_steps.get("copied-set"):
-            steps.append(("copied-set", tx.extra_steps["copied-set"]))
-        return steps
-
-    def _in_place_possible(self, tx: TxState) -> bool:
-        """Only flags changed: the directory can be rewritten in place under the seed protocol."""
-        if not self.bitmaps_ext or self.stale_bitmaps_ext or len(tx.entries) != len(self.entries):
-            return False
-        if any(d for d in tx.alloc.deltas.values()):
-            return False
-        return all(attrs.evolve(a, flags=0) == attrs.evolve(b, flags=0) for a, b in zip(tx.entries, self.entries))
-
-    def _header_tail(self) -> bytes:
-        h = self.header
-        return self._cluster0[105:h.header_length] if h.version >= 3 and h.header_length > 105 else b""
-
-    def _backing_span(self) -> tuple[int, int] | None:
-        if self.backing_name is None:
-            return None
-        return self.header.backing_file_offset, self.header.backing_file_size
+        """The medium as the open transaction sees it (staged new clusters included)."""
+        return self._tx.reader if self._tx is not None else self.medium
 
     # -- lifetime -------------------------------------------------------------
+    def ensure_open(self) -> None:
+        """Raise ValueError (as io does) when the image was closed."""
+        if self.closed:
+            raise ValueError(f"I/O operation on a closed image ({self.path})")
+
     def close(self) -> None:
-        for disk in list(self._disks):
-            disk.flush()  # a batch of disk writes left open commits, as a disk cache flushes at shutdown
-        from ..read.guest import release
-        release(self)
+        """Release the journal, the locks and the map. Closing twice does nothing."""
+        if self.closed:
+            return
+        self.closed = True
         if getattr(self, "journal", None) is not None:
             self.journal.close()
         self.medium.close()

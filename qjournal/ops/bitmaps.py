@@ -4,7 +4,7 @@ Every operation stages its change in the image's open transaction (one is opened
 none is), so several operations can be one atomic unit. Bits are never changed in
 place: a bitmap whose bits change gets a new table and new data clusters, written
 into free clusters before the commit; the header then switches to a new directory
-in one write, and the old clusters are freed last (see ``Image._build_steps``). A
+in one write, and the old clusters are freed last (see :mod:`qjournal.core.ordering`). A
 crash leaves the old bitmaps, the new ones, or (for a reader that ignores the
 journal) leaked clusters, never a bitmap that claims to be consistent and misses bits.
 Changes of flags only (enable, disable, in_use) rewrite the directory in place under
@@ -48,7 +48,7 @@ class Bitmap:
 
     @property
     def entry(self) -> bm.DirectoryEntry:
-        entries = self.image._tx.entries if self.image._tx else self.image.entries
+        entries = self.image.staged.entries if self.image.staged else self.image.entries
         for e in entries:
             if e.name == self.name:
                 return e
@@ -74,7 +74,7 @@ class Bitmap:
         """The bitmap as bytes (uint8, bit ``n`` of the disk is bit ``n % 8`` of byte ``n // 8``)."""
         e = self.entry
         _refuse_in_use(e)
-        return _load_bits(self.image, e)
+        return load_bits(self.image, e)
 
     def dirty_extents(self) -> Iterator[tuple[int, int]]:
         """Yield ``(offset, length)`` in guest bytes of every dirty run, merged, in order.
@@ -132,7 +132,7 @@ def _refuse_in_use(e: bm.DirectoryEntry) -> None:
                           "repair it with 'qjournal bitmap --repair' or remove it")
 
 
-def _load_bits(img: "Image", e: bm.DirectoryEntry) -> np.ndarray:
+def load_bits(img: "Image", e: bm.DirectoryEntry) -> np.ndarray:
     cs = img.header.cluster_size
     nbytes = -(-(-(-img.header.size // e.granularity)) // 8)
     table = img.bitmap_table(e)
@@ -153,11 +153,13 @@ def _mask_tail(bits: np.ndarray, nbits: int) -> None:
         bits[-1] &= (1 << (nbits % 8)) - 1
 
 
-def _store_bits(img: "Image", bits: np.ndarray | None, gbits: int, all_ones: bool = False) -> tuple[int, int]:
-    """Write ``bits`` as a new table and data clusters; returns (table_offset, table_size)."""
-    tx = img._staged()
+def store_bits(img: "Image", bits: np.ndarray | None, gbits: int, all_ones: bool = False,
+               disk_size: int | None = None) -> tuple[int, int]:
+    """Stage ``bits`` as a new table and data clusters for a disk of ``disk_size`` bytes
+    (the image's size by default) in the open transaction; returns (table_offset, table_size)."""
+    tx = img.require_transaction()
     cs = img.header.cluster_size
-    tsize = bm.table_size_for(img.header.size, gbits, cs)
+    tsize = bm.table_size_for(img.header.size if disk_size is None else disk_size, gbits, cs)
     if tsize == 0:
         return 0, 0
     table = np.zeros(tsize, dtype=np.uint64)
@@ -170,20 +172,20 @@ def _store_bits(img: "Image", bits: np.ndarray | None, gbits: int, all_ones: boo
         used = np.nonzero(chunks.any(axis=1))[0]
         if len(used):
             start = tx.alloc.alloc(len(used))
-            img.precommit_write(start, chunks[used].tobytes())
+            tx.write_new(start, chunks[used].tobytes())
             table[used] = np.uint64(start) + np.arange(len(used), dtype=np.uint64) * np.uint64(cs)
     tclusters = -(-tsize * 8 // cs)
     toff = tx.alloc.alloc(tclusters)
     raw = table.astype(">u8").tobytes()
-    img.precommit_write(toff, raw + bytes(tclusters * cs - len(raw)))
+    tx.write_new(toff, raw + bytes(tclusters * cs - len(raw)))
     return toff, tsize
 
 
-def _free_bitmap(img: "Image", e: bm.DirectoryEntry) -> None:
+def free_bitmap(img: "Image", e: bm.DirectoryEntry) -> None:
     """Stage the release of a bitmap's table and data clusters (applied last)."""
     if not e.table_size:
         return
-    tx = img._staged()
+    tx = img.require_transaction()
     offs = img.bitmap_table(e) & np.uint64(bm.TE_OFFSET_MASK)
     for off in offs[offs != 0].tolist():
         tx.alloc.free(int(off), 1)
@@ -196,8 +198,11 @@ class Bitmaps(Mapping[str, Bitmap]):
     def __init__(self, image: "Image") -> None:
         self.image = image
 
+    def __repr__(self) -> str:
+        return f"<qjournal Bitmaps of {self.image.path!r}: {list(self)!r}>"
+
     def _entries(self) -> list[bm.DirectoryEntry]:
-        return self.image._tx.entries if self.image._tx else self.image.entries
+        return self.image.staged.entries if self.image.staged else self.image.entries
 
     def __getitem__(self, name: str) -> Bitmap:
         if not any(e.name == name for e in self._entries()):
@@ -237,7 +242,7 @@ class Bitmaps(Mapping[str, Bitmap]):
                 raise BitmapError(f"bitmap {name!r} already exists in {img.path}")
             if len(tx.entries) >= bm.MAX_BITMAPS:
                 raise BitmapError(f"{img.path} already has {bm.MAX_BITMAPS} bitmaps, QEMU's limit")
-            toff, tsize = _store_bits(img, None, gbits)
+            toff, tsize = store_bits(img, None, gbits)
             entry = bm.DirectoryEntry(name, toff, tsize, 0 if disabled else bm.FLAG_AUTO, gbits)
             if sum(e.packed_size for e in tx.entries) + entry.packed_size > bm.MAX_DIRECTORY_SIZE:
                 raise BitmapError(f"bitmap directory would exceed QEMU's limit of {bm.MAX_DIRECTORY_SIZE} bytes")
@@ -249,7 +254,7 @@ class Bitmaps(Mapping[str, Bitmap]):
         img = self.image
         with img.transaction(f"bitmap remove {name}") as tx:
             i, e = self._get(name)
-            _free_bitmap(img, e)
+            free_bitmap(img, e)
             del tx.entries[i]
 
     def _replace(self, name: str, what: str, bits: np.ndarray | None, *, all_ones: bool = False,
@@ -257,8 +262,8 @@ class Bitmaps(Mapping[str, Bitmap]):
         img = self.image
         with img.transaction(f"bitmap {what} {name}") as tx:
             i, e = self._get(name)
-            _free_bitmap(img, e)
-            toff, tsize = _store_bits(img, bits, e.granularity_bits, all_ones)
+            free_bitmap(img, e)
+            toff, tsize = store_bits(img, bits, e.granularity_bits, all_ones)
             tx.entries[i] = attrs.evolve(e, table_offset=toff, table_size=tsize,
                                          flags=e.flags if flags is None else flags)
 
@@ -297,7 +302,7 @@ class Bitmaps(Mapping[str, Bitmap]):
             flags = (e.flags | bm.FLAG_IN_USE) if in_use else (e.flags & ~bm.FLAG_IN_USE)
             if e.flags != flags:
                 tx.entries[i] = attrs.evolve(e, flags=flags)
-                tx.force_guard = True
+                tx.rewrite_directory_in_place()
 
     def merge(self, name: str, source: str, source_image: "Image | None" = None) -> None:
         """Set in ``name`` every bit set in ``source`` (of ``source_image``, default this image)."""
@@ -315,8 +320,8 @@ class Bitmaps(Mapping[str, Bitmap]):
                 src_img.header.cluster_size == img.header.cluster_size:
             self._merge_by_cluster(name, src_img, src_e)
             return
-        src_bits = _load_bits(src_img, src_e)
-        dst_bits = _load_bits(img, dst_e)
+        src_bits = load_bits(src_img, src_e)
+        dst_bits = load_bits(img, dst_e)
         if src_e.granularity_bits == dst_e.granularity_bits:
             merged = dst_bits | src_bits
         else:
@@ -357,7 +362,7 @@ class Bitmaps(Mapping[str, Bitmap]):
                 idx.append(k)
             if idx:
                 start = tx.alloc.alloc(len(idx))
-                img.precommit_write(start, out[:len(idx)].reshape(-1))
+                tx.write_new(start, out[:len(idx)].reshape(-1))
                 new[idx] = np.uint64(start) + np.arange(len(idx), dtype=np.uint64) * np.uint64(cs)
             if np.array_equal(new, old):
                 return
@@ -367,7 +372,7 @@ class Bitmaps(Mapping[str, Bitmap]):
             tclusters = -(-e.table_size * 8 // cs)
             toff = tx.alloc.alloc(tclusters)
             raw = new.astype(">u8").tobytes()
-            img.precommit_write(toff, raw + bytes(tclusters * cs - len(raw)))
+            tx.write_new(toff, raw + bytes(tclusters * cs - len(raw)))
             tx.entries[i] = attrs.evolve(e, table_offset=toff)
 
     def repair(self, name: str) -> bool:

@@ -52,7 +52,10 @@ from ..format.extensions import EXT_CRYPTO
 from ..format.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from ..format.tables import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
                             OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, compressed_geometry, l2_entries)
-from ..core.image import Image, TxState
+from ..core.image import Image
+from ..core.ordering import Phase
+from ..core.transaction import Transaction
+from .bitmaps import Bitmaps
 from ..progress import Progress
 
 MAX_MESSAGES = 300
@@ -522,7 +525,7 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
             with img.transaction("check -r all: bitmaps in use"):
                 for e in list(img.entries):
                     if e.in_use:
-                        img.bitmaps.repair(e.name)
+                        Bitmaps(img).repair(e.name)
     else:
         _repair_in_place(img, "all", final, disk, flag_fixes, scan.l1_writes, scan.l2_writes, reserve=expected)
     if drops:
@@ -610,20 +613,17 @@ def _judge_copied(scan: _Scan, ondisk: _OnDisk, final: np.ndarray, err: np.ndarr
     return fixes if fix else []
 
 
-def _stage_entries(tx: TxState, flag_fixes: list[tuple[int, bytes]], l1_writes: dict[int, bytes],
+def _stage_entries(tx: Transaction, flag_fixes: list[tuple[int, bytes]], l1_writes: dict[int, bytes],
                    l2_writes: dict[int, bytes]) -> None:
     """Drops go with the mapping steps (after increases, before any decrease); flags around the counts."""
-    steps = tx.extra_steps
     for pos, data in flag_fixes:
         # A flag may say "refcount 1" only once the refcount is 1 (after the last
         # step), and must stop saying it before a refcount grows (first step).
-        name = "copied-set" if int.from_bytes(data, "big") & OFLAG_COPIED else "copied-cleared"
-        steps.setdefault(name, []).append((pos, data))
+        phase = Phase.COPIED_SET if int.from_bytes(data, "big") & OFLAG_COPIED else Phase.COPIED_CLEARED
+        tx.stage(phase, [(pos, data)])
     # The L2 entries first, then the L1 entries: a dropped L2 table is not written.
-    if l2_writes:
-        steps.setdefault("l2-updated", []).extend(sorted(l2_writes.items()))
-    if l1_writes:
-        steps.setdefault("l1-updated", []).extend(sorted(l1_writes.items()))
+    tx.stage(Phase.L2_UPDATED, sorted(l2_writes.items()))
+    tx.stage(Phase.L1_UPDATED, sorted(l1_writes.items()))
 
 
 def _repair_in_place(img: Image, repair: str, final: np.ndarray, ondisk: np.ndarray,
@@ -638,10 +638,10 @@ def _repair_in_place(img: Image, repair: str, final: np.ndarray, ondisk: np.ndar
         _stage_entries(tx, flag_fixes, l1_writes, l2_writes)
         if repair == "all":
             # Everything is counted again: the image is neither dirty nor corrupt any more.
-            tx.clear_incompatible |= INCOMPAT_DIRTY | INCOMPAT_CORRUPT
+            tx.clear_incompatible(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
             for e in list(tx.entries):
                 if e.in_use:
-                    img.bitmaps.repair(e.name)
+                    Bitmaps(img).repair(e.name)
 
 
 def _rebuild(img: Image, final: np.ndarray, referenced: np.ndarray, scan: _Scan,
@@ -682,15 +682,11 @@ def _rebuild(img: Image, final: np.ndarray, referenced: np.ndarray, scan: _Scan,
     img.medium.write(start * cs, blob)
     img.medium.flush([(start * cs, len(blob))])
     # Step 2: one transaction switches the header to the new table (one sector), with
-    # the entries it drops and the COPIED flags around it. The image's header is told
-    # about the new table first, so that the transaction's allocator counts with it.
-    img.header = h.replace(refcount_table_offset=(start + len(blocks)) * cs, refcount_table_clusters=rt_clusters)
-    try:
-        with img.transaction("check -r all: rebuild the refcount structure") as tx:
-            # The old structure and everything referenced now stay untouched until the switch.
-            tx.alloc.reserve(np.nonzero(referenced)[0].tolist())
-            _stage_entries(tx, flag_fixes, scan.l1_writes, scan.l2_writes)
-            tx.clear_incompatible |= INCOMPAT_DIRTY | INCOMPAT_CORRUPT
-    except BaseException:
-        img._load()
-        raise
+    # the entries it drops and the COPIED flags around it. Its allocator counts with
+    # the new table.
+    with img.transaction("check -r all: rebuild the refcount structure",
+                         refcount_table=((start + len(blocks)) * cs, rt_clusters)) as tx:
+        # The old structure and everything referenced now stay untouched until the switch.
+        tx.alloc.reserve(np.nonzero(referenced)[0].tolist())
+        _stage_entries(tx, flag_fixes, scan.l1_writes, scan.l2_writes)
+        tx.clear_incompatible(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)

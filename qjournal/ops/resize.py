@@ -25,33 +25,28 @@ What QEMU does (block/qcow2.c ``qcow2_co_truncate``), and what qjournal matches:
   that the backing data does not show through, is refused (not supported yet), as
   are images with an external data file.
 
-The steps of the one transaction, in order (see DESIGN.md, "The ordering rule"), each
-followed by a barrier. Before the commit, the new L1 table, bitmap tables and data,
-bitmap directory and any new refcount blocks or table are written into clusters
-nothing references, and synced; a crash then leaves, at worst, a longer file.
+What the resize declares (:func:`declare`); the planner orders it by the table in
+:mod:`qjournal.core.ordering`, with a barrier after each step. Before the commit, the
+new L1 table and bitmap tables and data are written into clusters nothing references,
+and synced; a crash then leaves, at worst, a longer file.
 
-1. ``refcounts-increased`` / ``refcount-blocks-hooked`` / ``refcount-table-switched``:
-   the new clusters are counted. A crash after these leaves leaked clusters only.
-2. ``autoclear-cleared`` (with bitmaps, or unknown autoclear bits): autoclear bit 0
-   is cleared. A crash from here until step 4 leaves bitmaps that every reader drops
-   (QEMU ignores an extension its autoclear bit does not vouch for); the old bitmaps
-   describe the old size, the new ones the new size, and no reader may meet either
-   with the other size.
-3. ``header-switched``: one write of bytes 24..47 (size, crypt_method, l1_size,
-   l1_table_offset), inside sector 0, so it lands whole or not at all: the old size
-   with the old L1 table, or the new size with the new one, never a size the L1 table
-   is too small for. With bitmaps, the new bitmaps extension (same length, in place)
-   is written in the same step; autoclear is clear, so either version is ignored.
-4. ``autoclear-set``: the new bitmaps are declared consistent.
-5. ``l2-updated`` / ``l1-updated`` (shrink): the L2 entries past the new end in the
-   last L2 table, and the L1 entries past it, become 0. They lie past the end of the
-   disk now, so no reader looks at them; a crash before leaves leaks only. QEMU
-   discards before it writes the size; doing it after means a crash never shows a
-   reader of the old size a tail that reads as zeros (or as the backing file).
-6. ``clusters-freed``: refcounts of the old L1 table, the old bitmap clusters and the
-   discarded clusters go down, after nothing references them. A crash before leaves
-   leaks (``qemu-img check -r leaks`` reclaims them), never a refcount lower than its
-   references.
+* header fields: ``size`` (and ``l1_size``/``l1_table_offset`` for a new L1 table).
+  They share bytes 24..47 of sector 0, so the header switch lands them whole or not
+  at all: the old size with the old L1 table, or the new size with the new one,
+  never a size the L1 table is too small for.
+* bitmaps: every bitmap gets a new table for the new size; the planner writes a new
+  directory and switches the bitmaps extension in the same header change, under a
+  clear autoclear bit when the change spans sectors (a crash in between leaves
+  bitmaps every reader drops; no reader meets a bitmap with the other size).
+* ``tail-l2-cleared`` / ``tail-l1-cleared`` (shrink): the L2 entries past the new end
+  in the last L2 table, and the L1 entries past it, become 0, *after* the size
+  switch. They lie past the end of the disk then, so no reader looks at them; a
+  crash before leaves leaks only. QEMU discards before it writes the size; doing it
+  after means a crash never shows a reader of the old size a tail that reads as
+  zeros (or as the backing file).
+* frees: the old L1 table, the old bitmap clusters and the discarded clusters, in
+  ``clusters-freed``, after nothing references them (leaks before, never a refcount
+  lower than its references).
 """
 from __future__ import annotations
 
@@ -61,25 +56,25 @@ import attrs
 import numpy as np
 
 from ..core.allocator import Allocator
+from ..core.ordering import Phase
+from ..core.transaction import Transaction
 from ..errors import BitmapError, UnsupportedError, UsageError
 from ..format import bitmaps as bm
-from ..format.extensions import EXT_BITMAPS
-from ..format.header import AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, FIELD_OFFSET, MAX_L1_ENTRIES
+from ..format.header import MAX_L1_ENTRIES
 from ..format.tables import L1E_OFFSET_MASK, OFLAG_COPIED, l2_entries, size_to_l1
+from ..read.guest import reader, release
+from .bitmaps import free_bitmap, load_bits, store_bits
+from .create import parse_size
 
 if TYPE_CHECKING:
     from ..core.image import Image
 
 Write = tuple[int, bytes]
 SECTOR = 512
-HEADER_SPAN = (FIELD_OFFSET["size"], FIELD_OFFSET["refcount_table_offset"])       # bytes 24..47
-REFTABLE_SPAN = (FIELD_OFFSET["refcount_table_offset"], FIELD_OFFSET["nb_snapshots"])  # bytes 48..59
-AUTOCLEAR = FIELD_OFFSET["autoclear_features"]
 
 
 def target_size(current: int, text: str) -> int:
     """The size ``qemu-img resize FILE [+|-]SIZE`` asks for, before any rule is checked."""
-    from .create import parse_size
     if text[:1] in "+-" and text:
         delta = parse_size(text[1:])
         return current + delta if text[0] == "+" else current - delta
@@ -116,7 +111,6 @@ def check_request(img: "Image", new_size: int, shrink: bool) -> None:
         raise UsageError("Failed to grow the L1 table: File too large "
                          f"(a disk of {new_size} bytes needs an L1 table larger than QEMU's 32 MiB)")
     if new_size > h.size and img.backing_name is not None:
-        from ..read.guest import reader, release
         try:
             backing = reader(img).backing
             longer = backing is not None and backing.size > h.size
@@ -137,74 +131,55 @@ def resize(img: "Image", new_size: int, shrink: bool = False) -> None:
     """
     if not img.writable:
         raise UsageError(f"{img.path}: the image is open read-only")
-    if img._tx is not None:
+    if img.staged is not None:
         raise UsageError("resize cannot join an open transaction: it commits its own")
     check_request(img, new_size, shrink)
     h = img.header
     if new_size == h.size:
         return
     with img.transaction(f"resize {h.size} -> {new_size}") as tx:
-        tx.steps = _plan(img, tx.alloc, tx.precommit, new_size)
+        declare(img, tx, new_size)
 
 
-def _plan(img: "Image", alloc: Allocator, precommit: list[Write], new_size: int) -> list[tuple[str, list[Write]]]:
-    """The steps of the resize (see the module docstring); new clusters go to ``precommit``."""
+def declare(img: "Image", tx: Transaction, new_size: int) -> None:
+    """Declare the resize in ``tx``: what it writes per phase (see the module docstring)."""
     h = img.header
     cs = h.cluster_size
-    new_header = h.replace(size=new_size)
     new_l1 = size_to_l1(new_size, cs, h.extended_l2)
-    l2_writes: list[Write] = []
-    l1_writes: list[Write] = []
-
+    tx.set_header(size=new_size)
     if new_l1 > h.l1_size:
         # A new, larger L1 table in free clusters: the old entries, then zeros.
         table = np.zeros(new_l1, dtype=np.uint64)
         table[:h.l1_size] = img.l1_table()
         nclusters = -(-new_l1 * 8 // cs)
-        off = alloc.alloc(nclusters)
+        off = tx.alloc.alloc(nclusters)
         raw = table.astype(">u8").tobytes()
-        precommit.append((off, raw + bytes(nclusters * cs - len(raw))))
+        tx.write_new(off, raw + bytes(nclusters * cs - len(raw)))
         if h.l1_size:
-            alloc.free_clusters_of([(h.l1_table_offset, h.l1_size * 8)])
-        new_header = new_header.replace(l1_size=new_l1, l1_table_offset=off)
+            tx.alloc.free_clusters_of([(h.l1_table_offset, h.l1_size * 8)])
+        tx.set_header(l1_size=new_l1, l1_table_offset=off)
     elif new_size < h.size:
-        l2_writes, l1_writes = _discard_tail(img, alloc, new_size)
+        l2_writes, l1_writes = _discard_tail(img, tx.alloc, new_size)
+        tx.stage(Phase.TAIL_L2_CLEARED, l2_writes)
+        tx.stage(Phase.TAIL_L1_CLEARED, l1_writes)
+    if img.entries and not img.stale_bitmaps_ext:
+        tx.entries[:] = [_resized(img, e, new_size) for e in img.entries]
 
-    bitmaps = bool(img.entries) and not img.stale_bitmaps_ext
-    ext_write: list[Write] = []
-    if bitmaps:
-        ext_write = [_resize_bitmaps(img, alloc, precommit, new_size)]
 
-    rplan = alloc.materialize()
-    precommit += rplan.precommit
-    steps: list[tuple[str, list[Write]]] = []
-    if rplan.increase:
-        steps.append(("refcounts-increased", rplan.increase))
-    if rplan.hook:
-        steps.append(("refcount-blocks-hooked", rplan.hook))
-    if rplan.new_reftable:
-        # One write of the reftable offset and cluster count (bytes 48..59, sector 0):
-        # the old table or the new one, and the new one already counts every block.
-        rt = h.replace(refcount_table_offset=rplan.new_reftable[0],
-                       refcount_table_clusters=rplan.new_reftable[1]).pack()
-        steps.append(("refcount-table-switched", [(REFTABLE_SPAN[0], rt[REFTABLE_SPAN[0]:REFTABLE_SPAN[1]])]))
-    ac_old = h.autoclear_features
-    ac = ac_old & AUTOCLEAR_KNOWN
-    if bitmaps:
-        steps.append(("autoclear-cleared", [(AUTOCLEAR, (ac & ~AUTOCLEAR_BITMAPS).to_bytes(8, "big"))]))
-    elif ac != ac_old:
-        steps.append(("autoclear-cleared", [(AUTOCLEAR, ac.to_bytes(8, "big"))]))
-    packed = new_header.pack()
-    steps.append(("header-switched", [(HEADER_SPAN[0], packed[HEADER_SPAN[0]:HEADER_SPAN[1]])] + ext_write))
-    if bitmaps:
-        steps.append(("autoclear-set", [(AUTOCLEAR, (ac | AUTOCLEAR_BITMAPS).to_bytes(8, "big"))]))
-    if l2_writes:
-        steps.append(("l2-updated", l2_writes))
-    if l1_writes:
-        steps.append(("l1-updated", l1_writes))
-    if rplan.free:
-        steps.append(("clusters-freed", rplan.free))
-    return steps
+def _resized(img: "Image", e: bm.DirectoryEntry, new_size: int) -> bm.DirectoryEntry:
+    """Stage bitmap ``e`` at ``new_size`` in new clusters (QEMU's
+    ``bdrv_dirty_bitmap_truncate``, then its store at close): bits of a grown area are
+    clear, bits past a shrunken end are dropped. The planner writes the new directory."""
+    old_bits = load_bits(img, e)
+    nbits = -(-new_size // e.granularity)
+    bits = np.zeros(-(-nbits // 8), dtype=np.uint8)
+    n = min(len(bits), len(old_bits))
+    bits[:n] = old_bits[:n]
+    if nbits % 8:
+        bits[-1] &= (1 << (nbits % 8)) - 1
+    toff, tsize = store_bits(img, bits, e.granularity_bits, disk_size=new_size)
+    free_bitmap(img, e)
+    return attrs.evolve(e, table_offset=toff, table_size=tsize)
 
 
 def _discard_tail(img: "Image", alloc: Allocator, new_size: int) -> tuple[list[Write], list[Write]]:
@@ -243,53 +218,3 @@ def _discard_tail(img: "Image", alloc: Allocator, new_size: int) -> tuple[list[W
             alloc.free(toff, 1)
             l1_writes.append((h.l1_table_offset + 8 * l1i, bytes(8)))
     return l2_writes, l1_writes
-
-
-def _resize_bitmaps(img: "Image", alloc: Allocator, precommit: list[Write], new_size: int) -> Write:
-    """Stage every bitmap at ``new_size`` in new clusters, and a new directory.
-
-    Bits of a grown area are clear, bits past a shrunken end are dropped (QEMU's
-    ``bdrv_dirty_bitmap_truncate``, then its store at close). Returns the write of the
-    new bitmaps extension data, in place (same length).
-    """
-    h = img.header
-    cs = h.cluster_size
-    entries = []
-    for e in img.entries:
-        old_bits = img.bitmaps[e.name].bits()
-        nbits = -(-new_size // e.granularity)
-        bits = np.zeros(-(-nbits // 8), dtype=np.uint8)
-        n = min(len(bits), len(old_bits))
-        bits[:n] = old_bits[:n]
-        if nbits % 8:
-            bits[-1] &= (1 << (nbits % 8)) - 1
-        tsize = bm.table_size_for(new_size, e.granularity_bits, cs)
-        table = np.zeros(tsize, dtype=np.uint64)
-        padded = np.zeros(tsize * cs, dtype=np.uint8)
-        padded[:len(bits)] = bits
-        chunks = padded.reshape(tsize, cs)
-        used = np.nonzero(chunks.any(axis=1))[0]
-        if len(used):
-            start = alloc.alloc(len(used))
-            precommit.append((start, chunks[used].tobytes()))
-            table[used] = np.uint64(start) + np.arange(len(used), dtype=np.uint64) * np.uint64(cs)
-        tclusters = -(-tsize * 8 // cs)
-        toff = alloc.alloc(tclusters)
-        raw = table.astype(">u8").tobytes()
-        precommit.append((toff, raw + bytes(tclusters * cs - len(raw))))
-        old = img.bitmap_table(e) & np.uint64(bm.TE_OFFSET_MASK)
-        for off in old[old != 0].tolist():
-            alloc.free(int(off), 1)
-        if e.table_size:
-            alloc.free_clusters_of([(e.table_offset, e.table_size * 8)])
-        entries.append(attrs.evolve(e, table_offset=toff, table_size=tsize))
-    directory = bm.pack_directory(entries)
-    nclusters = -(-len(directory) // cs)
-    doff = alloc.alloc(nclusters)
-    precommit.append((doff, directory + bytes(nclusters * cs - len(directory))))
-    be = img.bitmaps_ext
-    assert be is not None
-    alloc.free_clusters_of([(be.directory_offset, be.directory_size)])
-    ext = next(x for x in img.extensions if x.type == EXT_BITMAPS)
-    data = bm.BitmapsExtension(len(entries), len(directory), doff).pack()
-    return ext.offset + 8, data

@@ -43,7 +43,7 @@ import weakref
 import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -52,10 +52,9 @@ from ..format.header import AUTOCLEAR_DATA_FILE_RAW, COMPRESSION_ZSTD, MAGIC
 from ..format.tables import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
                             OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS, compressed_geometry,
                             compressed_span, l2_entries)
+from ..core.image import Image
 from ..storage.medium import MmapMedium
 
-if TYPE_CHECKING:
-    from ..core.image import Image
 
 # What a run of guest bytes is (the ``kind`` of a :class:`Run`).
 UNALLOCATED = 0  # the backing chain, or zeros
@@ -312,7 +311,6 @@ class GuestReader:
         if os.path.realpath(path) in self._chain:
             raise FormatError("backing file name", img.header.backing_file_offset,
                               f"the backing chain loops back to {path}")
-        from ..core.image import Image
         try:
             bimg = Image(path, "r")
         except UsageError as e:
@@ -357,7 +355,7 @@ class GuestReader:
     # -- tables -----------------------------------------------------------------
     def _staged(self) -> Any:
         """The guest mapping an open transaction of the image has staged, if any."""
-        tx = self.img._tx
+        tx = self.img.staged
         return tx.guest if tx is not None else None
 
     def _l1_table(self) -> np.ndarray:

@@ -51,17 +51,22 @@ def acquire(fd: int, path: str, writable: bool) -> None:
     """
     used = {PERM_CONSISTENT_READ} | ({PERM_WRITE, PERM_RESIZE} if writable else set())
     unshared = {PERM_WRITE, PERM_RESIZE} if writable else {PERM_WRITE}
+    # Take first, then check, as block/file-posix.c does (raw_apply_lock_bytes, then
+    # raw_check_lock_bytes): two processes that start together each see the other's
+    # lock in the check, so at most one of them goes on. Checking first would let both
+    # pass their checks before either holds anything.
+    for byte in sorted({LOCK_BASE_PERM + p for p in used} | {LOCK_BASE_SHARED + p for p in unshared}):
+        if not _lock(fd, byte):
+            raise LockError(f"{path}: could not lock byte {byte}", structure="image lock", offset=byte,
+                            rule="lock byte could not be taken", path=path)
     for perm in sorted(used):
         if _held_by_other(fd, LOCK_BASE_SHARED + perm):
             raise LockError(f"{path}: failed to get \"{PERM_NAMES[perm]}\" lock: another process "
-                            "(QEMU?) has the image open and does not share it")
+                            "(QEMU?) has the image open and does not share it", structure="image lock",
+                            offset=LOCK_BASE_SHARED + perm, rule="permission not shared by another holder",
+                            path=path)
     for perm in sorted(unshared):
         if _held_by_other(fd, LOCK_BASE_PERM + perm):
             raise LockError(f"{path}: failed to get shared \"{PERM_NAMES[perm]}\" lock: another "
-                            "process (QEMU?) is using the image")
-    for perm in sorted(used):
-        if not _lock(fd, LOCK_BASE_PERM + perm):
-            raise LockError(f"{path}: could not lock byte {LOCK_BASE_PERM + perm}")
-    for perm in sorted(unshared):
-        if not _lock(fd, LOCK_BASE_SHARED + perm):
-            raise LockError(f"{path}: could not lock byte {LOCK_BASE_SHARED + perm}")
+                            "process (QEMU?) is using the image", structure="image lock",
+                            offset=LOCK_BASE_PERM + perm, rule="permission used by another holder", path=path)

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UnsupportedError, UsageError
-from ..format import bitmaps as bm
 from ..format.header import AUTOCLEAR_DATA_FILE_RAW
 from ..format.tables import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS, compressed_span
+from ..read.guest import reader
 from .guestmap import GuestMap
 
 if TYPE_CHECKING:
@@ -51,63 +51,13 @@ def _check_request(img: "Image", offset: int, length: int) -> None:
         raise UnsupportedError(f"{img.path}: writing to an encrypted image is not supported")
 
 
-def bits_steps(img: "Image", ranges: list[tuple[int, int]]) -> list[Write]:
-    """Writes that set the bits of every enabled bitmap for guest ``ranges`` (offset, length).
-
-    Bits in existing bitmap data clusters are set in place (only the bytes that change);
-    a table entry that reads as all zeros gets a new data cluster, staged in the open
-    transaction, and the returned writes point the entry at it.
-    """
-    tx = img._staged()
-    cs = img.header.cluster_size
-    bits_per_cluster = cs * 8
-    out: list[Write] = []
-    for e in tx.entries:
-        if not e.auto or e.in_use or not e.table_size:
-            continue
-        g = e.granularity
-        per_entry: dict[int, list[tuple[int, int]]] = {}
-        for off, n in ranges:
-            if n <= 0:
-                continue
-            first, last = off // g, (off + n - 1) // g
-            for t in range(first // bits_per_cluster, last // bits_per_cluster + 1):
-                lo = max(first, t * bits_per_cluster) - t * bits_per_cluster
-                hi = min(last, (t + 1) * bits_per_cluster - 1) - t * bits_per_cluster
-                per_entry.setdefault(t, []).append((lo, hi))
-        if not per_entry:
-            continue
-        table = img.bitmap_table(e)
-        for t, spans in sorted(per_entry.items()):
-            entry = int(table[t])
-            doff = entry & bm.TE_OFFSET_MASK
-            if not doff and entry & bm.TE_ALL_ONES:
-                continue
-            before = img.reader.array(doff, cs, "u1") if doff else np.zeros(cs, dtype=np.uint8)
-            bits = np.unpackbits(before, bitorder="little")
-            for lo, hi in spans:
-                bits[lo:hi + 1] = 1
-            chunk = np.packbits(bits, bitorder="little")
-            if np.array_equal(chunk, before):
-                continue
-            if doff:
-                changed = np.nonzero(chunk != before)[0]
-                a, b = int(changed[0]), int(changed[-1]) + 1
-                out.append((doff + a, chunk[a:b].tobytes()))
-            else:
-                new = tx.alloc.alloc(1)
-                img.precommit_write(new, chunk.tobytes())
-                out.append((e.table_offset + 8 * t, int(new).to_bytes(8, "big")))
-    return out
-
-
 ALL_ALLOCATED = (1 << SUBCLUSTERS) - 1
 ALL_ZERO = ALL_ALLOCATED << SUBCLUSTERS
 
 
 def stage(img: "Image") -> GuestMap:
     """The staged guest mapping of the open transaction (made on first use)."""
-    tx = img._staged()
+    tx = img.require_transaction()
     if tx.guest is None:
         tx.guest = GuestMap(img, tx)
     gm: GuestMap = tx.guest
@@ -134,7 +84,6 @@ def _validate(img: "Image", gm: GuestMap, start: int, end: int) -> None:
     a damaged entry refuses the whole request, not half of it, and never gets us to
     write or free a table.
     """
-    from ..read.guest import reader
     cs, per = gm.cs, gm.per_l2
     first, last = start // cs, (end - 1) // cs
     for _ in reader(img).runs(first * cs, min((last + 1) * cs, img.header.size)):
@@ -162,7 +111,6 @@ def _fill(img: "Image", gm: GuestMap, start: int, length: int, offset: int, data
 
     Past the end of the disk the bytes are zeros (the tail of the last cluster).
     """
-    from ..read.guest import reader
     disk = img.header.size
     buf = bytearray(length)
     lo, hi = max(offset, start), min(offset + len(data), start + length)

@@ -26,6 +26,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ..read import guest
+from .data import write
 
 if TYPE_CHECKING:
     from ..core.image import Image
@@ -45,7 +46,6 @@ class GuestDisk(io.RawIOBase):
         self._pos = 0
         self._batch: contextlib.AbstractContextManager[Any] | None = None
         self._batched = 0
-        img._disks.add(self)
 
     @property
     def size(self) -> int:
@@ -129,13 +129,13 @@ class GuestDisk(io.RawIOBase):
             self._batch.__enter__()
             self._batched = 0
         try:
-            self.img.write(self._pos, data)
+            write(self.img, self._pos, data)
         except BaseException:
             self.flush()
             raise
         self._pos += len(data)
         self._batched += len(data)
-        tx = self.img._tx
+        tx = self.img.staged
         if self._batched >= BATCH_BYTES or (tx is not None and tx.guest is not None
                                             and tx.guest.deferred_bytes >= DEFERRED_BYTES):
             self.flush()

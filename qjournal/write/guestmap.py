@@ -28,10 +28,14 @@ from ..errors import FormatError
 from ..format.bitmaps import TE_OFFSET_MASK
 from ..format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
                             SUBCLUSTERS)
+from ..core.ordering import Phase
+from ..read.guest import reader
 from ..storage.medium import FileMedium, Medium, merge_ranges
+from .bits import bits_steps
 
 if TYPE_CHECKING:
-    from ..core.image import Image, TxState
+    from ..core.image import Image
+    from ..core.transaction import Transaction
 
 Range = tuple[int, int]
 Write = tuple[int, bytes]
@@ -53,7 +57,7 @@ class StagedTable:
 class GuestMap:
     """The staged guest mapping of one transaction (see the module docstring)."""
 
-    def __init__(self, img: "Image", tx: "TxState") -> None:
+    def __init__(self, img: "Image", tx: "Transaction") -> None:
         self.img = img
         self.tx = tx
         h = img.header
@@ -74,7 +78,6 @@ class GuestMap:
         self.target: Medium = img.medium
         self._data_file: Any = None
         if img.data_file is not None:
-            from ..read.guest import reader
             self._data_file = reader(img).data_file
             assert self._data_file is not None
             self.target = FileMedium(self._data_file.path, True)
@@ -292,21 +295,20 @@ class GuestMap:
         unreferenced clusters, invisible to every reader).
         """
         img, tx = self.img, self.tx
-        from .data import bits_steps
         bits = bits_steps(img, merge_ranges(self.dirty)) if self.dirty else []
         l2_writes: list[Write] = []
         for l1i, t in sorted(self.tables.items()):
             if t.new:
-                img.precommit_write(t.offset, t.words.astype(">u8").tobytes())
+                tx.write_new(t.offset, t.words.astype(">u8").tobytes())
                 continue
             for a, b in _runs(sorted(t.changed)):
                 w = t.words[a * self.ew:b * self.ew]
                 l2_writes.append((t.offset + 8 * self.ew * a, w.astype(">u8").tobytes()))
         l1_off = img.header.l1_table_offset
         l1_writes = [(l1_off + 8 * a, self.l1[a:b].astype(">u8").tobytes()) for a, b in _runs(sorted(self.l1_changed))]
-        for name, writes in (("bitmap-bits-set", bits), ("l2-updated", l2_writes), ("l1-updated", l1_writes)):
-            if writes:
-                tx.extra_steps.setdefault(name, []).extend(writes)
+        tx.stage(Phase.BITMAP_BITS_SET, bits)
+        tx.stage(Phase.L2_UPDATED, l2_writes)
+        tx.stage(Phase.L1_UPDATED, l1_writes)
         if self.data_ranges:
             self.target.flush(self.data_ranges)
             self.data_ranges = []

@@ -19,8 +19,8 @@ def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]
     return run("qemu-img", *args, check=check)
 
 
-def qemu_io(path: str | Path, *commands: str) -> str:
-    args = ["qemu-io", "-f", "qcow2"]
+def qemu_io(path: str | Path, *commands: str, read_only: bool = False) -> str:
+    args = ["qemu-io", "-f", "qcow2"] + (["-r"] if read_only else [])
     for c in commands:
         args += ["-c", c]
     res = run(*args, str(path))

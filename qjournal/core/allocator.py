@@ -18,7 +18,7 @@ ordering rule wants:
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import attrs
 import numpy as np
@@ -43,8 +43,12 @@ class RefcountPlan:
 
 class Allocator:
     def __init__(self, medium: Medium, cluster_bits: int, refcount_order: int,
-                 reftable_offset: int, reftable_clusters: int) -> None:
+                 reftable_offset: int, reftable_clusters: int,
+                 in_use: Callable[[], np.ndarray] | None = None) -> None:
+        """``in_use`` gives the clusters structures occupy (the overlap map): they are never
+        handed out, whatever their refcount says."""
         self.medium = medium
+        self.in_use = in_use
         self.cluster_bits = cluster_bits
         self.cs = 1 << cluster_bits
         self.order = refcount_order
@@ -69,6 +73,7 @@ class Allocator:
                                   f"({medium.size:#x})")
         self._raw: dict[int, bytes | None] = {}  # packed blocks as on disk (None: no block)
         self._free: SortedList | None = None
+        self._used_past_end: set[int] = set()
         self._end = -(-medium.size // self.cs)
         self.deltas: dict[int, int] = {}
         self.taken: set[int] = set()
@@ -106,7 +111,14 @@ class Allocator:
     def _free_index(self) -> SortedList:
         if self._free is None:
             counts = self.all_refcounts(self._end)
-            self._free = SortedList(int(i) for i in np.nonzero(counts == 0)[0])
+            free = np.nonzero(counts == 0)[0]
+            if self.in_use is not None:
+                used = self.in_use()
+                free = np.setdiff1d(free, used)
+                # A damaged pointer may name a cluster past the end of the file: growing
+                # the file must step over it too.
+                self._used_past_end = set(used[used >= self._end].tolist())
+            self._free = SortedList(free.tolist())
         return self._free
 
     # -- staging ----------------------------------------------------------
@@ -138,6 +150,8 @@ class Allocator:
                     break
         if start is None:
             start = self._end
+            while any(c in self._used_past_end for c in range(start, start + n)):
+                start += 1
             self._end = start + n
         for c in range(start, start + n):
             if c in free:

@@ -35,6 +35,7 @@ from ..format.snapshots import Snapshot, parse_snapshots
 from ..format.tables import L1E_OFFSET_MASK
 from .cluster0 import Cluster0
 from .ordering import plan
+from .overlap import OverlapMap
 from .transaction import CommitObserver, Transaction
 from ..journal import Journal, Transaction as JournalTransaction
 from ..storage.medium import Medium, MmapMedium
@@ -150,6 +151,7 @@ class Image:
         self.closed = False
         self._tx: Transaction | None = None
         self._observers: list[CommitObserver] = []
+        self._overlap: OverlapMap | None = None
         if medium is None:
             try:
                 medium = MmapMedium(self.path, self.writable)
@@ -249,6 +251,7 @@ class Image:
                     self.bitmaps_damage = str(err)
                     self.bitmaps_ext, self.entries, self.stale_bitmaps_ext = None, [], True
         self._check_overlaps(self.metadata_ranges())
+        self._overlap = None
 
     def _load_bitmaps(self, ext: Extension) -> None:
         m, cs, size = self.medium, self.header.cluster_size, self.medium.size
@@ -280,6 +283,19 @@ class Image:
                 if e.table_size:
                     out.append((e.table_offset, e.table_size * 8, f"bitmap table of {e.name!r}"))
         return out
+
+    def overlap_map(self) -> OverlapMap:
+        """Every cluster a structure in use occupies (see :mod:`qjournal.core.overlap`);
+        built on first use after each load."""
+        if self._overlap is None:
+            h = self.header
+            snaps = [(s.l1_table_offset, s.l1_size, f" of snapshot {s.name!r}") for s in self.snapshots]
+            ranges = self.metadata_ranges() + [(off, n * 8, f"L1 table{whose}") for off, n, whose in snaps]
+            self._overlap = OverlapMap.build(
+                self.medium, h.cluster_size, ranges, [(h.l1_table_offset, h.l1_size, "")] + snaps,
+                (h.refcount_table_offset, h.refcount_table_clusters),
+                [(self.bitmap_table(e), repr(e.name)) for e in self.entries])
+        return self._overlap
 
     def _check_overlaps(self, ranges: list[tuple[int, int, str]],
                         tables: dict[str, np.ndarray] | None = None) -> None:
@@ -416,7 +432,8 @@ class Image:
             raise UsageError(f"{self.path}: the image is open read-only")
         h = self.header
         rt_offset, rt_clusters = refcount_table or (h.refcount_table_offset, h.refcount_table_clusters)
-        alloc = Allocator(self.medium, h.cluster_bits, h.refcount_order, rt_offset, rt_clusters)
+        alloc = Allocator(self.medium, h.cluster_bits, h.refcount_order, rt_offset, rt_clusters,
+                          in_use=lambda: self.overlap_map().clusters)
         self._tx = tx = Transaction(self.medium, alloc, list(self.entries), description)
         if refcount_table is not None:
             tx.set_header(refcount_table_offset=rt_offset, refcount_table_clusters=rt_clusters)
@@ -446,6 +463,9 @@ class Image:
                 # Ordered mode: everything written into new clusters is durable before the
                 # commit that makes anything point at it. A crash before the commit leaves
                 # unreferenced clusters (and perhaps a longer file): invisible to every reader.
+                overlap = self.overlap_map()
+                for off, data in tx.new_writes:
+                    overlap.check_write(off, len(data), "new cluster")
                 for off, data in tx.new_writes:
                     self.medium.write(off, data)
                 if tx.new_writes:

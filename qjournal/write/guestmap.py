@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import FormatError
-from ..format.bitmaps import TE_OFFSET_MASK
 from ..format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
                             SUBCLUSTERS)
 from ..core.ordering import Phase
@@ -81,7 +80,6 @@ class GuestMap:
             self._data_file = reader(img).data_file
             assert self._data_file is not None
             self.target = FileMedium(self._data_file.path, True)
-        self._metadata: tuple[np.ndarray, np.ndarray, list[str]] | None = None  # see _metadata_index
         # In-place data must wait for the commit when an enabled bitmap records writes.
         self.ordered = any(e.auto and not e.in_use and e.table_size for e in tx.entries)
 
@@ -170,32 +168,6 @@ class GuestMap:
             return int(t.orig[i * self.ew + 1]) & ((1 << SUBCLUSTERS) - 1)
         return 0 if e & OFLAG_ZERO else 1
 
-    def _metadata_index(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """Sorted cluster numbers that hold metadata, the label index of each, the labels."""
-        if self._metadata is None:
-            img, cs = self.img, self.cs
-            parts: list[tuple[np.ndarray, str]] = []
-            for off, length, name in img.metadata_ranges():
-                parts.append((np.arange(off // cs, (off + max(length, 1) - 1) // cs + 1, dtype=np.int64), name))
-            for s in img.snapshots:
-                end = s.l1_table_offset + max(s.l1_size * 8, 1) - 1
-                parts.append((np.arange(s.l1_table_offset // cs, end // cs + 1, dtype=np.int64),
-                              f"L1 table of snapshot {s.name!r}"))
-            for e in img.entries:
-                table = img.bitmap_table(e) & np.uint64(TE_OFFSET_MASK)
-                parts.append(((table[table != 0] // np.uint64(cs)).astype(np.int64), f"bitmap data of {e.name!r}"))
-            rt = self.tx.alloc.reftable
-            parts.append(((rt[rt != 0] // np.uint64(cs)).astype(np.int64), "refcount block"))
-            for l1 in [img.l1_table()] + [img.medium.array(s.l1_table_offset, s.l1_size, ">u8").astype(np.uint64)
-                                          for s in img.snapshots]:
-                l2s = l1 & np.uint64(L1E_OFFSET_MASK)
-                parts.append(((l2s[l2s != 0] // np.uint64(cs)).astype(np.int64), "L2 table"))
-            clusters = np.concatenate([c for c, _ in parts])
-            names = np.concatenate([np.full(len(c), i) for i, (c, _) in enumerate(parts)])
-            order = np.argsort(clusters, kind="stable")
-            self._metadata = (clusters[order], names[order], [n for _, n in parts])
-        return self._metadata
-
     def check_hosts(self, gcs: np.ndarray, hosts: np.ndarray) -> None:
         """Refuse guest data over metadata (a damaged entry would have us write or free it).
 
@@ -206,18 +178,16 @@ class GuestMap:
         """
         if self.has_data_file or not len(hosts):
             return
-        meta, names, labels = self._metadata_index()
         c = (np.asarray(hosts, dtype=np.uint64) // np.uint64(self.cs)).astype(np.int64)
-        idx = np.minimum(np.searchsorted(meta, c), max(len(meta) - 1, 0))
-        hit = np.nonzero(meta[idx] == c)[0] if len(meta) else np.zeros(0, dtype=np.int64)
-        if len(hit):
-            k = int(hit[0])
-            gc, host = int(gcs[k]), int(c[k]) * self.cs
+        found = self.img.overlap_map().find(c)
+        if found is not None:
+            k, cluster, label = found
+            gc, host = int(gcs[k]), cluster * self.cs
             l1i, i = divmod(gc, self.per_l2)
             t = self.tables.get(l1i)
             where = t.offset + 8 * self.ew * i if t is not None else None
             raise FormatError("L2 table", where, f"entry {i} (guest offset {gc * self.cs:#x}) maps data to "
-                              f"cluster {host:#x}, which holds metadata ({labels[int(names[idx[k]])]}); refusing "
+                              f"cluster {host:#x}, which holds metadata ({label}); refusing "
                               "to write (qjournal check -r all repairs the image)")
 
     def host_allocated(self, entry: int) -> bool:

@@ -404,6 +404,21 @@ class TestCrashDuringRecovery:
                 assert (n, image) == (1, committed.new), (k, crash_at)
                 assert recover(image, journal) == (0, image, journal)
 
+    def test_resumes_where_the_crash_stopped(self, committed: Committed) -> None:
+        """Recovery never writes a step that already took effect: after a crash during
+        step k, it starts at step k, so a reader that ignores the journal (and a second
+        crash) only ever sees states the commit passed through, never an earlier one
+        again (SPEC clears autoclear in step 0 and sets it in step 2: replaying step 0
+        after step 2 took effect would drop the bitmaps for QEMU once more)."""
+        for k in range(len(committed.steps) + 1):
+            for partial in ([], committed.steps[k][:1] if k < len(committed.steps) else []):
+                img = Recorder(committed.image_after(k, partial))
+                assert Journal(img, MemoryMedium(committed.journal)).recover() == 1
+                assert bytes(img.buf) == committed.new
+                steps = [op[1] for op in img.ops if op[0] == "mark"]
+                done = k + (k < len(committed.steps) and partial == committed.steps[k])   # the step landed whole
+                assert steps == [name for name, _ in SPEC][done:], (k, partial)
+
     def test_recover_twice_same_journal(self, committed: Committed) -> None:
         img, jm = MemoryMedium(committed.old), MemoryMedium(committed.journal)
         j = Journal(img, jm)

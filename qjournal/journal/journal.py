@@ -222,9 +222,9 @@ class Journal:
             out_crcs.append(crcs)
         return out_steps, out_crcs
 
-    def _apply(self, t: PendingTransaction) -> None:
-        """Write the after-images into the image, step by step, with barriers."""
-        for step in t.steps:
+    def _apply(self, t: PendingTransaction, first: int = 0) -> None:
+        """Write the after-images into the image, step by step from step ``first``, with barriers."""
+        for step in t.steps[first:]:
             for off, data in step.writes:
                 self.image.write(off, data)
             # The barrier: this step is durable before any write of the next one.
@@ -283,10 +283,12 @@ class Journal:
         """Replay the pending transactions; return how many.
 
         The binding check runs first and, when it fails, nothing is written to
-        either file. Then each transaction is applied step by step with the same
-        barriers as a commit and checkpointed; one journal sync ends recovery.
-        Idempotent: a crash at any point leaves pieces that hold before- or
-        after-images, which the next recovery accepts and completes.
+        either file. Then each transaction is applied, from the first step that had
+        not fully taken effect (:meth:`resume_step`), with the same barriers as a
+        commit, and checkpointed; one journal sync ends recovery. Idempotent: a crash
+        at any point leaves pieces that hold before- or after-images, which the next
+        recovery accepts and completes, and every state it passes through is one the
+        original commit passed through too.
         O(bytes of the pending transactions); one barrier per step, one journal sync.
         """
         pend = self.pending()
@@ -295,25 +297,51 @@ class Journal:
         self.check_binding()
         assert self.jmedium is not None
         for t in pend:
-            # A transaction whose every piece already holds its final after-image was
-            # applied before the crash (only its checkpoint was lost): replaying its
-            # earlier steps would take the image back through intermediate states,
-            # which a second crash could then leave behind after the operation returned.
-            if not self._fully_applied(t):
-                self._apply(t)
+            self._apply(t, self.resume_step(t))
             self._checkpoint(t.txid)
         self.jmedium.flush()
         self._unsynced = False
         return len(pend)
 
-    def _fully_applied(self, t: PendingTransaction) -> bool:
-        final: dict[int, bytes] = {}
-        for step in t.steps:
-            for off, data in step.writes:
-                for p in range(0, len(data), PIECE):
-                    final[off + p] = data[p:p + PIECE]
+    def resume_step(self, t: PendingTransaction) -> int:
+        """The first step of ``t`` recovery must apply again (``len(t.steps)``: none).
+
+        Steps are applied in order with a barrier after each, so a crash during step
+        ``k`` leaves every piece the transaction writes holding its content after step
+        ``k - 1`` or after step ``k``. The answer is ``k`` for the largest ``k - 1``
+        that agrees with the image in this way. Replaying from step 0 instead would
+        take the image back through earlier states (an autoclear bit cleared again
+        after the size switch of a shrink, for example): a reader that ignores the
+        journal, or a second crash, could then meet a state the commit never showed.
+        Pieces before step 0 are compared by their before-image CRC32C.
+        O(steps × pieces of the transaction).
+        """
+        n = len(t.steps)
         size = self.image.size
-        return all(off + len(d) <= size and self.image.read(off, len(d)) == d for off, d in final.items())
+        before: dict[int, int] = {}
+        states: list[dict[int, bytes]] = []     # states[j]: piece -> content after step j
+        cur: dict[int, bytes] = {}
+        for si, step in enumerate(t.steps):
+            for (off, data), crcs in zip(step.writes, t.checksums[si]):
+                for i, crc in enumerate(crcs):
+                    before.setdefault(off + i * PIECE, crc)
+                    cur[off + i * PIECE] = data[i * PIECE:(i + 1) * PIECE]
+            states.append(dict(cur))
+        now = {p: self.image.read(p, len(d)) if p + len(d) <= size else None for p, d in cur.items()}
+
+        def at(j: int, p: int, got: bytes | None) -> bool:
+            """``got`` is piece ``p``'s content after step ``j`` (-1: before the transaction)."""
+            if got is None:
+                return False
+            if j < 0 or p not in states[j]:
+                return crc32c(got) == before[p]
+            return got == states[j][p]
+
+        for j in range(n - 1, -2, -1):
+            nxt = min(j + 1, n - 1)
+            if all(at(j, p, got) or at(nxt, p, got) for p, got in now.items()):
+                return j + 1
+        return 0
 
     def close(self) -> None:
         """Sync a checkpoint not yet synced, and close the journal file."""

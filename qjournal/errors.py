@@ -66,3 +66,8 @@ class LockError(QcowError):
 
 class JournalError(QcowError):
     """The sidecar journal cannot be trusted for this image."""
+
+
+class StaleJournalWarning(UserWarning):
+    """A read-only open found a journal that no longer matches the image (the binding
+    check failed): the image is shown as it stands on disk."""

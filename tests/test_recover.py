@@ -16,6 +16,7 @@ from typing import Callable
 import pytest
 
 import qemu
+import qjournal
 from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium, apply_entry
 from qjournal import Image
 from qjournal.storage.medium import MemoryMedium
@@ -215,6 +216,25 @@ class TestRecoverCommand:
         assert main(["bitmap", "--add", str(path), "x"]) == 1
         assert path.read_bytes() == image and Path(f"{path}.qjournal").read_bytes() == journal
         assert "by-qemu" in [b["name"] for b in qemu.bitmaps(path)]
+
+
+    def test_read_only_open_shows_the_image_as_it_stands(self, base: bytes, tmp_path: Path) -> None:
+        """A stale journal (QEMU changed the image after the crash) is never shown as the
+        image's state: a read-only open warns and shows the file as it is on disk."""
+        import warnings
+        from qjournal.errors import StaleJournalWarning
+        path = _committed_unapplied(base, tmp_path)
+        with qjournal.open(path) as img:                 # the journal still matches: its state shows
+            assert "pending" in img.bitmaps and img.stale_journal is None
+        qemu.qemu_img("bitmap", "--add", str(path), "by-qemu")
+        image, journal = path.read_bytes(), Path(f"{path}.qjournal").read_bytes()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with qjournal.open(path) as img:
+                assert list(img.bitmaps) == [b["name"] for b in qemu.bitmaps(path)]
+                assert "pending" not in img.bitmaps and img.stale_journal
+        assert [w.category for w in caught] == [StaleJournalWarning]
+        assert path.read_bytes() == image and Path(f"{path}.qjournal").read_bytes() == journal
 
 
 def test_refcount_table_growth_crash(tmp_path: Path) -> None:

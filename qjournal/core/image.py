@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Any, Iterator
 
 import attrs
@@ -23,7 +24,7 @@ import numpy as np
 
 from ..storage import lock
 from .allocator import Allocator
-from ..errors import FormatError, ImageNotFoundError, UnsupportedError, UsageError
+from ..errors import FormatError, ImageNotFoundError, JournalError, StaleJournalWarning, UnsupportedError, UsageError
 from ..format import bitmaps as bm
 from ..format.extensions import (EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, KNOWN,
                                 Extension, parse_extensions)
@@ -149,6 +150,7 @@ class Image:
         self.salvage = salvage
         self.bitmaps_damage: str | None = None
         self.closed = False
+        self.stale_journal: str | None = None   # why the journal was not shown (read-only opens)
         self._tx: Transaction | None = None
         self._observers: list[CommitObserver] = []
         self._overlap: OverlapMap | None = None
@@ -176,7 +178,18 @@ class Image:
                 self.journal.recover()
                 self.medium: Medium = medium
             elif self.journal.pending():
-                self.medium = OverlayMedium(medium, self.journal.overlay())
+                # Show the committed state only if the journal still belongs to the image
+                # as it stands (the binding check); a stale journal (QEMU changed the
+                # image after the crash) is never shown as the image's state.
+                try:
+                    self.journal.check_binding()
+                except JournalError as e:
+                    self.stale_journal = str(e)
+                    warnings.warn(StaleJournalWarning(f"{self.path}: the journal is stale, showing the image as "
+                                                      f"it stands on disk ({e})"), stacklevel=2)
+                    self.medium = medium
+                else:
+                    self.medium = OverlayMedium(medium, self.journal.overlay())
             else:
                 self.medium = medium
             self.reload()

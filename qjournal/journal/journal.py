@@ -65,6 +65,23 @@ class Journal:
 
         return cls(image, None, on_create=create)
 
+    @staticmethod
+    def discard(image_path: str | os.PathLike[str]) -> bool:
+        """Remove the journal of the image at ``image_path`` for good (``qjournal recover
+        --discard``): the image is kept as it stands. The removal is made durable
+        (fsync of the folder). Returns whether there was one. Only for a journal the
+        binding check refused: a journal that still matches the image would complete
+        a committed transaction."""
+        path = os.fspath(image_path) + SUFFIX
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise JournalError(f"{path}: cannot remove the journal: {e.strerror}", path=path) from None
+        fsync_directory(path)
+        return True
+
     # -- what the journal holds ----------------------------------------------
     @property
     def generation(self) -> int | None:
@@ -277,7 +294,7 @@ class Journal:
                                 f"{where}: the 512-byte piece at {off + p * PIECE:#x} holds neither the bytes "
                                 "the transaction replaces nor bytes it writes, so the image changed after the "
                                 "crash (QEMU opened it, or the journal belongs to another copy); nothing was "
-                                f"written; to keep the image as it stands, remove its {SUFFIX} file")
+                                f"written; to keep the image as it stands, run qjournal recover --discard")
 
     def recover(self) -> int:
         """Replay the pending transactions; return how many.

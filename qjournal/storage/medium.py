@@ -17,7 +17,6 @@ from typing import Iterable, Protocol
 import numpy as np
 
 PAGE = mmap.PAGESIZE
-PWRITE_MIN = 1 << 16  # writes this large go by pwrite rather than through the map
 MSYNC_MAX_RANGES = 16  # a flush of more ranges than this is one fsync
 Range = tuple[int, int]  # (offset, length)
 
@@ -43,9 +42,10 @@ def page_span(off: int, n: int) -> Range:
 
 
 class MmapMedium:
-    """A file mapped MAP_SHARED. Growth is a pwrite past the end (or ftruncate); the map
-    is made again when a read or a small write first reaches past what it covers, and
-    the next flush is an fsync, so that the new size is durable too."""
+    """A file mapped MAP_SHARED for reading; every write is a pwrite. Growth is a pwrite
+    past the end (or a reserved ftruncate); the map is made again when a read first
+    reaches past what it covers, and the next flush is an fsync, so that the new size
+    is durable too."""
 
     def __init__(self, path: str | os.PathLike[str], writable: bool) -> None:
         self.path = os.fspath(path)
@@ -103,16 +103,16 @@ class MmapMedium:
         if not n:
             return
         end = off + n
-        if end > self._size or n >= PWRITE_MIN:
-            # Bulk data, and anything that grows the file, goes by pwrite: no page
-            # faults, and no new map per growth. The page cache is shared with the
-            # map, so map readers see these bytes at once.
-            pwrite_all(self.fd, data, off)
-            if end > self._size:
-                self._size = end
-                self._size_dirty = True
-            return
-        self._mapping(end)[off:end] = data
+        # Every write is a pwrite, never a store into the map: a store into a page the
+        # file system has no block for yet (a hole, or a grown region) raises SIGBUS
+        # when the disk is full, and kills the process; pwrite returns ENOSPC (or
+        # EFBIG), which becomes an error. The page cache is shared with the map, so map
+        # readers see these bytes at once, and msync of a range writes them back however
+        # they were dirtied.
+        pwrite_all(self.fd, data, off)
+        if end > self._size:
+            self._size = end
+            self._size_dirty = True
 
     def flush(self, ranges: Iterable[Range] | None = None) -> None:
         if not self.writable or not self._size:
@@ -133,6 +133,10 @@ class MmapMedium:
     def resize(self, n: int) -> None:
         if n == self._size:
             return
+        if n > self._size:
+            # Reserve the blocks now: a full disk is an error here, before anything
+            # relies on the grown region.
+            os.posix_fallocate(self.fd, self._size, n - self._size)
         os.ftruncate(self.fd, n)
         self._size = n
         self._size_dirty = True

@@ -53,9 +53,9 @@ def _format(fmt: str | None) -> None:
 
 
 def _pattern(text: str) -> int:
-    from ..ops.create import _strtou64
+    from ..ops.create import strtou64
     try:
-        value = _strtou64(text)
+        value = strtou64(text)
     except (ValueError, OverflowError):
         value = -1
     if not 0 <= value <= 255:

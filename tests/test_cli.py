@@ -7,7 +7,6 @@ of what qjournal wrote), the bytes of the files themselves, and for a few cases 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -22,7 +21,7 @@ import qemu
 import qjournal
 from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium
 from qjournal.cli import main
-from qjournal.cli.main import EXIT_BROKEN_PIPE, build_parser
+from qjournal.cli.main import EXIT_BROKEN_PIPE, commands
 from qjournal.core.image import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,11 +61,6 @@ def one_line_error(code: int, out: str, err: str) -> str:
     return err
 
 
-def subcommands() -> dict[str, argparse.ArgumentParser]:
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(sub.choices)
-
-
 # Each subcommand on an image IMG (NEW: a file to create), valid as written.
 COMMANDS = {
     "create": ["create", "NEW", "1M"],
@@ -90,7 +84,7 @@ def argv_for(name: str, img: Path, new: Path, fmt: str | None = None) -> list[st
 
 
 def test_the_table_covers_every_subcommand() -> None:
-    assert set(COMMANDS) == set(subcommands())
+    assert set(COMMANDS) == set(commands())
 
 
 class TestVersionAndHelp:
@@ -106,7 +100,7 @@ class TestVersionAndHelp:
     def test_every_subcommand_has_a_description_and_an_example(self) -> None:
         code, top, _ = qj("--help")
         assert code == 0
-        for name, parser in subcommands().items():
+        for name, parser in commands().items():
             assert name in top
             code, out, err = qj(name, "--help")
             assert (code, err) == (0, ""), name

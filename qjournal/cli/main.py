@@ -24,15 +24,28 @@ EXIT_BROKEN_PIPE = 128 + 13
 """What a shell reports for a command that SIGPIPE ended, as qemu-img would be."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``qjournal`` parser, every subcommand registered."""
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     p = Parser(prog="qjournal", description="A qcow2 editor with a write-ahead journal, modelled on qemu-img. "
                "'qjournal COMMAND --help' describes each command, with examples.")
     p.add_argument("--version", action="version", version=f"qjournal {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for family in (image, bitmap, guest, resize, journal):
         family.add_parsers(sub)
-    return p
+    return p, dict(sub.choices)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qjournal`` parser, every subcommand registered."""
+    return _parsers()[0]
+
+
+def commands() -> dict[str, argparse.ArgumentParser]:
+    """Every subcommand's parser by name, in ``qjournal --help`` order.
+
+    >>> list(commands())[:3]
+    ['create', 'info', 'check']
+    """
+    return _parsers()[1]
 
 
 def _os_error(e: OSError) -> str:

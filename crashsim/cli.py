@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import qjournal
+
 from .model import STRATEGIES, CrashState, Options, RunResult, WorkloadResult
 from .workloads import WORKLOADS, Workload, find
 
@@ -58,6 +60,7 @@ def _nonneg(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crashsim", description="Exhaustive crash simulation of qjournal's "
                                 "journaled operations (see DESIGN.md, 'The crash model').")
+    p.add_argument("--version", action="version", version=f"crashsim {qjournal.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the built-in workloads")
     r = sub.add_parser("run", help="record workloads, crash them everywhere, check every state")

@@ -13,7 +13,6 @@ from __future__ import annotations
 from contextlib import chdir
 
 import contextlib
-import importlib
 import io
 import os
 import random
@@ -25,6 +24,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import qjournal
+from qjournal.cli import main
 from qjournal.read import guest
 from qjournal.errors import FormatError, UnsupportedError, UsageError
 
@@ -370,26 +370,10 @@ def test_entries_sharing_a_compressed_cluster(tmp_path: Path) -> None:
 
 # -- the command line ---------------------------------------------------------------------
 def qj(*argv: str) -> tuple[int, str, str]:
-    """``qjournal ARGV`` in-process, with ``read`` and ``map`` registered."""
-    import argparse
-    from qjournal.cli import guest as cli_guest
-    cli = importlib.import_module("qjournal.cli.main")
-    build_parser = cli.build_parser
-
-    def with_guest() -> argparse.ArgumentParser:
-        p = build_parser()
-        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-        if "map" not in sub.choices:
-            cli_guest.add_parsers(sub)
-        return p
-
+    """``qjournal ARGV`` in-process: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
-    cli.build_parser = with_guest
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(list(argv))
-    finally:
-        cli.build_parser = build_parser
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
     return code, out.getvalue(), err.getvalue()
 
 
@@ -405,7 +389,7 @@ class TestCli:
 
     def test_output_file(self, images: dict[str, Path], converted: dict[str, bytes], tmp_path: Path) -> None:
         out = tmp_path / "out.bin"
-        code, stdout, _ = qj("read", "--output", str(out), str(images["zstd"]), "1000", "1M")
+        code, stdout, _ = qj("read", "--output-file", str(out), str(images["zstd"]), "1000", "1M")
         assert (code, stdout) == (0, "")
         assert out.read_bytes() == converted["zstd"][1000:1000 + MiB]
 

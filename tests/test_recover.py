@@ -187,7 +187,7 @@ def _committed_unapplied(base: bytes, tmp_path: Path) -> Path:
 class TestRecoverCommand:
     def test_journal_shows_and_recover_replays(self, base: bytes, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-        from qjournal.cli.main import main
+        from qjournal.cli import main
         path = _committed_unapplied(base, tmp_path)
         assert "pending" not in [b["name"] for b in qemu.bitmaps(path)]
         assert main(["journal", str(path)]) == 0
@@ -206,7 +206,7 @@ class TestRecoverCommand:
 
     def test_recover_refuses_an_image_changed_since(self, base: bytes, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-        from qjournal.cli.main import main
+        from qjournal.cli import main
         path = _committed_unapplied(base, tmp_path)
         qemu.qemu_img("bitmap", "--add", str(path), "by-qemu")  # QEMU wrote the image after the crash
         image, journal = path.read_bytes(), Path(f"{path}.qjournal").read_bytes()

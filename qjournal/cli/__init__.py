@@ -1,4 +1,4 @@
 """The ``qjournal`` command, qemu-img style: one module per command family."""
-from .main import main
+from .app import main
 
 __all__ = ["main"]

@@ -13,19 +13,26 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..errors import UnsupportedError, UsageError
 from ..api import Image
+from ..errors import UnsupportedError, UsageError
+from ..ops.resize import resize, target_size
+from .options import add_command, add_format, check_format, qcow2_path
+
+USAGE = "qjournal resize [-f qcow2] [--preallocation=off] [-q] [--shrink] FILE [+|-]SIZE"
 
 
 def add_parsers(sub: Any) -> None:
     """Register ``resize`` on the subparsers object of ``qjournal``."""
-    r = sub.add_parser("resize", help="change the virtual size (qemu-img resize)",
-                       usage="qjournal resize [-f qcow2] [--preallocation=off] [-q] [--shrink] FILE [+|-]SIZE")
-    r.add_argument("--shrink", action="store_true")
-    r.add_argument("-q", dest="quiet", action="store_true")
-    r.add_argument("-f", dest="format")
-    r.add_argument("--preallocation")
-    r.add_argument("filename")
+    r = add_command(sub, "resize", "change the virtual size (qemu-img resize)",
+                    "Change the virtual size of the guest disk as qemu-img resize does: SIZE, or +SIZE/-SIZE "
+                    "relative to the current size. Shrinking needs --shrink. The L1 table grows in one "
+                    "journaled switch; a refusal leaves the image byte-identical.",
+                    ["qjournal resize disk.qcow2 +10G", "qjournal resize --shrink disk.qcow2 -1G"], usage=USAGE)
+    r.add_argument("--shrink", action="store_true", help="allow the disk to shrink (data past the end is lost)")
+    r.add_argument("-q", dest="quiet", action="store_true", help="quiet: do not print 'Image resized.'")
+    add_format(r)
+    r.add_argument("--preallocation", help="preallocation mode (off only)")
+    r.add_argument("filename", metavar="FILE")
     # The rest is read by hand: "-1G" must stay a size (qemu-img takes it out of argv too).
     r.add_argument("rest", nargs=argparse.REMAINDER)
     r.set_defaults(func=cmd_resize)
@@ -49,19 +56,17 @@ def _options(args: argparse.Namespace) -> tuple[str, bool, bool]:
             positional += list(it)
         else:
             positional.append(w)
-    if fmt not in (None, "qcow2"):
-        raise UsageError(f"format {fmt!r} is not supported: qjournal resizes qcow2 images")
+    check_format(fmt)
     if prealloc not in (None, "off"):
         raise UnsupportedError(f"preallocation mode {prealloc!r} is not supported (only off)")
     if len(positional) != 1:
-        raise UsageError("usage: qjournal resize [-f qcow2] [--preallocation=off] [-q] [--shrink] FILE [+|-]SIZE")
+        raise UsageError(f"usage: {USAGE}")
     return positional[0], shrink, quiet
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    from ..ops.resize import resize, target_size
     size, shrink, quiet = _options(args)
-    with Image(args.filename, "r+") as img:
+    with Image(qcow2_path(args.filename), "r+") as img:
         resize(img, target_size(img.header.size, size), shrink)
     if not quiet:
         print("Image resized.")

@@ -55,6 +55,7 @@ from ..format.header import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COM
                             INCOMPAT_KNOWN, MAGIC, QEMU_V3_LENGTH, V2_LENGTH, Header)
 from ..format.refcount import pack_block
 from ..format.tables import size_to_l1
+from ..journal.journal import SUFFIX as JOURNAL_SUFFIX
 from ..storage.lock import acquire
 from ..storage.medium import fsync_directory
 
@@ -80,6 +81,53 @@ _UNSUPPORTED = {"preallocation": "off", "encryption": "off", "encrypt.format": N
                 "encrypt.iter-time": None, "nocow": "off", "extent_size_hint": None}
 _BOOL_WORDS = {"on": True, "yes": True, "true": True, "y": True,
                "off": False, "no": False, "false": False, "n": False}
+
+# What ``qemu-img create -f qcow2 -o help FILE`` lists (QEMU 7.2), in its order and words:
+# (name, value type, description). ``qjournal create -o help`` prints the same table.
+OPTION_HELP: tuple[tuple[str, str, str], ...] = (
+    ("backing_file", "str", "File name of a base image"),
+    ("backing_fmt", "str", "Image format of the base image"),
+    ("cluster_size", "size", "qcow2 cluster size"),
+    ("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    ("compression_type", "str", "Compression method used for image cluster compression"),
+    ("data_file", "str", "File name of an external data file"),
+    ("data_file_raw", "bool (on/off)", "The external data file must stay valid as a raw image"),
+    ("encrypt.cipher-alg", "str", "Name of encryption cipher algorithm"),
+    ("encrypt.cipher-mode", "str", "Name of encryption cipher mode"),
+    ("encrypt.format", "str", "Encrypt the image, format choices: 'aes', 'luks'"),
+    ("encrypt.hash-alg", "str", "Name of encryption hash algorithm"),
+    ("encrypt.iter-time", "num", "Time to spend in PBKDF in milliseconds"),
+    ("encrypt.ivgen-alg", "str", "Name of IV generator algorithm"),
+    ("encrypt.ivgen-hash-alg", "str", "Name of IV generator hash algorithm"),
+    ("encrypt.key-secret", "str", "ID of secret providing qcow AES key or LUKS passphrase"),
+    ("encryption", "bool (on/off)",
+     "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"),
+    ("extended_l2", "bool (on/off)", "Extended L2 tables"),
+    ("extent_size_hint", "size", "Extent size hint for the image file, 0 to disable"),
+    ("lazy_refcounts", "bool (on/off)", "Postpone refcount updates"),
+    ("nocow", "bool (on/off)", "Turn off copy-on-write (valid only on btrfs)"),
+    ("preallocation", "str", "Preallocation mode (allowed values: off, metadata, falloc, full)"),
+    ("refcount_bits", "num", "Width of a reference count entry in bits"),
+    ("size", "size", "Virtual disk size"),
+)
+
+
+def option_help() -> list[str]:
+    """The lines of ``qjournal create -o help``: qemu-img's list of qcow2 options, each
+    marked with what qjournal does with it (implemented, only its off value, refused).
+
+    >>> option_help()[1]
+    '  backing_file=<str>     - File name of a base image'
+    """
+    lines = ["Supported qcow2 options:"]
+    for name, kind, text in OPTION_HELP:
+        if name == "size":
+            text += " (qjournal: give it as the SIZE argument)"
+        elif name in _UNSUPPORTED:
+            only = _UNSUPPORTED[name]
+            text += f" (qjournal: only {only})" if only is not None else " (qjournal: not supported)"
+        lines.append(f"  {f'{name}=<{kind}>':<22} - {text}")
+    return lines
 
 
 def _convert_compat(value: str) -> str:
@@ -254,8 +302,15 @@ def parse_size(text: str) -> int:
     return value
 
 
-def _strtou64(text: str) -> int:
-    """C's ``strtoull(text, &end, 0)`` with nothing after the number (QEMU numbers)."""
+def strtou64(text: str) -> int:
+    """C's ``strtoull(text, &end, 0)`` with nothing after the number (QEMU numbers).
+
+    Decimal, ``0x`` hex or ``0`` octal, optional sign (a minus wraps modulo 2^64, as C
+    does). Raises ValueError (syntax) or OverflowError (above 2^64 - 1).
+
+    >>> strtou64("0xab"), strtou64("010")
+    (171, 8)
+    """
     m = re.fullmatch(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", text)
     if m is None:
         raise ValueError(text)
@@ -271,9 +326,13 @@ def _strtou64(text: str) -> int:
     return (-val) % (1 << 64) if m.group(1) == "-" else val
 
 
-def _split_options(spec: str) -> list[tuple[str, str]]:
+def split_options(spec: str) -> list[tuple[str, str]]:
     """QEMU's option-list syntax: ``key=value`` pairs split at commas, ``,,`` for a comma
-    inside a value, a bare ``key`` meaning ``key=on`` and ``nokey`` meaning ``key=off``."""
+    inside a value, a bare ``key`` meaning ``key=on`` and ``nokey`` meaning ``key=off``.
+
+    >>> split_options("cluster_size=4k,nolazy_refcounts,backing_file=a,,b")
+    [('cluster_size', '4k'), ('lazy_refcounts', 'off'), ('backing_file', 'a,b')]
+    """
     trailing = len(spec) - len(spec.rstrip(","))
     if spec.startswith(",") or trailing % 2:
         raise UsageError(f"invalid option list {spec!r}: a leading or trailing comma (write ,, for a comma "
@@ -325,9 +384,10 @@ def parse_options(spec: str) -> CreateOptions:
     :class:`~qjournal.errors.UsageError` naming the option and the rule.
     """
     values: dict[str, object] = {}
-    for key, value in _split_options(spec):
+    for key, value in split_options(spec):
         if key in ("help", "?"):
-            raise UsageError("qcow2 create options: " + ", ".join(f.name for f in attrs.fields(CreateOptions)))
+            raise UsageError("qcow2 create options: " + ", ".join(f.name for f in attrs.fields(CreateOptions))
+                             + " (qjournal create -o help lists them all)")
         if key == "id":
             continue  # QEMU ignores it too
         if key in _UNSUPPORTED:
@@ -343,7 +403,7 @@ def parse_options(spec: str) -> CreateOptions:
                 raise UsageError(f"cluster_size={value}: expected a size such as 64k") from None
         elif key == "refcount_bits":
             try:
-                bits = _strtou64(value)
+                bits = strtou64(value)
             except (ValueError, OverflowError):
                 raise UsageError(f"refcount_bits={value}: expected a number") from None
             if not (0 < bits <= 64 and bits & (bits - 1) == 0):
@@ -697,13 +757,20 @@ def _check_not_in_use(path: str) -> None:
         os.close(fd)  # drops the probe's locks with its open file description
 
 
-def _replace_file(path: str, length: int, writes: Iterable[tuple[int, bytes]]) -> None:
+def _replace_file(path: str, length: int, writes: Iterable[tuple[int, bytes]],
+                  stale: Iterable[str] = ()) -> None:
     """Write a new file of ``length`` bytes holding ``writes`` (zeros elsewhere) and
     rename it over ``path``, so that the path names the old file or the whole new one.
+    The files named in ``stale`` (the old image's journal) are removed before the rename.
 
-    Barriers: the new file is fsynced before the rename, and the directory after it. A
-    crash before the rename leaves the old file (and at worst a stray temporary file);
-    after the rename, the complete new one.
+    Barriers: the new file is fsynced; then the stale files are unlinked and their
+    directory fsynced; then the rename, and the directory fsynced after it. A crash
+    before the unlinks leaves the old file with its journal (and at worst a stray
+    temporary file); between the unlinks and the rename, the old file without its
+    journal, which a reader that ignores the journal sees consistent anyway by the
+    ordering rule (and the user was replacing it); after the rename, the complete new
+    file and no journal that belonged to the old one. The other order would let a
+    crash leave the new image beside a journal whose binding check fails on it.
     """
     target = os.path.realpath(path)
     directory = os.path.dirname(target)
@@ -730,6 +797,12 @@ def _replace_file(path: str, length: int, writes: Iterable[tuple[int, bytes]]) -
             os.fsync(fd)
         finally:
             os.close(fd)
+        for name in stale:
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                continue
+            fsync_directory(name)
         os.rename(tmp, target)
     except BaseException as e:
         try:
@@ -755,7 +828,8 @@ def create_image(path: str, size: int | None, options: CreateOptions) -> None:
 
     ``size`` is rounded up to a multiple of 512 (as QEMU does). ``None`` takes the
     virtual size of the backing file (opened relative to the image's directory, as
-    ``backing_fmt`` says). An existing file is replaced, unless QEMU holds it. With
+    ``backing_fmt`` says). An existing file is replaced, unless QEMU holds it, and its
+    journal sidecar (``path.qjournal``) is removed with it. With
     ``data_file``, that file (relative to the current directory, as QEMU creates it)
     is replaced by an empty one of the disk's size, and its name is stored as given.
 
@@ -798,7 +872,11 @@ def create_image(path: str, size: int | None, options: CreateOptions) -> None:
             unit = options.cluster_size // (32 if options.extended_l2 else 1)
             data_size = size + -size % unit
         _replace_file(options.data_file, data_size, ())
-    _replace_file(path, layout.length, _image_writes(layout, size, options))
+    # The old file's journal must not survive it: its binding check would fail on the
+    # new image, and every writable open would then refuse the new image.
+    journals = dict.fromkeys((path + JOURNAL_SUFFIX, os.path.realpath(path) + JOURNAL_SUFFIX))
+    _replace_file(path, layout.length, _image_writes(layout, size, options), journals)
 
 
-__all__ = ["CreateOptions", "create_image", "parse_options", "parse_size"]
+__all__ = ["CreateOptions", "OPTION_HELP", "create_image", "option_help", "parse_options", "parse_size",
+           "split_options", "strtou64"]

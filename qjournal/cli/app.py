@@ -1,0 +1,90 @@
+"""The ``qjournal`` command, modelled on qemu-img: the parser and the dispatch.
+
+Each command family has its module (image: create, info, check, map; bitmap; guest:
+read, write, zero, discard; resize; journal: journal, recover); what they parse alike
+is in :mod:`qjournal.cli.options`.
+
+Every error is one line on stderr (``qjournal: ...``) and a non-zero exit, never a
+traceback: usage errors exit 1, as qemu-img's do. A reader that goes away (``| head``)
+ends the command quietly.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from .. import __version__
+from ..errors import QcowError
+from . import bitmap, guest, image, journal, resize
+from .options import Parser
+
+EXIT_BROKEN_PIPE = 128 + 13
+"""What a shell reports for a command that SIGPIPE ended, as qemu-img would be."""
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    p = Parser(prog="qjournal", description="A qcow2 editor with a write-ahead journal, modelled on qemu-img. "
+               "'qjournal COMMAND --help' describes each command, with examples.")
+    p.add_argument("--version", action="version", version=f"qjournal {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for family in (image, bitmap, guest, resize, journal):
+        family.add_parsers(sub)
+    return p, dict(sub.choices)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qjournal`` parser, every subcommand registered."""
+    return _parsers()[0]
+
+
+def commands() -> dict[str, argparse.ArgumentParser]:
+    """Every subcommand's parser by name, in ``qjournal --help`` order.
+
+    >>> list(commands())[:3]
+    ['create', 'info', 'check']
+    """
+    return _parsers()[1]
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OSError, the file name quoted so that an empty one shows."""
+    what = e.strerror or str(e)
+    if e.filename is None:
+        return what
+    return f"could not open {os.fsdecode(e.filename)!r}: {what}"
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe: point standard output at /dev/null, so that the flush at exit
+    does not print a second error."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``qjournal ARGV`` and return its exit code (``--help`` and ``--version``: 0)."""
+    try:
+        args = build_parser().parse_args(argv)
+        code = int(args.func(args))
+        sys.stdout.flush()
+        return code
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except QcowError as e:
+        print(f"qjournal: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        print(f"qjournal: {_os_error(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

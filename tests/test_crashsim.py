@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -19,9 +20,12 @@ from crashsim.checks import Expect, Semantic, bad_sectors, bits_between
 from crashsim.cli import main
 from crashsim.model import STRATEGIES, Options, RunResult, WorkloadResult
 from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium
-from crashsim.runner import InlineExecutor, record, run
+from crashsim.runner import InlineExecutor, record, run, seeded_salts
 from crashsim.workloads import STANDARD, WORKLOADS, Workload, find, workload
 from qjournal.core.image import Image
+from qjournal.errors import JournalError
+from qjournal.journal import Journal, Transaction
+from qjournal.storage.medium import MemoryMedium
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = [w for w in WORKLOADS.values() if not w.expect_failure]
@@ -72,6 +76,44 @@ class TestRecorder:
         assert a.state(len(a.entries)) == b.state(len(b.entries))
         assert a.state(len(a.entries))[JOURNAL] != c.state(len(c.entries))[JOURNAL]   # another salt
         assert a.state(len(a.entries))[IMAGE] == c.state(len(c.entries))[IMAGE]
+
+
+class TestSalts:
+    """The journal's salt source is a parameter (crashsim's seam), not a module to patch."""
+
+    @staticmethod
+    def commit(j: Journal, data: bytes) -> int | None:
+        tx = Transaction("t")
+        tx.step("s")
+        tx.write(0, data)
+        j.commit(tx)
+        return j.salt
+
+    def test_the_journal_takes_its_salts_from_the_source_it_is_given(self, tmp_path: Path) -> None:
+        drawn = iter([7, 7, 7, 9])
+        j = Journal(MemoryMedium(bytes(4096)), MemoryMedium(), salts=lambda: next(drawn))
+        assert self.commit(j, b"a") == 7
+        assert self.commit(j, b"b") == 9        # a repeat of the previous generation's salt is drawn again
+        path = tmp_path / "x.qcow2"
+        opened = Journal.open_for(path, MemoryMedium(bytes(4096)), True, salts=lambda: 5)
+        assert self.commit(opened, b"c") == 5
+        opened.close()
+        assert Journal(MemoryMedium(bytes(4096)), MemoryMedium((tmp_path / "x.qcow2.qjournal").read_bytes())).salt == 5
+
+    @pytest.mark.parametrize("source,text", [(lambda: 1 << 64, r"not an integer in \[0, 2\*\*64\)"),
+                                             (lambda: -1, "not an integer"),
+                                             (lambda: 3, "previous generation's salt 0x3 8 times")])
+    def test_a_source_without_a_new_64_bit_salt_is_refused(self, source: Callable[[], int], text: str) -> None:
+        j = Journal(MemoryMedium(bytes(4096)), MemoryMedium(), salts=source)
+        if "previous" in text:
+            self.commit(j, b"a")
+        with pytest.raises(JournalError, match=r"^journal header, offset 24 \(salt\): .*" + text):
+            self.commit(j, b"b")
+
+    def test_a_run_draws_its_salts_from_its_seed(self) -> None:
+        r = record(WORKLOADS["add"], 3)
+        journal = r.rec.state(len(r.rec.entries))[JOURNAL]
+        assert Journal(MemoryMedium(b""), MemoryMedium(journal)).salt == seeded_salts(3)()
 
 
 class TestRules:

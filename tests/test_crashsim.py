@@ -16,7 +16,7 @@ from typing import Callable
 import pytest
 
 import qemu
-from crashsim.checks import Expect, Semantic, bad_sectors, bits_between
+from crashsim.checks import Expect, Semantic, bad_sectors, bits_between, missed_writes
 from crashsim.cli import main
 from crashsim.model import STRATEGIES, Options, RunResult, WorkloadResult
 from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium
@@ -146,6 +146,13 @@ class TestRules:
         assert relaxed.classify(early, relaxed.allowed_plain, plain=True) == "old"
         assert strict.classify(early, strict.allowed_plain, plain=True) == "other"
         assert relaxed.classify(early, relaxed.allowed_qjournal, plain=False) == "other"   # journaled: exact
+
+    def test_data_a_shrink_cuts_off_needs_no_dirty_bit(self) -> None:
+        old = Semantic(4096, (("b", 512, 2, ()),), ((0, b"\x01" * 1024), (2048, b"\x03" * 1024)))
+        shrunk = Semantic(2048, old.bitmaps, ((0, b"\x01" * 1024),))
+        assert missed_writes(shrunk, old) == ""
+        written = Semantic(2048, old.bitmaps, ((0, b"\x01" * 512 + b"\x02" * 512),))
+        assert "no dirty bit for guest offset 0x200" in missed_writes(written, old)
 
     def test_dropped_means_no_bitmaps_and_the_same_data(self) -> None:
         e = Expect(self.SEM, self.NEW, 0, 0, "", True)

@@ -13,15 +13,17 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import attrs
 import pytest
 
 import qemu
+from crashsim import harness
 from crashsim.checks import Expect, Semantic, bad_sectors, bits_between, missed_writes
 from crashsim.cli import main
 from crashsim.model import STRATEGIES, Options, RunResult, WorkloadResult
 from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium
 from crashsim.runner import InlineExecutor, record, run, seeded_salts
-from crashsim.workloads import STANDARD, WORKLOADS, Workload, find, workload
+from crashsim.workloads import IMG, STANDARD, WORKLOADS, Base, Workload, find, qemu_img_cmd, workload
 from qjournal.core.image import Image
 from qjournal.errors import JournalError
 from qjournal.journal import Journal, Transaction
@@ -114,6 +116,36 @@ class TestSalts:
         r = record(WORKLOADS["add"], 3)
         journal = r.rec.state(len(r.rec.entries))[JOURNAL]
         assert Journal(MemoryMedium(b""), MemoryMedium(journal)).salt == seeded_salts(3)()
+
+
+class TestHarness:
+    """crashsim.harness, the entry the test suite's crash tests use."""
+
+    def test_a_failing_state_fails_the_assertion_with_its_id_and_invariant(self) -> None:
+        w = harness.check(WORKLOADS["control-data-before-bits"], attrs.evolve(harness.TEST_OPTIONS, oracle="none"))
+        assert w.failures and all(s.strategy == "prefix" for s in w.states)
+        with pytest.raises(AssertionError, match=r"control-data-before-bits/prefix/\d+ \(entries 0\.\.\d+ issued "
+                                                 r"and landed in order\): bitmap-misses-write: "):
+            harness.assert_passes(w, qjournal=())
+
+    def test_an_outcome_no_state_reaches_fails_the_assertion(self) -> None:
+        w = harness.check(WORKLOADS["enable"])
+        assert all(v.oracle is not None for v in w.verdicts)     # qemu-img on every state
+        harness.assert_passes(w, qjournal=("old", "new"), plain=("old", "new"))
+        with pytest.raises(AssertionError, match=r"qjournal after recovery never sees dropped in \d+ "
+                                                 r"state\(s\) \(it sees new, old\)"):
+            harness.assert_passes(w, qjournal=("dropped",))   # only a reader that ignores the journal may
+
+    def test_a_workload_that_raises_fails_the_assertion(self) -> None:
+        def boom(img: Image) -> None:
+            raise RuntimeError("boom")
+        w = harness.check(Workload("boom", "raises", boom))
+        assert harness.problems(w) == ["boom: the workload could not run: RuntimeError: boom"]
+
+    def test_bases_of_the_same_name_are_built_apart(self) -> None:
+        one, two = (Base("same-name", (qemu_img_cmd("create", "-q", "-f", "qcow2", IMG, size),))
+                    for size in ("1M", "2M"))
+        assert one.build()[24:32] != two.build()[24:32]      # the virtual size
 
 
 class TestRules:

@@ -2,7 +2,7 @@
 
 The crash states, the allowed outcomes and the judge are crashsim's (``crashsim.harness``):
 every in-order prefix of the recorded writes (the journal and the image in their global
-order), each looked at by two readers:
+order) and the state right after each barrier, each looked at by two readers:
 - qjournal, after recovery: exactly the old state or exactly the new one (bitmaps, disk
   size and guest data), and a second recovery changes nothing;
 - a reader that ignores the journal (qemu-img check/info, and qjournal without its

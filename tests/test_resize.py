@@ -1,9 +1,10 @@
 """qjournal resize against qemu-img resize (QEMU 7.2) on identical copies.
 
 Oracle: qemu-img resize on a copy (virtual size, L1 size and offset), qemu-io read -P
-for the data, qemu-img check for the structure. The crash test cuts the recorded
-writes after each one and checks old-or-new with recovery, and a clean (or leaks-only)
-qemu-img check without the journal.
+for the data, qemu-img check for the structure. The crash test runs through crashsim
+(``crashsim.harness``: a crash after every write, in order, and right after every
+barrier): old-or-new with recovery; without the journal, no corruption (qjournal check and
+qemu-img check, leaks allowed) and the old or new state, or the bitmaps dropped.
 """
 from __future__ import annotations
 
@@ -180,7 +181,8 @@ class TestRefusals:
 
 # -- crashes ------------------------------------------------------------------------------
 def crash_base(bitmap: bool) -> Base:
-    """1M, 512 B clusters, data at 0 and across the 300k mark, and (``bitmap``) an enabled bitmap."""
+    """1M, 512 B clusters, data at 0 and at 500k-800k (past a 300k shrink), and (``bitmap``) an
+    enabled bitmap with 512 B granularity."""
     return Base(f"test-resize{'-bitmap' if bitmap else ''}", (
         qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", IMG, "1M"),
         *([qemu_img_cmd("bitmap", "--add", "-g", "512", IMG, "b0")] if bitmap else []),

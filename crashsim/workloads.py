@@ -29,6 +29,7 @@ import attrs
 
 from qjournal.format.extensions import EXT_BITMAPS, parse_extensions
 from qjournal.core.image import Image
+from qjournal.ops.resize import resize
 
 from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium, bracket_transactions
 
@@ -448,7 +449,6 @@ BASES[RESIZE_BASE.name] = RESIZE_BASE
 
 
 def _resize_grow(img: Image) -> None:
-    from qjournal.ops.resize import resize
     resize(img, 8 << 20)      # the L1 table grows from one cluster to four, the bitmap table from one to four
 
 

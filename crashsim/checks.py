@@ -118,12 +118,13 @@ def changed_sectors(cur: Guest, old: Guest) -> list[int]:
 
 def missed_writes(sem: Semantic, old: Semantic) -> str:
     """The first changed guest sector that a bitmap, enabled before and after and consistent,
-    does not mark dirty ("" when there is none): a backup built on it would miss that write."""
+    does not mark dirty ("" when there is none): a backup built on it would miss that write.
+    Data past ``sem``'s disk size was cut off by a shrink, not written: it needs no bit."""
     was_enabled = {b[0] for b in old.bitmaps if b[2] & FLAG_AUTO and b[3] != "in-use"}
     watching = [b for b in sem.bitmaps if b[0] in was_enabled and b[2] & FLAG_AUTO and b[3] != "in-use"]
     if not watching:
         return ""
-    changed = changed_sectors(sem.guest, old.guest)
+    changed = [pos for pos in changed_sectors(sem.guest, old.guest) if pos < sem.virtual_size]
     runs: list[tuple[int, int]] = []
     for pos in changed:
         if runs and runs[-1][0] + runs[-1][1] == pos:

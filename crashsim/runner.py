@@ -28,15 +28,14 @@ import math
 import os
 import random
 import tempfile
-import threading
 import time
-import types
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import attrs
 
 from qjournal.ops.check import check
 from qjournal import Image
+from qjournal.journal.journal import SaltSource
 from qjournal.storage.medium import MemoryMedium
 from qjournal.progress import Progress
 
@@ -52,16 +51,11 @@ MINIMIZE = 4            # failing states minimized and explained per workload
 
 
 # -- recording ---------------------------------------------------------------------------
-@contextlib.contextmanager
-def seeded_salts(seed: int) -> Iterator[None]:
-    """Journal salts drawn from ``seed`` instead of the system's random source."""
-    from qjournal.journal import journal as jmod
-    saved = jmod.secrets
-    jmod.secrets = types.SimpleNamespace(randbits=random.Random(f"salt:{seed}").getrandbits)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        jmod.secrets = saved
+def seeded_salts(seed: int) -> SaltSource:
+    """A journal salt source drawn from ``seed`` instead of the system's random source:
+    the same salts, so the same journal bytes, on every run (``replay`` relies on it)."""
+    rng = random.Random(f"salt:{seed}")
+    return lambda: rng.getrandbits(64)
 
 
 @attrs.frozen
@@ -79,20 +73,16 @@ class Recorded:
     txs: tuple[Span, ...]           # the transactions (or, bypassing the journal, the whole workload)
 
 
-_RECORD_LOCK = threading.Lock()
-
-
 def record(w: Workload, seed: int) -> Recorded:
     rec = Recording({IMAGE: w.base.build(), JOURNAL: b""})
-    with _RECORD_LOCK, seeded_salts(seed):
-        img = Image(f"{w.name}.qcow2", "r+", medium=RecordingMedium(rec, IMAGE),
-                    journal_medium=RecordingMedium(rec, JOURNAL))
-        descriptions = bracket_transactions(img, rec)
-        try:
-            w.fn(img)
-            rec.mark("returned")
-        finally:
-            img.close()
+    img = Image(f"{w.name}.qcow2", "r+", medium=RecordingMedium(rec, IMAGE),
+                journal_medium=RecordingMedium(rec, JOURNAL), salts=seeded_salts(seed))
+    descriptions = bracket_transactions(img, rec)
+    try:
+        w.fn(img)
+        rec.mark("returned")
+    finally:
+        img.close()
     returned = max(i for i, e in enumerate(rec.entries) if e.kind == "mark" and e.name == "returned")
     txs: list[Span] = []
     if w.journaled:

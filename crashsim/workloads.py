@@ -53,7 +53,8 @@ class Base:
         return "\n".join(lines)
 
     def build(self) -> bytes:
-        cached = _BASES.get(self.name)
+        """The image's bytes, made once per process for each distinct base (not per name)."""
+        cached = _BASES.get(self)
         if cached is not None:
             return cached
         with tempfile.TemporaryDirectory(prefix="crashsim-base-") as d:
@@ -67,20 +68,22 @@ class Base:
                 self.post(path)
             with open(path, "rb") as f:
                 data = f.read()
-        _BASES[self.name] = data
+        _BASES[self] = data
         return data
 
 
-_BASES: dict[str, bytes] = {}
+_BASES: dict[Base, bytes] = {}
 
 IMG = "base.qcow2"
 
 
-def _img(*args: str) -> tuple[str, ...]:
+def qemu_img_cmd(*args: str) -> tuple[str, ...]:
+    """A qemu-img command line for a :class:`Base` (the image is ``IMG``)."""
     return ("qemu-img", *args)
 
 
-def _io(*commands: str) -> tuple[str, ...]:
+def qemu_io_cmd(*commands: str) -> tuple[str, ...]:
+    """One qemu-io run of ``commands`` (each a ``-c``) on ``IMG``, for a :class:`Base`."""
     out = ["qemu-io", "-f", "qcow2"]
     for c in commands:
         out += ["-c", c]
@@ -88,23 +91,23 @@ def _io(*commands: str) -> tuple[str, ...]:
 
 
 STANDARD = Base("standard", (
-    _img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "64M"),
-    _img("bitmap", "--add", IMG, "stale"),
-    _io("write 30M 4k", "abort"),                    # leaves "stale" in use, as a crashed QEMU does
-    _img("bitmap", "--add", IMG, "b0"),
-    _img("bitmap", "--add", "-g", "4096", IMG, "b1"),
-    _io("write 0 64k", "write 10M 64k", "write 63M 4k"),
-    _img("bitmap", "--disable", IMG, "b1"),
-    _img("bitmap", "--add", "-g", "512", IMG, "b2"),
-    _io("write 20M 8k"),
-    _img("bitmap", "--add", IMG, "fresh"),
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "64M"),
+    qemu_img_cmd("bitmap", "--add", IMG, "stale"),
+    qemu_io_cmd("write 30M 4k", "abort"),                    # leaves "stale" in use, as a crashed QEMU does
+    qemu_img_cmd("bitmap", "--add", IMG, "b0"),
+    qemu_img_cmd("bitmap", "--add", "-g", "4096", IMG, "b1"),
+    qemu_io_cmd("write 0 64k", "write 10M 64k", "write 63M 4k"),
+    qemu_img_cmd("bitmap", "--disable", IMG, "b1"),
+    qemu_img_cmd("bitmap", "--add", "-g", "512", IMG, "b2"),
+    qemu_io_cmd("write 20M 8k"),
+    qemu_img_cmd("bitmap", "--add", IMG, "fresh"),
 ), may_fail=frozenset({2}))
 
 LONG = [f"long-{i}-" + "n" * 1000 for i in range(5)]
 LONG_NAMES = Base("long-names", (
-    _img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "64M"),
-    *(_img("bitmap", "--add", IMG, name) for name in LONG),
-    _io("write 0 64k", "write 40M 4k"),
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "64M"),
+    *(qemu_img_cmd("bitmap", "--add", IMG, name) for name in LONG),
+    qemu_io_cmd("write 0 64k", "write 40M 4k"),
 ))
 
 # An unknown extension of this length, placed before the bitmaps extension (at byte 112
@@ -137,25 +140,25 @@ def _insert_unknown_extension(path: str) -> None:
 
 
 SHIFTED = Base("shifted-header", (
-    _img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "64M"),
-    _img("bitmap", "--add", IMG, "b0"),
-    _img("bitmap", "--add", "-g", "4096", IMG, "b1"),
-    _io("write 0 64k", "write 5M 12k"),
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "64M"),
+    qemu_img_cmd("bitmap", "--add", IMG, "b0"),
+    qemu_img_cmd("bitmap", "--add", "-g", "4096", IMG, "b1"),
+    qemu_io_cmd("write 0 64k", "write 5M 12k"),
 ), post=_insert_unknown_extension,
     post_description=f"insert an unknown header extension (type {UNKNOWN_EXT:#x}, {UNKNOWN_LEN} bytes) before "
                      "the bitmaps extension, so that its directory size (byte 1016) and directory offset "
                      "(byte 1024) lie in different 512-byte sectors")
 
 SMALL_REFTABLE = Base("small-reftable", (
-    _img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", IMG, "16M"),
-    _img("bitmap", "--add", IMG, "b0"),
-    _io("write 0 1950k"),   # the one-cluster refcount table covers 2 MiB: nearly full
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", IMG, "16M"),
+    qemu_img_cmd("bitmap", "--add", IMG, "b0"),
+    qemu_io_cmd("write 0 1950k"),   # the one-cluster refcount table covers 2 MiB: nearly full
 ))
 
 EXTENDED_L2 = Base("extended-l2", (
-    _img("create", "-q", "-f", "qcow2", "-o", "cluster_size=64k,extended_l2=on", IMG, "16M"),
-    _io("write 0 4k", "write 32k 16k"),              # subclusters 0-1 and 16-23 of cluster 0
-    _img("bitmap", "--add", "-g", "4096", IMG, "b0"),  # after the writes: no bit set yet
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=64k,extended_l2=on", IMG, "16M"),
+    qemu_io_cmd("write 0 4k", "write 32k 16k"),              # subclusters 0-1 and 16-23 of cluster 0
+    qemu_img_cmd("bitmap", "--add", "-g", "4096", IMG, "b0"),  # after the writes: no bit set yet
 ))
 
 BASES = {b.name: b for b in (STANDARD, LONG_NAMES, SHIFTED, SMALL_REFTABLE, EXTENDED_L2)}
@@ -437,9 +440,9 @@ def find(name: str) -> Workload:
 
 # -- resize (appended: the workload of qjournal/resize.py) ---------------------------------
 RESIZE_BASE = Base("resize-small-clusters", (
-    _img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", IMG, "1M"),
-    _img("bitmap", "--add", "-g", "512", IMG, "b0"),
-    _io("write -P 0x5a 0 64k", "write -P 0x33 900k 100k"),
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", IMG, "1M"),
+    qemu_img_cmd("bitmap", "--add", "-g", "512", IMG, "b0"),
+    qemu_io_cmd("write -P 0x5a 0 64k", "write -P 0x33 900k 100k"),
 ))
 BASES[RESIZE_BASE.name] = RESIZE_BASE
 

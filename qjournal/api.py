@@ -25,6 +25,7 @@ from .ops.check import CheckResult, check
 from .ops.resize import resize
 from .read import guest
 from .read.mapping import MapEntry, entries
+from .journal.journal import SaltSource
 from .storage.medium import Medium
 from .write import data
 from .write.disk import GuestDisk
@@ -42,9 +43,10 @@ class Image(CoreImage):
     """
 
     def __init__(self, path: str | os.PathLike[str], mode: str = "r", *, medium: Medium | None = None,
-                 journal_medium: Medium | None = None, take_locks: bool = True, salvage: bool = False) -> None:
+                 journal_medium: Medium | None = None, take_locks: bool = True, salvage: bool = False,
+                 salts: SaltSource | None = None) -> None:
         super().__init__(path, mode, medium=medium, journal_medium=journal_medium, take_locks=take_locks,
-                         salvage=salvage)
+                         salvage=salvage, salts=salts)
         self._disks: weakref.WeakSet[GuestDisk] = weakref.WeakSet()
         if self.writable and not salvage and self.header.incompatible_features & INCOMPAT_DIRTY:
             # Lazy refcounts left the image dirty: rebuild the refcounts first, as QEMU

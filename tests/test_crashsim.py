@@ -11,17 +11,23 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
+import attrs
 import pytest
 
 import qemu
-from crashsim.checks import Expect, Semantic, bad_sectors, bits_between
+from crashsim import harness
+from crashsim.checks import Expect, Semantic, bad_sectors, bits_between, missed_writes
 from crashsim.cli import main
 from crashsim.model import STRATEGIES, Options, RunResult, WorkloadResult
 from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium
-from crashsim.runner import InlineExecutor, record, run
-from crashsim.workloads import STANDARD, WORKLOADS, Workload, find, workload
+from crashsim.runner import InlineExecutor, record, run, seeded_salts
+from crashsim.workloads import IMG, STANDARD, WORKLOADS, Base, Workload, find, qemu_img_cmd, workload
 from qjournal import Image
+from qjournal.errors import JournalError
+from qjournal.journal import Journal, Transaction
+from qjournal.storage.medium import MemoryMedium
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = [w for w in WORKLOADS.values() if not w.expect_failure]
@@ -48,7 +54,7 @@ class TestRecorder:
                    journal_medium=RecordingMedium(rec, JOURNAL)) as img:
             img.medium.buf[0x800] ^= 0xFF       # type: ignore[attr-defined]  # unused bytes of cluster 0
             with pytest.raises(AssertionError, match=r"image: byte 0x800 changed without a write through the "
-                                                     r"medium \(caught at the barrier from qjournal\.core\.image:"):
+                                                     r"medium \(caught at the barrier from qjournal\.[a-z_.]+:\d+ "):
                 img.bitmaps.add("x", 65536)
             img.medium.buf[0x800] ^= 0xFF       # type: ignore[attr-defined]
 
@@ -72,6 +78,74 @@ class TestRecorder:
         assert a.state(len(a.entries)) == b.state(len(b.entries))
         assert a.state(len(a.entries))[JOURNAL] != c.state(len(c.entries))[JOURNAL]   # another salt
         assert a.state(len(a.entries))[IMAGE] == c.state(len(c.entries))[IMAGE]
+
+
+class TestSalts:
+    """The journal's salt source is a parameter (crashsim's seam), not a module to patch."""
+
+    @staticmethod
+    def commit(j: Journal, data: bytes) -> int | None:
+        tx = Transaction("t")
+        tx.step("s")
+        tx.write(0, data)
+        j.commit(tx)
+        return j.salt
+
+    def test_the_journal_takes_its_salts_from_the_source_it_is_given(self, tmp_path: Path) -> None:
+        drawn = iter([7, 7, 7, 9])
+        j = Journal(MemoryMedium(bytes(4096)), MemoryMedium(), salts=lambda: next(drawn))
+        assert self.commit(j, b"a") == 7
+        assert self.commit(j, b"b") == 9        # a repeat of the previous generation's salt is drawn again
+        path = tmp_path / "x.qcow2"
+        opened = Journal.open_for(path, MemoryMedium(bytes(4096)), True, salts=lambda: 5)
+        assert self.commit(opened, b"c") == 5
+        opened.close()
+        assert Journal(MemoryMedium(bytes(4096)), MemoryMedium((tmp_path / "x.qcow2.qjournal").read_bytes())).salt == 5
+
+    @pytest.mark.parametrize("source,text", [(lambda: 1 << 64, r"not an integer in \[0, 2\*\*64\)"),
+                                             (lambda: -1, "not an integer"),
+                                             (lambda: 3, "previous generation's salt 0x3 8 times")])
+    def test_a_source_without_a_new_64_bit_salt_is_refused(self, source: Callable[[], int], text: str) -> None:
+        j = Journal(MemoryMedium(bytes(4096)), MemoryMedium(), salts=source)
+        if "previous" in text:
+            self.commit(j, b"a")
+        with pytest.raises(JournalError, match=r"^journal header, offset 24 \(salt\): .*" + text):
+            self.commit(j, b"b")
+
+    def test_a_run_draws_its_salts_from_its_seed(self) -> None:
+        r = record(WORKLOADS["add"], 3)
+        journal = r.rec.state(len(r.rec.entries))[JOURNAL]
+        assert Journal(MemoryMedium(b""), MemoryMedium(journal)).salt == seeded_salts(3)()
+
+
+class TestHarness:
+    """crashsim.harness, the entry the test suite's crash tests use."""
+
+    def test_a_failing_state_fails_the_assertion_with_its_id_and_invariant(self) -> None:
+        w = harness.check(WORKLOADS["control-data-before-bits"], attrs.evolve(harness.TEST_OPTIONS, oracle="none"))
+        assert w.failures and {s.strategy for s in w.states} <= {"prefix", "barrier"}
+        with pytest.raises(AssertionError, match=r"control-data-before-bits/prefix/\d+ \(entries 0\.\.\d+ issued "
+                                                 r"and landed in order\): bitmap-misses-write: "):
+            harness.assert_passes(w, qjournal=())
+
+    def test_an_outcome_no_state_reaches_fails_the_assertion(self) -> None:
+        w = harness.check(WORKLOADS["enable"])
+        assert all(v.oracle is not None for v in w.verdicts)     # qemu-img on every state
+        harness.assert_passes(w, qjournal=("old", "new"), plain=("old", "new"))
+        with pytest.raises(AssertionError, match=r"qjournal after recovery never sees dropped in \d+ "
+                                                 r"state\(s\) \(it sees new, old\)"):
+            harness.assert_passes(w, qjournal=("dropped",))   # only a reader that ignores the journal may
+
+    def test_a_workload_that_raises_fails_the_assertion(self) -> None:
+        def boom(img: Image) -> None:
+            raise RuntimeError("boom")
+        w = harness.check(Workload("boom", "raises", boom))
+        assert harness.problems(w) == ["boom: the workload could not run: RuntimeError: boom"]
+
+    def test_bases_of_the_same_name_are_built_apart(self) -> None:
+        one, two = (Base("same-name", (qemu_img_cmd("create", "-q", "-f", "qcow2", IMG, size),))
+                    for size in ("1M", "2M"))
+        assert one.build()[24:32] != two.build()[24:32]      # the virtual size
 
 
 class TestRules:
@@ -104,6 +178,13 @@ class TestRules:
         assert relaxed.classify(early, relaxed.allowed_plain, plain=True) == "old"
         assert strict.classify(early, strict.allowed_plain, plain=True) == "other"
         assert relaxed.classify(early, relaxed.allowed_qjournal, plain=False) == "other"   # journaled: exact
+
+    def test_data_a_shrink_cuts_off_needs_no_dirty_bit(self) -> None:
+        old = Semantic(4096, (("b", 512, 2, ()),), ((0, b"\x01" * 1024), (2048, b"\x03" * 1024)))
+        shrunk = Semantic(2048, old.bitmaps, ((0, b"\x01" * 1024),))
+        assert missed_writes(shrunk, old) == ""
+        written = Semantic(2048, old.bitmaps, ((0, b"\x01" * 512 + b"\x02" * 512),))
+        assert "no dirty bit for guest offset 0x200" in missed_writes(written, old)
 
     def test_dropped_means_no_bitmaps_and_the_same_data(self) -> None:
         e = Expect(self.SEM, self.NEW, 0, 0, "", True)

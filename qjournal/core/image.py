@@ -39,6 +39,7 @@ from .ordering import plan
 from .overlap import OverlapMap
 from .transaction import CommitObserver, Transaction
 from ..journal import Journal, Transaction as JournalTransaction
+from ..journal.journal import SaltSource
 from ..storage.medium import Medium, MmapMedium
 from ..storage.overlay import OverlayMedium
 
@@ -142,7 +143,10 @@ class Image:
     """
 
     def __init__(self, path: str | os.PathLike[str], mode: str = "r", *, medium: Medium | None = None,
-                 journal_medium: Medium | None = None, take_locks: bool = True, salvage: bool = False) -> None:
+                 journal_medium: Medium | None = None, take_locks: bool = True, salvage: bool = False,
+                 salts: SaltSource | None = None) -> None:
+        """``salts`` is the journal's salt source (see :class:`qjournal.journal.Journal`):
+        crashsim passes a seeded one so that its recordings repeat."""
         if mode not in ("r", "r+"):
             raise UsageError(f"mode {mode!r} is not 'r' or 'r+'")
         self.path = os.fspath(path)
@@ -171,9 +175,9 @@ class Image:
             # The header must at least be a qcow2 header before a journal is trusted.
             Header.parse(medium.read(0, min(medium.size, 4096)))
             if journal_medium is not None:
-                self.journal = Journal(medium, journal_medium)
+                self.journal = Journal(medium, journal_medium, salts=salts)
             else:
-                self.journal = Journal.open_for(self.path, medium, self.writable)
+                self.journal = Journal.open_for(self.path, medium, self.writable, salts=salts)
             if self.writable:
                 self.journal.recover()
                 self.medium: Medium = medium

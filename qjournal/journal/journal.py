@@ -20,6 +20,16 @@ from .transaction import PendingTransaction, Step, Transaction
 
 SUFFIX = ".qjournal"
 
+#: Where the salt of each new journal generation comes from: called once per commit (again
+#: while it repeats the previous generation's salt), it returns an integer in [0, 2**64).
+SaltSource = Callable[[], int]
+SALT_DRAWS = 8      # draws equal to the previous salt before the source is refused
+
+
+def system_salts() -> int:
+    """The default salt source: 64 bits from the operating system's random source."""
+    return secrets.randbits(64)
+
 
 class Journal:
     """The write-ahead journal of one image.
@@ -27,19 +37,24 @@ class Journal:
     ``jmedium`` is the journal file (None: there is none yet, or none may be made).
     ``on_create``, when there is no journal file, makes one at the first commit: it
     returns a new, empty, writable medium whose directory entry is already durable.
+    ``salts`` gives the salt of each new generation (default :func:`system_salts`); a
+    seeded source makes the journal's bytes reproducible (crashsim's runs and replays).
+    It is the public attribute ``salts``, which may be replaced before the next commit.
     The journal file is read once, here; O(size of its log).
     """
 
     def __init__(self, image: Medium, jmedium: Medium | None,
-                 on_create: Callable[[], Medium] | None = None) -> None:
+                 on_create: Callable[[], Medium] | None = None, *, salts: SaltSource | None = None) -> None:
         self.image = image
         self.jmedium = jmedium
+        self.salts: SaltSource = salts if salts is not None else system_salts
         self._on_create = on_create
         self._log = read_log(jmedium) if jmedium is not None else Log(None)
         self._unsynced = False    # a checkpoint record was written and not synced yet
 
     @classmethod
-    def open_for(cls, image_path: str | os.PathLike[str], image: Medium, writable: bool) -> Journal:
+    def open_for(cls, image_path: str | os.PathLike[str], image: Medium, writable: bool, *,
+                 salts: SaltSource | None = None) -> Journal:
         """The journal of the image at ``image_path``: ``IMAGE.qjournal`` beside it.
 
         A missing journal file is created at the first commit (writable opens only):
@@ -49,11 +64,11 @@ class Journal:
         path = os.fspath(image_path) + SUFFIX
         try:
             if os.path.exists(path):
-                return cls(image, FileMedium(path, writable))
+                return cls(image, FileMedium(path, writable), salts=salts)
         except OSError as e:
             raise JournalError(f"{path}: cannot open the journal: {e.strerror}") from None
         if not writable:
-            return cls(image, None)
+            return cls(image, None, salts=salts)
 
         def create() -> Medium:
             try:
@@ -63,7 +78,7 @@ class Journal:
                 raise JournalError(f"{path}: cannot create the journal: {e.strerror}") from None
             return medium
 
-        return cls(image, None, on_create=create)
+        return cls(image, None, on_create=create, salts=salts)
 
     @staticmethod
     def discard(image_path: str | os.PathLike[str]) -> bool:
@@ -166,9 +181,7 @@ class Journal:
         # rewrite after-images the image already holds. In no case a committed
         # transaction the image lacks, or a change to it.
         old = self._log.header
-        salt = secrets.randbits(64)
-        while old is not None and salt == old.salt:
-            salt = secrets.randbits(64)
+        salt = self._new_salt(old.salt if old is not None else None)
         header = FileHeader(old.generation + 1 if old else 1, salt, self._log.top)
         log = Log(header, end=HEADER_SIZE, crc=header.checksum, seq=header.first_seq, top=header.first_seq)
         txid = log.seq
@@ -197,6 +210,19 @@ class Journal:
         self._log = log
         self._unsynced = False
         return recorded
+
+    def _new_salt(self, previous: int | None) -> int:
+        """A salt from :attr:`salts` for the next generation, other than ``previous``: records
+        of the old generation must never pass for records of the new one."""
+        for _ in range(SALT_DRAWS):
+            salt = self.salts()
+            if not (isinstance(salt, int) and 0 <= salt < 1 << 64):
+                raise JournalError(f"journal header, offset 24 (salt): the salt source returned {salt!r}, "
+                                   "not an integer in [0, 2**64)")
+            if salt != previous:
+                return salt
+        raise JournalError(f"journal header, offset 24 (salt): the salt source returned the previous "
+                           f"generation's salt {previous:#x} {SALT_DRAWS} times; each generation needs a new one")
 
     def _after_images(self, steps: list[Step]) -> tuple[list[Step], list[list[tuple[int, ...]]]]:
         """The steps as the journal records them: each write widened to whole 512-byte

@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
-from hypothesis import event, settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 import qemu
 import qjournal
@@ -36,13 +36,15 @@ def check_staged(tx: Any) -> None:
         tx.guest._check()
 
 
-# name -> (disk size, qemu-img create options, backing pattern or None)
-CONFIGS: dict[str, tuple[int, tuple[str, ...], int | None]] = {
-    "plain": (8 * MiB, ("cluster_size=4096",), None),
-    "v2": (8 * MiB, ("compat=0.10", "cluster_size=4096"), None),
-    "refcount-1-bit": (8 * MiB, ("cluster_size=4096", "refcount_bits=1"), None),
-    "extended-l2": (40 * MiB, ("cluster_size=16384", "extended_l2=on"), None),
-    "backing": (8 * MiB, ("cluster_size=4096",), 0x3C),
+# name -> (disk size, qemu-img create options, backing pattern or None, an enabled bitmap)
+CONFIGS: dict[str, tuple[int, tuple[str, ...], int | None, bool]] = {
+    "plain": (8 * MiB, ("cluster_size=4096",), None, False),
+    "v2": (8 * MiB, ("compat=0.10", "cluster_size=4096"), None, False),
+    "refcount-1-bit": (8 * MiB, ("cluster_size=4096", "refcount_bits=1"), None, False),
+    "extended-l2": (40 * MiB, ("cluster_size=16384", "extended_l2=on"), None, False),
+    "backing": (8 * MiB, ("cluster_size=4096",), 0x3C, False),
+    # In-place data waits for the commit that sets the bitmap's bits first.
+    "bitmap": (8 * MiB, ("cluster_size=4096",), None, True),
 }
 OPS = st.tuples(st.sampled_from(["write", "zero", "discard"]),
                 st.one_of(st.integers(0, 1 << 26), st.integers(0, 1 << 14).map(lambda n: n * 512)),
@@ -52,20 +54,17 @@ OPS = st.tuples(st.sampled_from(["write", "zero", "discard"]),
 
 
 class GuestMachine(RuleBasedStateMachine):
+    """The machine over one image of ``CONFIG`` (a key of CONFIGS; see test_guest_model)."""
+
+    CONFIG = "plain"
+
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="qj-guest-model-"))
         self.path = self.dir / "g.qcow2"
-        self.model = bytearray()
-        self.size = 0
-        self.refcount_bits = 16
         self.snapshots = 0
         self.steps = 0
-
-    @initialize(config=st.sampled_from(sorted(CONFIGS)))
-    def create(self, config: str) -> None:
-        event(f"config {config}")
-        size, opts, backing = CONFIGS[config]
+        size, opts, backing, bitmap = CONFIGS[self.CONFIG]
         self.size = size
         self.refcount_bits = 1 if "refcount_bits=1" in opts else 16
         args = ["create", "-q", "-f", "qcow2", "-o", ",".join(opts)]
@@ -77,6 +76,8 @@ class GuestMachine(RuleBasedStateMachine):
         # Something allocated before we start: plain data, and compressed clusters.
         cs = int(next(o for o in opts if o.startswith("cluster_size=")).split("=")[1])
         qemu.qemu_io(self.path, f"write -P 0x11 {cs} {4 * cs}", f"write -c -P 0x22 {8 * cs} {2 * cs}")
+        if bitmap:
+            qemu.qemu_img("bitmap", "--add", str(self.path), "b0")
         self.model = bytearray(size)
         if backing is not None:
             self.model[:size // 2] = bytes([backing]) * (size // 2)
@@ -115,14 +116,11 @@ class GuestMachine(RuleBasedStateMachine):
     @rule()
     def snapshot(self) -> None:
         """An internal snapshot shares every table and cluster: writes must copy, COPIED must clear."""
-        event("snapshot")
         qemu.qemu_img("snapshot", "-c", f"s{self.snapshots}", str(self.path))
         self.snapshots += 1
 
     @invariant()
     def agrees_with_model(self) -> None:
-        if not self.size:
-            return
         with qjournal.open(self.path) as img:
             assert img.read(0, self.size) == bytes(self.model)
         self.steps += 1
@@ -131,18 +129,20 @@ class GuestMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
-            if self.size:
-                qemu.assert_clean(self.path)
-                raw = self.dir / "model.raw"
-                raw.write_bytes(bytes(self.model))
-                res = qemu.qemu_img("compare", "-f", "qcow2", "-F", "raw", str(self.path), str(raw), check=False)
-                assert res.returncode == 0, res.stdout + res.stderr
+            qemu.assert_clean(self.path)
+            raw = self.dir / "model.raw"
+            raw.write_bytes(bytes(self.model))
+            res = qemu.qemu_img("compare", "-f", "qcow2", "-F", "raw", str(self.path), str(raw), check=False)
+            assert res.returncode == 0, res.stdout + res.stderr
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-GuestMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=8, deadline=None, derandomize=True)
-TestGuestModel = GuestMachine.TestCase
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_guest_model(config: str) -> None:
+    machine = type(f"GuestMachine[{config}]", (GuestMachine,), {"CONFIG": config})
+    run_state_machine_as_test(machine, settings=settings(max_examples=6, stateful_step_count=8, deadline=None,
+                                                         derandomize=True))
 
 
 # -- the checks catch a broken invariant ------------------------------------------------

@@ -4,7 +4,9 @@ Oracle: the model (a bytearray of the disk), read back through qjournal inside e
 transaction and after it; the allocator's and the guest map's ``_check()`` after every
 operation (sortedcontainers' habit); ``qemu-img check`` every few steps, and at the end
 ``qemu-img check`` and ``qemu-img compare`` against a raw file of the model.
-The second half corrupts the staged state by hand and expects each ``_check()`` to fail.
+With an enabled bitmap, ``qemu-nbd -B`` must show every written byte as dirty (extra
+dirty bits are allowed). The second half corrupts the staged state by hand and expects
+each ``_check()`` to fail.
 """
 from __future__ import annotations
 
@@ -64,7 +66,9 @@ class GuestMachine(RuleBasedStateMachine):
         self.path = self.dir / "g.qcow2"
         self.snapshots = 0
         self.steps = 0
+        self.written: list[tuple[int, int]] = []  # guest ranges written since the bitmap was added
         size, opts, backing, bitmap = CONFIGS[self.CONFIG]
+        self.bitmap = bitmap
         self.size = size
         self.refcount_bits = 1 if "refcount_bits=1" in opts else 16
         args = ["create", "-q", "-f", "qcow2", "-o", ",".join(opts)]
@@ -91,6 +95,7 @@ class GuestMachine(RuleBasedStateMachine):
         if kind == "write":
             img.write(off, bytes([byte]) * n)
             self.model[off:off + n] = bytes([byte]) * n
+            self.written.append((off, n))
         else:
             (img.write_zeroes if kind == "zero" else img.discard)(off, n)
             self.model[off:off + n] = bytes(n)
@@ -134,6 +139,11 @@ class GuestMachine(RuleBasedStateMachine):
             raw.write_bytes(bytes(self.model))
             res = qemu.qemu_img("compare", "-f", "qcow2", "-F", "raw", str(self.path), str(raw), check=False)
             assert res.returncode == 0, res.stdout + res.stderr
+            if self.bitmap:
+                dirty = qemu.nbd_dirty_extents(self.path, "b0")
+                for off, n in self.written:
+                    covered = sum(max(0, min(off + n, s + k) - max(off, s)) for s, k in dirty)
+                    assert covered == n, f"bitmap b0 misses part of the write {off:#x}+{n:#x}: dirty {dirty}"
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -2,19 +2,23 @@
 
 Each step runs one operation with qjournal (or a guest write with qemu-io, which dirties
 the enabled bitmaps), then compares qjournal's view with the model; every few steps
-qemu-img check and qemu-img info re-check the image, and qemu-nbd the bits.
+qemu-img check and qemu-img info re-check the image, and qemu-nbd the bits. Each
+qjournal operation runs in an explicit transaction, so that the allocator's invariants
+(``_check``) are asserted after it, before the commit.
 """
 from __future__ import annotations
 
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import qemu
 import qjournal
+from test_guest_model import check_staged
 
 DISK = 64 << 20
 NAMES = st.sampled_from(["a", "b", "c", "long-" + "n" * 40])
@@ -36,6 +40,14 @@ def extents(bits: set[int], g: int) -> list[tuple[int, int]]:
     return out
 
 
+def in_transaction(path: Path, op: Callable[[Any], None]) -> None:
+    """Run ``op(img)`` in an explicit transaction and check the staged state before the commit."""
+    with qjournal.open(path, "r+") as img:
+        with img.transaction() as tx:
+            op(img)
+            check_staged(tx)
+
+
 class BitmapMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -46,46 +58,41 @@ class BitmapMachine(RuleBasedStateMachine):
 
     @rule(name=NAMES, g=GRANS, disabled=st.booleans())
     def add(self, name: str, g: int, disabled: bool) -> None:
-        with qjournal.open(self.path, "r+") as img:
-            if name in self.model:
-                try:
-                    img.bitmaps.add(name, g, disabled=disabled)
-                except qjournal.BitmapError:
-                    return
-                raise AssertionError("duplicate add accepted")
-            img.bitmaps.add(name, g, disabled=disabled)
+        if name in self.model:
+            try:
+                in_transaction(self.path, lambda img: img.bitmaps.add(name, g, disabled=disabled))
+            except qjournal.BitmapError:
+                return
+            raise AssertionError("duplicate add accepted")
+        in_transaction(self.path, lambda img: img.bitmaps.add(name, g, disabled=disabled))
         self.model[name] = {"g": g, "enabled": not disabled, "bits": set()}
 
     @precondition(lambda self: self.model)
     @rule(data=st.data())
     def remove(self, data: st.DataObject) -> None:
         name = data.draw(st.sampled_from(sorted(self.model)))
-        with qjournal.open(self.path, "r+") as img:
-            img.bitmaps.remove(name)
+        in_transaction(self.path, lambda img: img.bitmaps.remove(name))
         del self.model[name]
 
     @precondition(lambda self: self.model)
     @rule(data=st.data())
     def clear(self, data: st.DataObject) -> None:
         name = data.draw(st.sampled_from(sorted(self.model)))
-        with qjournal.open(self.path, "r+") as img:
-            img.bitmaps.clear(name)
+        in_transaction(self.path, lambda img: img.bitmaps.clear(name))
         self.model[name]["bits"] = set()
 
     @precondition(lambda self: self.model)
     @rule(data=st.data(), enable=st.booleans())
     def toggle(self, data: st.DataObject, enable: bool) -> None:
         name = data.draw(st.sampled_from(sorted(self.model)))
-        with qjournal.open(self.path, "r+") as img:
-            (img.bitmaps.enable if enable else img.bitmaps.disable)(name)
+        in_transaction(self.path, lambda img: (img.bitmaps.enable if enable else img.bitmaps.disable)(name))
         self.model[name]["enabled"] = enable
 
     @precondition(lambda self: len(self.model) >= 2)
     @rule(data=st.data())
     def merge(self, data: st.DataObject) -> None:
         dst, src = data.draw(st.permutations(sorted(self.model)))[:2]
-        with qjournal.open(self.path, "r+") as img:
-            img.bitmaps.merge(dst, src)
+        in_transaction(self.path, lambda img: img.bitmaps.merge(dst, src))
         gd, gs = self.model[dst]["g"], self.model[src]["g"]
         for b in self.model[src]["bits"]:
             self.model[dst]["bits"] |= granules(b * gs, min(gs, DISK - b * gs), gd)
@@ -95,9 +102,11 @@ class BitmapMachine(RuleBasedStateMachine):
     def several_in_one_transaction(self, data: st.DataObject) -> None:
         a, b = data.draw(st.permutations(sorted(self.model)))[:2]
         with qjournal.open(self.path, "r+") as img:
-            with img.transaction():
+            with img.transaction() as tx:
                 img.bitmaps.clear(a)
+                check_staged(tx)
                 img.bitmaps.disable(b)
+                check_staged(tx)
         self.model[a]["bits"] = set()
         self.model[b]["enabled"] = False
 

@@ -77,6 +77,7 @@ class Allocator:
         self._end = -(-medium.size // self.cs)
         self.deltas: dict[int, int] = {}
         self.taken: set[int] = set()
+        self.reserved: set[int] = set()
 
     # -- reading ----------------------------------------------------------
     def _block(self, bi: int) -> bytes | None:
@@ -108,6 +109,15 @@ class Allocator:
             return np.zeros(0, dtype=np.uint64)
         return np.concatenate([self.counts(b, 0, min(self.epb, nclusters - b * self.epb)) for b in range(nb)])
 
+    def staged_refcounts(self) -> np.ndarray:
+        """Refcounts of every cluster the allocator covers as the commit will leave them
+        (on disk plus the staged changes, before :meth:`materialize`), as int64. O(clusters)."""
+        counts = self.all_refcounts(self._end).astype(np.int64)
+        for c, d in self.deltas.items():
+            if 0 <= c < len(counts):
+                counts[c] += d
+        return counts
+
     def _free_index(self) -> SortedList:
         if self._free is None:
             counts = self.all_refcounts(self._end)
@@ -127,6 +137,7 @@ class Allocator:
         free = self._free_index()
         for c in clusters:
             free.discard(c)
+            self.reserved.add(c)
 
     def alloc(self, n: int = 1) -> int:
         """Take ``n`` contiguous free clusters; returns the byte offset of the first."""
@@ -253,6 +264,77 @@ class Allocator:
             for bi, off in sorted(new_blocks.items()):
                 plan.hook.append((self.rt_offset + 8 * bi, int(off).to_bytes(8, "big")))
         return plan
+
+
+    # -- invariants -------------------------------------------------------
+    def _check(self) -> None:
+        """Assert every internal invariant (for tests; O(clusters in the file)).
+
+        With ``disk(c)`` the refcount on disk and ``delta(c)`` the staged change:
+
+        1. the refcount table copy equals the table on disk, and each cached block
+           equals the block on disk (``None`` exactly where the table has no block);
+        2. every cluster handed out (``taken``) lies below the end the allocator
+           covers, was free on disk (``disk(c) == 0``), is neither reserved nor in the
+           free index, and is counted once: ``delta(c)`` is 1, or 0 once freed again;
+        3. only a handed-out or reserved cluster gains a reference
+           (``delta(c) > 0``); a cluster never gains two in one transaction unless
+           reserved (check's repair sets its counts directly);
+        4. once built, the free index is sorted and holds exactly the clusters below
+           the end with ``disk(c) == 0`` that are neither taken nor reserved: a freed
+           cluster is not handed out again before the commit;
+        5. the file ends within the clusters the allocator covers, so that a cluster
+           past the end is never handed out over data.
+
+        A negative staged refcount is not asserted: it comes from a damaged image,
+        and :meth:`materialize` reports it as a :class:`FormatError`.
+        """
+        cs, epb = self.cs, self.epb
+
+        def at(c: int) -> str:
+            return f"cluster {c} (at {c * cs:#x})"
+
+        assert epb == cs * 8 >> self.order, f"allocator: {epb} entries per block for cluster size {cs}"
+        disk_rt = self.medium.array(self.rt_offset, self.rt_clusters * cs // 8, ">u8").astype(np.uint64)
+        assert len(self.reftable) == len(disk_rt), \
+            f"allocator: refcount table copy has {len(self.reftable)} entries, the table on disk {len(disk_rt)}"
+        diff = np.nonzero(self.reftable != disk_rt)[0]
+        assert not len(diff), (f"allocator: refcount table entry {int(diff[0])} is "
+                               f"{int(self.reftable[diff[0]]):#x} in the copy, {int(disk_rt[diff[0]]):#x} on disk")
+        for bi, raw in self._raw.items():
+            off = int(self.reftable[bi]) if bi < len(self.reftable) else 0
+            if not off:
+                assert raw is None, f"allocator: refcount block {bi} is cached but the table has no block for it"
+                continue
+            assert raw is not None and raw == self.medium.read(off, cs), \
+                f"allocator: cached refcount block {bi} (at {off:#x}) differs from the block on disk"
+        assert self.medium.size <= self._end * cs, \
+            f"allocator: the file ends at {self.medium.size:#x}, past the clusters covered ({self._end * cs:#x})"
+        disk = self.all_refcounts(self._end)
+        for c in sorted(self.taken):
+            assert 0 <= c < self._end, f"allocator: {at(c)} was handed out past the end (cluster {self._end})"
+            assert int(disk[c]) == 0, f"allocator: {at(c)} was handed out with refcount {int(disk[c])} on disk"
+            assert c not in self.reserved, f"allocator: {at(c)} is reserved and was handed out"
+            assert self.deltas.get(c, 0) in (0, 1), \
+                f"allocator: {at(c)} was handed out, but its staged change is {self.deltas.get(c, 0):+d}"
+        for c, d in sorted(self.deltas.items()):
+            assert c >= 0, f"allocator: a staged change for negative cluster {c}"
+            if d > 0:
+                assert c in self.taken or c in self.reserved, \
+                    f"allocator: {at(c)} gains {d} reference(s) but was never handed out"
+        if self._free is None:
+            return
+        self._free._check()
+        free = set(self._free)
+        assert len(free) == len(self._free), "allocator: the free index holds a cluster twice"
+        expect = set(np.nonzero(disk == 0)[0].tolist()) - self.taken - self.reserved
+        for c in sorted(free - expect)[:1]:
+            why = ("past the end" if not 0 <= c < self._end else "handed out" if c in self.taken else
+                   "reserved" if c in self.reserved else f"its refcount on disk is {int(disk[c])}")
+            raise AssertionError(f"allocator: {at(c)} is in the free index, but {why}")
+        for c in sorted(expect - free)[:1]:
+            raise AssertionError(f"allocator: {at(c)} has refcount 0 on disk and is not taken, "
+                                 "but it is missing from the free index")
 
 
 def _diff_writes(base: int, old: bytes, new: bytes) -> list[Write]:

@@ -18,10 +18,20 @@ _WIDE = {3: ">u1", 4: ">u2", 5: ">u4", 6: ">u8"}
 
 
 def entries_per_block(cluster_size: int, refcount_order: int) -> int:
+    """Refcounts one block holds.
+
+    >>> entries_per_block(65536, 4), entries_per_block(512, 0)
+    (32768, 4096)
+    """
     return cluster_size * 8 >> refcount_order
 
 
 def max_refcount(refcount_order: int) -> int:
+    """The largest refcount an entry of ``1 << refcount_order`` bits holds.
+
+    >>> max_refcount(0), max_refcount(4)
+    (1, 65535)
+    """
     return (1 << (1 << refcount_order)) - 1
 
 
@@ -38,7 +48,11 @@ def unpack_block(buf: bytes | bytearray | memoryview, refcount_order: int) -> np
 
 
 def byte_span(lo: int, hi: int, refcount_order: int) -> tuple[int, int]:
-    """The whole bytes of a block that hold entries ``lo .. hi-1``: (first byte, end byte)."""
+    """The whole bytes of a block that hold entries ``lo .. hi-1``: (first byte, end byte).
+
+    >>> byte_span(3, 5, 0), byte_span(3, 5, 4)
+    ((0, 1), (6, 10))
+    """
     return (lo << refcount_order) // 8, -(-(hi << refcount_order) // 8)
 
 
@@ -50,7 +64,17 @@ def unpack_entries(buf: bytes | bytearray | memoryview, refcount_order: int, lo:
 
 
 def pack_block(counts: np.ndarray, refcount_order: int) -> bytes:
-    """The bytes of a refcount block holding ``counts``."""
+    """The bytes of a refcount block holding ``counts``.
+
+    Narrow widths pack least significant bits first; wide ones are big-endian:
+
+    >>> pack_block(np.array([1, 0, 1, 1, 0, 0, 0, 1]), 0)
+    b'\\x8d'
+    >>> pack_block(np.array([1, 258]), 4)
+    b'\\x00\\x01\\x01\\x02'
+    >>> unpack_block(b'\\x8d', 0).tolist()
+    [1, 0, 1, 1, 0, 0, 0, 1]
+    """
     if refcount_order >= 3:
         return counts.astype(_WIDE[refcount_order]).tobytes()
     width = 1 << refcount_order

@@ -23,16 +23,31 @@ SUBCLUSTERS = 32  # per cluster with extended L2: the bitmap's low half "allocat
 
 
 def l2_entries(cluster_size: int, extended_l2: bool) -> int:
+    """Entries of one L2 table (an extended entry takes 16 bytes, a standard one 8).
+
+    >>> l2_entries(65536, False), l2_entries(65536, True)
+    (8192, 4096)
+    """
     return cluster_size // (16 if extended_l2 else 8)
 
 
 def size_to_l1(size: int, cluster_size: int, extended_l2: bool) -> int:
-    """L1 entries a disk of ``size`` bytes needs (QEMU's ``size_to_l1``)."""
+    """L1 entries a disk of ``size`` bytes needs (QEMU's ``size_to_l1``).
+
+    One L2 table of 64 KiB clusters maps 512 MiB (256 MiB with extended L2):
+
+    >>> size_to_l1(1 << 30, 65536, False), size_to_l1(1 << 30, 65536, True), size_to_l1(1, 65536, False)
+    (2, 4, 1)
+    """
     return -(-size // (l2_entries(cluster_size, extended_l2) * cluster_size))
 
 
 def compressed_geometry(cluster_bits: int) -> tuple[int, int, int]:
-    """(offset mask, size shift, size mask) of a compressed L2 entry."""
+    """(offset mask, size shift, size mask) of a compressed L2 entry.
+
+    >>> [hex(v) for v in compressed_geometry(16)]
+    ['0x3fffffffffffff', '0x36', '0xff']
+    """
     csize_shift = 62 - (cluster_bits - 8)
     csize_mask = (1 << (cluster_bits - 8)) - 1
     offset_mask = (1 << csize_shift) - 1
@@ -40,7 +55,14 @@ def compressed_geometry(cluster_bits: int) -> tuple[int, int, int]:
 
 
 def compressed_span(entry: int, cluster_bits: int) -> tuple[int, int]:
-    """Host (offset, length) of the compressed data an L2 entry describes."""
+    """Host (offset, length) of the compressed data an L2 entry describes.
+
+    The length runs to the end of the entry's last 512-byte sector:
+
+    >>> entry = OFLAG_COMPRESSED | (1 << 54) | 0x10100   # 64 KiB clusters: 2 sectors, from 0x10100
+    >>> compressed_span(entry, 16)
+    (65792, 768)
+    """
     offset_mask, shift, mask = compressed_geometry(cluster_bits)
     off = entry & offset_mask
     nb_sectors = ((entry >> shift) & mask) + 1

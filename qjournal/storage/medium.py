@@ -201,7 +201,11 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, off: int) -> None:
 
 
 def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
-    """Sorted, coalesced ``(offset, length)`` ranges."""
+    """Sorted, coalesced ``(offset, length)`` ranges (touching ones are merged too).
+
+    >>> merge_ranges([(10, 5), (0, 4), (4, 2), (12, 1)])
+    [(0, 6), (10, 5)]
+    """
     out: list[list[int]] = []
     for off, n in sorted(ranges):
         if out and off <= out[-1][0] + out[-1][1]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import FormatError
 from ..format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
-                            SUBCLUSTERS)
+                            SUBCLUSTERS, compressed_span)
 from ..core.ordering import Phase
 from ..read.guest import reader
 from ..storage.medium import FileMedium, Medium, merge_ranges
@@ -295,6 +295,125 @@ class GuestMap:
     def close(self) -> None:
         if self.target is not self.img.medium:
             self.target.close()
+
+    # -- invariants --------------------------------------------------------------
+    def _check(self) -> None:
+        """Assert every internal invariant (for tests; O(staged tables + file clusters)).
+
+        1. The staged L1 table differs from the L1 table on disk exactly at
+           ``l1_changed``, and each changed entry points, with COPIED, at a new table
+           of this transaction.
+        2. Each staged table is the one its staged L1 entry points at. An existing
+           table still holds, in ``orig``, the words on disk, and its words differ
+           from them only at the entries in ``changed``. A new table has no ``orig``
+           and lies in a cluster the allocator handed out.
+        3. Without an external data file, every cluster a staged entry maps (data, or
+           compressed data) has a staged refcount of at least 1 and lies inside the
+           clusters the allocator covers, and no entry maps a staged L2 table.
+           COPIED is set on an entry exactly when the staged refcount of its cluster
+           is 1 (never on a compressed entry), as ``qemu-img check`` will want it
+           after the commit; likewise for the L1 entries of staged tables.
+        4. Each ``fresh`` cluster was handed out by the allocator and is mapped by
+           exactly one staged entry.
+        5. Each piece of waiting in-place data lies within one guest cluster, whose
+           staged entry still maps the host cluster it goes to; ``deferred_bytes``
+           is their total and ``_deferred_at`` names their guest clusters.
+        """
+        img, alloc, cs, ew = self.img, self.tx.alloc, self.cs, self.ew
+        h = img.header
+        disk_l1 = img.medium.array(h.l1_table_offset, h.l1_size, ">u8").astype(np.uint64)
+        assert len(self.l1) == len(disk_l1), f"guest map: staged L1 has {len(self.l1)} entries, not {len(disk_l1)}"
+        differ = set(np.nonzero(self.l1 != disk_l1)[0].tolist())
+        for i in sorted(differ ^ self.l1_changed)[:1]:
+            raise AssertionError(f"guest map: L1 entry {i} is {int(self.l1[i]):#x} staged, {int(disk_l1[i]):#x} on disk, "
+                                 f"but {'is' if i in self.l1_changed else 'is not'} marked changed")
+        for i in sorted(self.l1_changed):
+            t = self.tables.get(i)
+            assert t is not None and t.new and int(self.l1[i]) & OFLAG_COPIED, \
+                f"guest map: L1 entry {i} changed, but does not point with COPIED at a new table"
+        n_words = cs // 8
+        tables: dict[int, int] = {}  # cluster of a staged table -> L1 index
+        for i, t in sorted(self.tables.items()):
+            where = f"guest map: L2 table of L1 entry {i} (at {t.offset:#x})"
+            assert 0 <= i < len(self.l1), f"{where}: L1 index out of range"
+            assert int(self.l1[i]) & L1E_OFFSET_MASK == t.offset, \
+                f"{where}: the staged L1 entry points at {int(self.l1[i]) & L1E_OFFSET_MASK:#x}"
+            assert t.offset % cs == 0 and t.offset, f"{where}: unaligned or zero table offset"
+            assert t.words.dtype == np.uint64 and len(t.words) == n_words, f"{where}: not {n_words} uint64 words"
+            assert t.offset // cs not in tables, f"{where}: L1 entry {tables.get(t.offset // cs)} uses it too"
+            tables[t.offset // cs] = i
+            if t.new:
+                assert t.orig is None and not t.changed, f"{where}: a new table with on-disk words or changes"
+                assert t.offset // cs in alloc.taken, f"{where}: a new table in a cluster the allocator did not hand out"
+                continue
+            assert t.orig is not None, f"{where}: an existing table without its on-disk words"
+            on_disk = img.medium.array(t.offset, n_words, ">u8").astype(np.uint64)
+            assert np.array_equal(t.orig, on_disk), f"{where}: the words kept as on disk differ from the disk"
+            entries = np.nonzero((t.words != t.orig).reshape(-1, ew).any(axis=1))[0].tolist()
+            for e in sorted(set(entries) - t.changed)[:1]:
+                raise AssertionError(f"{where}: entry {e} differs from the disk but is not marked changed")
+            assert all(0 <= e < self.per_l2 for e in t.changed), f"{where}: a changed entry index out of range"
+        self._check_references(tables)
+        self._check_deferred()
+
+    def _check_references(self, tables: dict[int, int]) -> None:
+        """Invariants 3 and 4 of :meth:`_check`: what the staged entries map."""
+        alloc, cs, ew = self.tx.alloc, self.cs, self.ew
+        hosts: dict[int, list[tuple[int, int]]] = {}  # host cluster -> (L1 index, entry index) mapping it
+        compressed: list[tuple[int, int, int]] = []  # (first cluster, last cluster, L1 index)
+        copied: dict[tuple[int, int], bool] = {}
+        for i, t in sorted(self.tables.items()):
+            for k, e in enumerate(t.words[0::ew].tolist()):
+                if e & OFLAG_COMPRESSED:
+                    assert not e & OFLAG_COPIED, f"guest map: compressed entry {k} of L2 table {t.offset:#x} has COPIED"
+                    off, length = compressed_span(e, self.img.header.cluster_bits)
+                    compressed.append((off // cs, (off + length - 1) // cs, i))
+                elif self.host_allocated(e):
+                    hosts.setdefault((e & L2E_OFFSET_MASK) // cs, []).append((i, k))
+                    copied[(i, k)] = bool(e & OFLAG_COPIED)
+        for c in sorted(self.fresh):
+            assert c in alloc.taken, f"guest map: fresh cluster {c * cs:#x} was not handed out by the allocator"
+            n = len(hosts.get(c, ()))
+            assert n == 1, f"guest map: fresh cluster {c * cs:#x} is mapped by {n} staged entries, not 1"
+        if self.has_data_file:
+            return
+        staged = alloc.staged_refcounts()
+        for c, users in sorted(hosts.items()):
+            i, k = users[0]
+            where = f"guest map: entry {k} of the L2 table of L1 entry {i} maps cluster {c * cs:#x}"
+            assert c < len(staged), f"{where}, past the clusters the allocator covers"
+            assert c not in tables, f"{where}, which holds the L2 table of L1 entry {tables.get(c)}"
+            assert staged[c] >= 1, f"{where}, whose staged refcount is {int(staged[c])}"
+            for i, k in users:
+                assert copied[(i, k)] == (staged[c] == 1), \
+                    f"guest map: entry {k} of the L2 table of L1 entry {i} has COPIED " \
+                    f"{'set' if copied[(i, k)] else 'clear'}, but cluster {c * cs:#x} has staged refcount {int(staged[c])}"
+        for first, last, i in compressed:
+            for c in range(first, last + 1):
+                assert c < len(staged) and staged[c] >= 1, \
+                    f"guest map: compressed data in cluster {c * cs:#x} (L1 entry {i}) has no staged refcount"
+        for i, t in sorted(self.tables.items()):
+            c = t.offset // cs
+            assert c < len(staged) and staged[c] >= 1, f"guest map: L2 table at {t.offset:#x} has no staged refcount"
+            assert bool(int(self.l1[i]) & OFLAG_COPIED) == (staged[c] == 1), \
+                f"guest map: L1 entry {i} has COPIED {'set' if int(self.l1[i]) & OFLAG_COPIED else 'clear'}, " \
+                f"but its L2 table at {t.offset:#x} has staged refcount {int(staged[c])}"
+
+    def _check_deferred(self) -> None:
+        """Invariant 5 of :meth:`_check`: the in-place data that waits for the commit."""
+        cs = self.cs
+        total = 0
+        for host, guest, data in self.deferred:
+            total += len(data)
+            gc = guest // cs
+            where = f"guest map: {len(data)} bytes waiting for guest offset {guest:#x} (host {host:#x})"
+            assert data and (guest + len(data) - 1) // cs == gc, f"{where}: empty, or across a cluster boundary"
+            assert gc in self._deferred_at, f"{where}: guest cluster {gc} is not in the waiting set"
+            e, _ = self.entry(gc)
+            mapped = (e & L2E_OFFSET_MASK) if self.host_allocated(e) and not e & OFLAG_COMPRESSED else None
+            assert mapped == host // cs * cs and host % cs == guest % cs, \
+                f"{where}: the staged entry of guest cluster {gc} is {e:#x}"
+        assert total == self.deferred_bytes, f"guest map: deferred_bytes is {self.deferred_bytes}, the data {total}"
 
 
 def _runs(indexes: list[int]) -> list[Range]:

@@ -27,6 +27,25 @@ KNOWN = {
 }
 # The order QEMU writes them in; unknown ones go after the known ones.
 QEMU_ORDER = (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_CRYPTO, EXT_FEATURE_TABLE, EXT_BITMAPS)
+# QEMU writes the feature name table only into header clusters larger than 4 KiB
+# (qcow2_update_header), so that small clusters keep room for names.
+FEATURE_TABLE_MIN_CLUSTER_SIZE = 8192
+# The full disk encryption extension's data: u64 offset and u64 length of the LUKS
+# header clusters.
+CRYPTO_HEADER = struct.Struct(">QQ")
+
+
+def crypto_header_span(data: bytes) -> tuple[int, int] | None:
+    """(offset, length) of the LUKS header that a full disk encryption extension's
+    ``data`` names; None when ``data`` is too short to name one.
+
+    >>> crypto_header_span(bytes.fromhex("0000000000030000" "0000000000100000"))
+    (196608, 1048576)
+    """
+    if len(data) < CRYPTO_HEADER.size:
+        return None
+    offset, length = CRYPTO_HEADER.unpack_from(data)
+    return offset, length
 
 
 def padded(n: int) -> int:

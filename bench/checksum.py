@@ -18,10 +18,11 @@ from typing import ClassVar
 
 import numpy as np
 
+from qjournal.journal.records import PIECE
+
 from .harness import Benchmark, Fixtures, benchmark
 
 SIZE = 64 << 20
-PIECE = 512
 SEED = 32
 
 

@@ -774,7 +774,7 @@ def create_image(path: str, size: int | None, options: CreateOptions) -> None:
         raise UsageError("no size given (and no backing file to take it from)")
     if not 0 <= size <= MAX_SIZE - SECTOR + 1:
         raise UsageError(f"image size {size} is out of range: must be between 0 and {MAX_SIZE - SECTOR + 1} "
-                         "(it is rounded up to a multiple of 512)")
+                         f"(it is rounded up to a multiple of {SECTOR})")
     size += -size % SECTOR
     bits = options.cluster_size.bit_length() - 1
     if size_to_l1(size, 1 << bits, options.extended_l2) > MAX_L1_ENTRIES:

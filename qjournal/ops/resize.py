@@ -64,14 +64,14 @@ from ..core.allocator import Allocator
 from ..errors import BitmapError, UnsupportedError, UsageError
 from ..format import bitmaps as bm
 from ..format.extensions import EXT_BITMAPS
-from ..format.header import AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, FIELD_OFFSET, MAX_L1_ENTRIES
+from ..format.geometry import SECTOR
+from ..format.header import AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, FIELD_OFFSET, MAX_L1_ENTRIES, pack_field
 from ..format.tables import L1E_OFFSET_MASK, OFLAG_COPIED, l2_entries, size_to_l1
 
 if TYPE_CHECKING:
     from ..core.image import Image
 
 Write = tuple[int, bytes]
-SECTOR = 512
 HEADER_SPAN = (FIELD_OFFSET["size"], FIELD_OFFSET["refcount_table_offset"])       # bytes 24..47
 REFTABLE_SPAN = (FIELD_OFFSET["refcount_table_offset"], FIELD_OFFSET["nb_snapshots"])  # bytes 48..59
 AUTOCLEAR = FIELD_OFFSET["autoclear_features"]
@@ -191,13 +191,13 @@ def _plan(img: "Image", alloc: Allocator, precommit: list[Write], new_size: int)
     ac_old = h.autoclear_features
     ac = ac_old & AUTOCLEAR_KNOWN
     if bitmaps:
-        steps.append(("autoclear-cleared", [(AUTOCLEAR, (ac & ~AUTOCLEAR_BITMAPS).to_bytes(8, "big"))]))
+        steps.append(("autoclear-cleared", [(AUTOCLEAR, pack_field("autoclear_features", ac & ~AUTOCLEAR_BITMAPS))]))
     elif ac != ac_old:
-        steps.append(("autoclear-cleared", [(AUTOCLEAR, ac.to_bytes(8, "big"))]))
+        steps.append(("autoclear-cleared", [(AUTOCLEAR, pack_field("autoclear_features", ac))]))
     packed = new_header.pack()
     steps.append(("header-switched", [(HEADER_SPAN[0], packed[HEADER_SPAN[0]:HEADER_SPAN[1]])] + ext_write))
     if bitmaps:
-        steps.append(("autoclear-set", [(AUTOCLEAR, (ac | AUTOCLEAR_BITMAPS).to_bytes(8, "big"))]))
+        steps.append(("autoclear-set", [(AUTOCLEAR, pack_field("autoclear_features", ac | AUTOCLEAR_BITMAPS))]))
     if l2_writes:
         steps.append(("l2-updated", l2_writes))
     if l1_writes:

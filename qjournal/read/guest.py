@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
 import numpy as np
 
 from ..errors import FormatError, UnsupportedError, UsageError
+from ..format.geometry import SECTOR
 from ..format.header import AUTOCLEAR_DATA_FILE_RAW, COMPRESSION_ZSTD, MAGIC
 from ..format.tables import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
                             OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS, compressed_geometry,
@@ -176,8 +177,8 @@ class RawFile:
 
     @property
     def size(self) -> int:
-        """The length QEMU gives it: the file's, rounded up to 512 bytes."""
-        return -(-self.file_size // 512) * 512
+        """The length QEMU gives it: the file's, rounded up to a whole sector."""
+        return -(-self.file_size // SECTOR) * SECTOR
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         run_preads([(self.fd, offset, buf)])

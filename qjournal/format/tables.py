@@ -23,6 +23,8 @@ L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1E_RESERVED_MASK = 0x7F000000000001FF
 L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2E_RESERVED_MASK = 0x3F000000000001FE
+HOST_OFFSET_LIMIT = 1 << 56                      # host offsets are bits 9..55
+COMPRESSED_DESCRIPTOR_MASK = OFLAG_COMPRESSED - 1  # bits 0..61 of a compressed entry: offset and sectors
 SUBCLUSTERS = 32  # per cluster with extended L2: the bitmap's low half "allocated", high half "reads as zeros"
 
 

@@ -12,8 +12,8 @@ round to the next. The table gives each side's median, the ratio ours/peer and
 the goal that ratio must meet.
 
 Adding a benchmark is one class in a module of this package (one module per
-area: ``bitmaps.py``, later ``io.py``, ``check.py``, ``crashsim.py``); every
-module here is imported on start, so nothing else needs registering::
+area: ``bitmaps.py``, ``io.py``, ``checkbench.py``, ``checksum.py``, ``crashsim.py``);
+every module here is imported on start, so nothing else needs registering::
 
     from .harness import Benchmark, Fixtures, benchmark
 
@@ -30,6 +30,11 @@ module here is imported on start, so nothing else needs registering::
 
         def peer(self, image: Path) -> list[str]:
             return ["qemu-img", "bitmap", "--add", "-g", "65536", str(image), "b0"]
+
+A benchmark whose goal is a throughput rather than a peer program is declared with
+``rate`` (bytes/s) and ``nbytes`` (bytes one ``ours`` call processes), and has no
+``peer``: ``@benchmark("crc32c-whole", rate=4e9, nbytes=64 << 20)``. Its peer column
+is the time the rate allows, so its ratio is at most 1.0 exactly when the rate is met.
 """
 from .harness import Benchmark, Fixtures, benchmark
 

@@ -19,6 +19,12 @@ How a benchmark is measured, round by round:
 Warm-up rounds are run and verified but not counted. The ratio is
 median(ours) / median(peer); a benchmark passes when it is at most its goal.
 
+A benchmark declared with a ``rate`` (``@benchmark("crc32c-whole", rate=4e9, nbytes=64 << 20)``)
+is measured against a throughput, not a program: it has no peer process, and the peer
+column shows the time that rate allows for ``nbytes``, the bytes one ``ours`` call
+processes. The ratio is then at most 1.0 exactly when ours reaches the rate, and the
+table is followed by ours' rate (bytes per second of the median call).
+
 With ``--rss`` each side runs once more, untimed, on a fresh copy, under GNU
 ``time -f %M``: the peer as is, ours as a child process (``python -m bench
 --child-ours NAME IMAGE``), beside a child that only imports the same modules
@@ -61,7 +67,8 @@ class Benchmark:
     - ``template(fx)``: the image every round starts from; build it through
       ``fx.image(key, builder)`` so that benchmarks can share it;
     - ``ours(image)``: the library call, on a fresh copy of the template;
-    - ``peer(image)``: the argv of the peer command, on another fresh copy;
+    - ``peer(image)``: the argv of the peer command, on another fresh copy (not
+      for a benchmark declared with a ``rate``: it has no peer process);
     - ``verify(ours_image, peer_image)`` (optional): after the first round, raise
       ``AssertionError`` if the two sides did not leave the same result.
 
@@ -71,6 +78,13 @@ class Benchmark:
 
     name: ClassVar[str] = ""
     goal: ClassVar[float] = 1.0
+    rate: ClassVar[float | None] = None      # bytes/s the goal asks for, instead of a peer
+    nbytes: ClassVar[int] = 0                # bytes one ``ours`` call processes (with ``rate``)
+
+    @classmethod
+    def rate_budget(cls) -> float | None:
+        """Seconds the goal's ``rate`` allows for ``nbytes`` (None: measured against a peer)."""
+        return None if cls.rate is None else cls.nbytes / cls.rate
 
     @classmethod
     def description(cls) -> str:
@@ -93,14 +107,22 @@ REGISTRY: dict[str, type[Benchmark]] = {}
 B = TypeVar("B", bound=type[Benchmark])
 
 
-def benchmark(name: str, *, goal: float = 1.0) -> Callable[[B], B]:
-    """Register a :class:`Benchmark` subclass as ``name``; it passes when ours/peer <= ``goal``."""
+def benchmark(name: str, *, goal: float = 1.0, rate: float | None = None, nbytes: int = 0) -> Callable[[B], B]:
+    """Register a :class:`Benchmark` subclass as ``name``; it passes when ours/peer <= ``goal``.
+
+    With ``rate`` (bytes/s) the peer is no process but the time ``nbytes`` take at that
+    rate; ``goal`` then stays 1.0: the benchmark passes when ours reaches the rate.
+    """
+    if rate is not None and (rate <= 0 or nbytes <= 0 or goal != 1.0):
+        raise ValueError(f"benchmark {name!r}: a rate needs nbytes > 0 and the goal 1.0")
     def register(cls: B) -> B:
         if name in REGISTRY and REGISTRY[name] is not cls:
             raise ValueError(f"benchmark {name!r} is already registered by {REGISTRY[name].__qualname__}; "
                              "pick another name")
         cls.name = name
         cls.goal = goal
+        cls.rate = rate
+        cls.nbytes = nbytes
         REGISTRY[name] = cls
         return cls
     return register
@@ -226,6 +248,8 @@ class Result:
     name: str
     description: str
     goal: float
+    rate: float | None = None
+    nbytes: int = 0
     ours_s: list[float] = attrs.Factory(list)
     peer_s: list[float] = attrs.Factory(list)
     peer_maxrss_kib: int | None = None
@@ -246,6 +270,12 @@ class Result:
         return o / p if o is not None and p else None
 
     @property
+    def ours_rate(self) -> float | None:
+        """Bytes per second of ours' median call, for a benchmark declared with a rate."""
+        o = self.ours_median
+        return self.nbytes / o if self.rate is not None and o else None
+
+    @property
     def passed(self) -> bool | None:
         r = self.ratio
         return None if r is None else r <= self.goal
@@ -255,6 +285,7 @@ class Result:
                 "ours_s": self.ours_s, "peer_s": self.peer_s, "ours_median_s": self.ours_median,
                 "peer_median_s": self.peer_median, "ratio": self.ratio, "pass": self.passed,
                 "ours_maxrss_kib": self.ours_maxrss_kib, "peer_maxrss_kib": self.peer_maxrss_kib,
+                "goal_rate_bytes_per_s": self.rate, "ours_rate_bytes_per_s": self.ours_rate,
                 "error": self.error}
 
 
@@ -262,7 +293,8 @@ def run_benchmark(cls: type[Benchmark], fx: Fixtures, rounds: int, warmup: int =
                   peer_only: bool = False, rss: bool = False) -> Result:
     """Measure one benchmark; an exception on either side ends it with ``Result.error`` set."""
     b = cls()
-    res = Result(cls.name, cls.description(), cls.goal)
+    res = Result(cls.name, cls.description(), cls.goal, cls.rate, cls.nbytes)
+    budget = cls.rate_budget()
     try:
         template = b.template(fx)
         for r in range(warmup + rounds):
@@ -273,7 +305,7 @@ def run_benchmark(cls: type[Benchmark], fx: Fixtures, rounds: int, warmup: int =
                 if side == "ours" and not peer_only:
                     times["ours"] = time_call(lambda: b.ours(images["ours"]))
                 elif side == "peer":
-                    times["peer"] = run_timed(b.peer(images["peer"]))
+                    times["peer"] = budget if budget is not None else run_timed(b.peer(images["peer"]))
             if r == 0 and not peer_only:
                 b.verify(images["ours"], images["peer"])
             if r >= warmup:
@@ -282,7 +314,7 @@ def run_benchmark(cls: type[Benchmark], fx: Fixtures, rounds: int, warmup: int =
                     res.ours_s.append(times["ours"])
             for image in images.values():
                 fx.discard(image)
-        if rss:
+        if rss and budget is None:
             image = fx.fresh(template, f"{cls.name}-rss-peer.qcow2")
             res.peer_maxrss_kib = peak_rss(b.peer(image))
             fx.discard(image)
@@ -307,6 +339,10 @@ def _ms(s: float | None) -> str:
     return "-" if s is None else f"{s * 1e3:.1f} ms"
 
 
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 and not n & ((1 << 20) - 1) else f"{n} bytes"
+
+
 def _mib(kib: int | None) -> str:
     return "-" if kib is None else f"{kib / 1024:.0f} MiB"
 
@@ -329,6 +365,11 @@ def table(results: Sequence[Result], rss: bool = False) -> str:
     lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in results:
+        rate = r.ours_rate
+        if r.rate is not None and rate is not None:
+            lines.append(f"{r.name}: {rate / 1e9:.2f} GB/s ({_size(r.nbytes)} a call; goal >= {r.rate / 1e9:.1f} GB/s, "
+                         "the peer column is the time the goal allows)")
     for r in results:
         if r.error:
             lines.append(f"{r.name}: {r.error}")
@@ -380,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         width = max(map(len, REGISTRY), default=0)
         for name, cls in REGISTRY.items():
-            print(f"{name.ljust(width)}  goal <= {cls.goal:.1f}x  {cls.description()}")
+            goal = f"goal <= {cls.goal:.1f}x" if cls.rate is None else f"goal >= {cls.rate / 1e9:.1f} GB/s"
+            print(f"{name.ljust(width)}  {goal}  {cls.description()}")
         return 0
     if args.rounds < 1 or args.warmup < 0:
         print("python -m bench: --rounds must be at least 1 and --warmup at least 0", file=sys.stderr)

@@ -41,6 +41,7 @@ from qjournal.read import guest
 from qjournal.ops.check import check
 from qjournal.errors import QcowError
 from qjournal.format.bitmaps import FLAG_AUTO, FLAG_IN_USE
+from qjournal.format.geometry import SECTOR
 from qjournal.format.tables import L1E_OFFSET_MASK
 from qjournal import Image
 from qjournal.journal import Journal
@@ -51,7 +52,6 @@ from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium
 
 Bitmap = tuple[str, int, int, Any]       # name, granularity, flags, dirty extents (or "in-use")
 Guest = tuple[tuple[int, bytes], ...]     # (guest offset, cluster content) of every cluster not all zeros
-SECTOR = 512
 
 
 @attrs.frozen

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import qjournal
 
-from .model import STRATEGIES, CrashState, Options, RunResult, WorkloadResult
+from .model import SECTOR_SIZES, STRATEGIES, CrashState, Options, RunResult, WorkloadResult
 from .workloads import WORKLOADS, Workload, find
 
 
@@ -39,8 +39,9 @@ def _strategies(text: str) -> tuple[str, ...]:
 
 def _sector(text: str) -> int:
     n = int(text)
-    if n not in (512, 1024, 2048, 4096):
-        raise argparse.ArgumentTypeError("the sector size is 512, 1024, 2048 or 4096")
+    if n not in SECTOR_SIZES:
+        raise argparse.ArgumentTypeError(f"the sector size is {', '.join(map(str, SECTOR_SIZES[:-1]))} or "
+                                         f"{SECTOR_SIZES[-1]}")
     return n
 
 
@@ -73,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--samples", type=_nonneg, default=32, metavar="N",
                    help="above 12 in-flight units: N seeded random subsets per epoch (default 32)")
     r.add_argument("--seed", type=int, default=0, help="seed of every random choice and of the journal salts")
-    r.add_argument("--sector-size", type=_sector, default=512, help="the unit a write cannot tear (default 512)")
+    r.add_argument("--sector-size", type=_sector, default=SECTOR_SIZES[0],
+                   help=f"the unit a write cannot tear (default {SECTOR_SIZES[0]})")
     r.add_argument("--max-tears", type=_nonneg, default=32, metavar="N",
                    help="tears enumerated per page and epoch before sampling (default 32)")
     r.add_argument("--jobs", type=_nonneg, default=0, metavar="N", help="worker processes (default: CPUs; 1: none)")

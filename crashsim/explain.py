@@ -4,12 +4,12 @@ from __future__ import annotations
 import re
 import struct
 
-from qjournal.format.extensions import EXT_BITMAPS
+from qjournal.format.bitmaps import EXT_FIELDS as BITMAPS_FIELDS, EXT_SIZE as BITMAPS_SIZE
+from qjournal.format.extensions import EXT_BITMAPS, EXT_END, EXT_HEADER, padded
+from qjournal.format.geometry import SECTOR
 from qjournal.format.header import FIELDS
 
 from .model import EntryInfo, Fate
-
-SECTOR = 512
 
 
 def header_fields(c0: bytes) -> dict[str, tuple[int, int]]:
@@ -25,16 +25,16 @@ def header_fields(c0: bytes) -> dict[str, tuple[int, int]]:
     hl = out.get("header_length", (0, 0))[0]
     off = hl if 0 < hl < len(c0) else 0
     seen = 0
-    while off and off + 8 <= len(c0) and seen < 64:
-        etype, length = struct.unpack_from(">II", c0, off)
-        if etype == 0:
+    while off and off + EXT_HEADER.size <= len(c0) and seen < 64:
+        etype, length = EXT_HEADER.unpack_from(c0, off)
+        if etype == EXT_END:
             break
-        if etype == EXT_BITMAPS and off + 8 + 24 <= len(c0):
-            data = off + 8
-            out["bitmaps.nb_bitmaps"] = (struct.unpack_from(">I", c0, data)[0], data)
-            out["bitmaps.directory_size"] = (struct.unpack_from(">Q", c0, data + 8)[0], data + 8)
-            out["bitmaps.directory_offset"] = (struct.unpack_from(">Q", c0, data + 16)[0], data + 16)
-        off += 8 + length + (-length % 8)
+        data = off + EXT_HEADER.size
+        if etype == EXT_BITMAPS and data + BITMAPS_SIZE <= len(c0):
+            for field, code, at in BITMAPS_FIELDS:
+                if field != "reserved":
+                    out[f"bitmaps.{field}"] = (struct.unpack_from(">" + code, c0, data + at)[0], data + at)
+        off = data + padded(length)
         seen += 1
     return out
 

@@ -31,6 +31,10 @@ from typing import Any
 
 import attrs
 
+from qjournal.format.geometry import SECTOR
+
+SECTOR_SIZES = tuple(SECTOR << i for i in range(4))   # the tear units crashsim models: 512 .. 4096 bytes
+
 #: Strategies, in the order they are generated and reported.
 STRATEGIES = ("prefix", "barrier", "subset", "versions", "torn", "recovery")
 
@@ -236,7 +240,7 @@ class Options:
     k: int = 2
     samples: int = 32
     seed: int = 0
-    sector_size: int = 512
+    sector_size: int = SECTOR
     max_tears: int = 32
     oracle: str = "sample"      # all | sample | none
     oracle_samples: int = 24

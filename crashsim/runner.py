@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import attrs
 
+from qjournal.format.header import AUTOCLEAR_BITMAPS, field_span, read_field
 from qjournal.ops.check import check
 from qjournal import Image
 from qjournal.journal.journal import SaltSource
@@ -496,13 +497,15 @@ def _explain(p: Prepared, c: Candidate, opts: Options, oracle_dir: str) -> tuple
     span = (c.phase - 1) // 2
     old_img = p.ph.images[span] if c.phase % 2 else p.ph.images[c.phase // 2]
     new_img = p.ph.images[span + 1] if c.phase % 2 else old_img
-    cs = 1 << int.from_bytes(old_img[20:24], "big")
+    cs = 1 << read_field(old_img, "cluster_bits")
     fields = explain.provenance(files[IMAGE][:cs], old_img[:cs], new_img[:cs])
     parts = [head, mj.explanation]
     if fields:
         parts.append(f"header fields the operation changes: {fields}")
-    ac = int.from_bytes(files[IMAGE][88:96], "big") if len(files[IMAGE]) >= 96 else 0
-    parts.append(f"autoclear bit 0 is {'set: the header says the bitmaps are consistent' if ac & 1 else 'clear'}")
+    has_ac = len(files[IMAGE]) >= field_span("autoclear_features")[1]
+    ac = read_field(files[IMAGE], "autoclear_features") if has_ac else 0
+    consistent = "set: the header says the bitmaps are consistent"
+    parts.append(f"autoclear bit 0 is {consistent if ac & AUTOCLEAR_BITMAPS else 'clear'}")
     orc = done.judged.oracle
     if orc is not None and orc.outcome == "error" and "qemu-img" not in mj.explanation:
         parts.append(f"qemu-img on the unminimized state: check exit {orc.check_exit}"

@@ -68,6 +68,7 @@ import attrs
 
 from qjournal.storage.medium import page_span
 
+from .model import SECTOR_SIZES
 from .recorder import JOURNAL, Entry, Recording
 
 PAGE = 4096
@@ -118,9 +119,10 @@ class Timeline:
     pages share one id and a state's key is a small tuple.
     """
 
-    def __init__(self, rec: Recording, sector_size: int = 512) -> None:
-        if sector_size not in (512, 1024, 2048, 4096):
-            raise ValueError(f"sector size {sector_size} is not 512, 1024, 2048 or 4096")
+    def __init__(self, rec: Recording, sector_size: int = SECTOR_SIZES[0]) -> None:
+        if sector_size not in SECTOR_SIZES:
+            raise ValueError(f"sector size {sector_size} is not {', '.join(map(str, SECTOR_SIZES[:-1]))} or "
+                             f"{SECTOR_SIZES[-1]}")
         self.rec = rec
         self.sector_size = sector_size
         self.files = tuple(rec.initial)

@@ -20,14 +20,16 @@ from __future__ import annotations
 import importlib
 import os
 import shlex
-import struct
 import subprocess
 import tempfile
 from typing import Callable, Iterable, TypeVar
 
 import attrs
 
-from qjournal.format.extensions import EXT_BITMAPS, parse_extensions
+from qjournal.format.bitmaps import EXT_FIELD_OFFSET as BITMAPS_FIELD_OFFSET
+from qjournal.format.extensions import EXT_BITMAPS, EXT_HEADER, Extension, pack_extensions, parse_extensions
+from qjournal.format.geometry import SECTOR
+from qjournal.format.header import AUTOCLEAR_BITMAPS, field_span, pack_field, read_field
 from qjournal import Image
 
 from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium, bracket_transactions
@@ -127,16 +129,17 @@ def _insert_unknown_extension(path: str) -> None:
     """
     with open(path, "r+b") as f:
         c0 = bytearray(f.read(4096))
-        hl = struct.unpack_from(">I", c0, 100)[0]
+        hl = read_field(c0, "header_length")
         exts = parse_extensions(bytes(c0), hl, len(c0))
-        unknown = struct.pack(">II", UNKNOWN_EXT, UNKNOWN_LEN) + bytes(range(256)) * 3 + bytes(UNKNOWN_LEN - 768)
-        packed = unknown + b"".join(e.pack() for e in exts) + bytes(8)
+        unknown = Extension(UNKNOWN_EXT, bytes(range(256)) * 3 + bytes(UNKNOWN_LEN - 768))
+        packed = pack_extensions([unknown, *exts])
         c0[hl:] = packed + bytes(len(c0) - hl - len(packed))
         f.seek(0)
         f.write(c0)
     ext = [e for e in parse_extensions(bytes(c0), hl, len(c0)) if e.type == EXT_BITMAPS][0]
-    # data at offset + 8: nb_bitmaps, reserved, directory size (+8), directory offset (+16)
-    assert (ext.offset + 8 + 8) // 512 != (ext.offset + 8 + 16) // 512, ext.offset
+    data = ext.offset + EXT_HEADER.size
+    size_at, offset_at = (data + BITMAPS_FIELD_OFFSET[f] for f in ("directory_size", "directory_offset"))
+    assert size_at // SECTOR != offset_at // SECTOR, ext.offset
 
 
 SHIFTED = Base("shifted-header", (
@@ -344,8 +347,8 @@ def _qemu_header_rewrite(img: Image) -> None:
     if unknown:
         raise RuntimeError(f"unexpected steps in the plan: {unknown}")
     c0 = bytearray(img.medium.read(0, cs))
-    ac = int.from_bytes(c0[88:96], "big")
-    c0[88:96] = (ac & ~1).to_bytes(8, "big")
+    ac_start, ac_end = field_span("autoclear_features")
+    c0[ac_start:ac_end] = pack_field("autoclear_features", read_field(c0, "autoclear_features") & ~AUTOCLEAR_BITMAPS)
     _apply(img, "autoclear-cleared", [(0, bytes(c0))])
     _apply(img, "directory-written", list(p.precommit) + p.step("refcounts-increased", "refcount-blocks-hooked"))
     _apply(img, "header-switched", [(0, p.final[:cs])])

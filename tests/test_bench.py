@@ -45,3 +45,21 @@ class TestSelect:
         res = bench("no-such-benchmark")
         assert res.returncode == 2
         assert "no benchmark named 'no-such-benchmark'" in res.stderr
+
+
+class TestRate:
+    def test_crc32c_is_measured_against_its_rate(self, tmp_path: Path) -> None:
+        out = tmp_path / "results.json"
+        res = bench("crc32c", "--rounds", "1", "--warmup", "0", "--dir", tmp_path, "--json", out)
+        assert res.returncode == 0, res.stderr
+        results = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+        assert set(results) == {"crc32c-whole", "crc32c-blocks"}, "the prefix selects both"
+        for name, rate in (("crc32c-whole", 4e9), ("crc32c-blocks", 1e9)):
+            r = results[name]
+            assert r["error"] is None
+            assert r["goal_rate_bytes_per_s"] == rate
+            assert r["peer_s"] == [(64 << 20) / rate], "the peer is the time the goal allows, no process"
+            assert r["ours_rate_bytes_per_s"] == (64 << 20) / r["ours_median_s"]
+            assert r["pass"] == (r["ours_rate_bytes_per_s"] >= rate)
+            (line,) = [x for x in res.stdout.splitlines() if x.startswith(f"{name}: ")]
+            assert re.fullmatch(rf"{name}: \d+\.\d\d GB/s \(64 MiB a call; goal >= {rate / 1e9:.1f} GB/s, .*\)", line)

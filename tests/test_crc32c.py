@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
@@ -19,9 +20,9 @@ def reference(data: bytes, crc: int = 0) -> int:
     return crc ^ 0xFFFFFFFF
 
 
-# Lengths around every switch of strategy: Python loop / vector, segments, tails.
+# Lengths around the word and block sizes, and around the 32 KiB where the package releases the GIL.
 EDGE_LENGTHS = [0, 1, 3, 7, 8, 9, 15, 16, 17, 63, 64, 65, 511, 512, 513, 1023, 1024, 1025, 1536,
-                2047, 2048, 2049, 4095, 4096, 4097, 5000, 12345, 65535, 65536, 65537]
+                2047, 2048, 2049, 4095, 4096, 4097, 5000, 12345, 32767, 32768, 32769, 65535, 65536, 65537]
 
 
 class TestKnownValues:
@@ -52,7 +53,7 @@ class TestAgainstReference:
 
     @pytest.mark.parametrize("n", [(1 << 20) + 13, 3 << 19, (5 << 20) + 1])
     def test_large_equals_chained_small(self, n: int) -> None:
-        # Pieces below 1 KiB take the pure-Python path, checked against the reference above.
+        # 1000-byte pieces (each checked against the reference above) chained, against one call.
         data = random.Random(n).randbytes(n)
         crc = 0
         for i in range(0, n, 1000):
@@ -81,6 +82,13 @@ class TestBlocks:
         data = random.Random(n * block).randbytes(n)
         expected = [crc32c(data[i:i + block]) for i in range(0, n, block)]
         assert crc32c_blocks(data, block).tolist() == expected
+
+    @given(st.binary(max_size=3000), st.sampled_from([64, 128, 512, 1024]))
+    def test_against_reference(self, data: bytes, block: int) -> None:
+        expected = [reference(data[i:i + block]) for i in range(0, len(data), block)]
+        got = crc32c_blocks(data, block)
+        assert got.dtype == np.uint32
+        assert got.tolist() == expected
 
     def test_bad_block(self) -> None:
         with pytest.raises(ValueError):

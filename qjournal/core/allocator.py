@@ -56,19 +56,20 @@ class Allocator:
         self.max = rc.max_refcount(refcount_order)
         self.rt_offset = reftable_offset
         self.rt_clusters = reftable_clusters
-        raw = medium.array(reftable_offset, reftable_clusters * self.cs // 8, ">u8").astype(np.uint64)
+        raw = medium.array(reftable_offset, reftable_clusters * self.cs // rc.RT_ENTRY_SIZE, ">u8").astype(np.uint64)
         bad = np.nonzero(raw & np.uint64(rc.RT_RESERVED_MASK))[0]
         if len(bad):
             i = int(bad[0])
-            raise FormatError("refcount table", reftable_offset + 8 * i, f"entry {i} has reserved bits set")
+            raise FormatError("refcount table", reftable_offset + rc.RT_ENTRY_SIZE * i,
+                              f"entry {i} has reserved bits set")
         self.reftable = raw
         for i in np.nonzero(raw)[0].tolist():
             off = int(raw[i])
             if off % self.cs:
-                raise FormatError("refcount table", reftable_offset + 8 * i,
+                raise FormatError("refcount table", reftable_offset + rc.RT_ENTRY_SIZE * i,
                                   f"entry {i}: refcount block offset {off:#x} is unaligned (not a multiple of the cluster size)")
             if off + self.cs > medium.size:
-                raise FormatError("refcount table", reftable_offset + 8 * i,
+                raise FormatError("refcount table", reftable_offset + rc.RT_ENTRY_SIZE * i,
                                   f"entry {i}: refcount block at {off:#x} runs past the end of the file "
                                   f"({medium.size:#x})")
         self._raw: dict[int, bytes | None] = {}  # packed blocks as on disk (None: no block)
@@ -207,9 +208,9 @@ class Allocator:
                     self.free(new_rt[0], new_rt[1])
                 else:
                     self.free(self.rt_offset, self.rt_clusters)
-                clusters = -(-(need + need // 2 + 1) * 8 // cs)
+                clusters = -(-(need + need // 2 + 1) * rc.RT_ENTRY_SIZE // cs)
                 new_rt = (self.alloc(clusters), clusters)
-                rt_entries = clusters * cs // 8
+                rt_entries = clusters * cs // rc.RT_ENTRY_SIZE
                 continue
             missing = sorted({c // epb for c in live
                               if not (c // epb < len(self.reftable) and self.reftable[c // epb])
@@ -255,14 +256,14 @@ class Allocator:
             plan.increase += _diff_writes(base, old_b, inc_b)
             plan.free += _diff_writes(base, inc_b, new_b)
         if new_rt is not None:
-            table = np.zeros(new_rt[1] * cs // 8, dtype=np.uint64)
+            table = np.zeros(new_rt[1] * cs // rc.RT_ENTRY_SIZE, dtype=np.uint64)
             table[:len(self.reftable)] = self.reftable
             for bi, off in new_blocks.items():
                 table[bi] = off
             plan.precommit.append((new_rt[0], table.astype(">u8").tobytes()))
         else:
             for bi, off in sorted(new_blocks.items()):
-                plan.hook.append((self.rt_offset + 8 * bi, int(off).to_bytes(8, "big")))
+                plan.hook.append((self.rt_offset + rc.RT_ENTRY_SIZE * bi, int(off).to_bytes(rc.RT_ENTRY_SIZE, "big")))
         return plan
 
 

@@ -21,11 +21,9 @@ import attrs
 import numpy as np
 
 from ..errors import UsageError
-from ..format.extensions import Extension, padded, pack_extensions
-from ..format.header import FIELD_OFFSET, Header
-
-SECTOR = 512
-AUTOCLEAR_BYTES = (FIELD_OFFSET["autoclear_features"], 8)
+from ..format.extensions import EXT_BITMAPS, Extension, padded, pack_extensions, parse_extensions
+from ..format.geometry import SECTOR
+from ..format.header import AUTOCLEAR_BITMAPS, FIELD_OFFSET, TAIL_OFFSET, Header, field_span, pack_field, read_field
 
 Write = tuple[int, bytes]
 
@@ -37,7 +35,7 @@ class Cluster0:
     header: Header
     extensions: tuple[Extension, ...]
     backing_name: bytes | None
-    header_tail: bytes = b""  # bytes 105..header_length we do not interpret, kept as is
+    header_tail: bytes = b""  # bytes TAIL_OFFSET..header_length we do not interpret, kept as is
 
     @property
     def ext_end(self) -> int:
@@ -72,7 +70,7 @@ class Cluster0:
         packed = self.header.pack()
         buf[:len(packed)] = packed
         if self.header_tail:
-            buf[105:105 + len(self.header_tail)] = self.header_tail
+            buf[TAIL_OFFSET:TAIL_OFFSET + len(self.header_tail)] = self.header_tail
         exts = pack_extensions(self.extensions)
         buf[self.header.length:self.header.length + len(exts)] = exts
         if self.backing_name:
@@ -124,15 +122,16 @@ def plan(old_bytes: bytes, old: Cluster0, new: Cluster0, guard_bitmaps: bool) ->
                 cur[off:off + len(data)] = data
             steps.append((name, writes))
 
-    ac_off, ac_len = AUTOCLEAR_BYTES
-    old_ac = int.from_bytes(cur[ac_off:ac_off + ac_len], "big")
-    if guard_bitmaps and old_ac & 1:
-        emit("autoclear-cleared", [(ac_off, (old_ac & ~1).to_bytes(8, "big"))])
+    old_ac = read_field(cur, "autoclear_features")
+    if guard_bitmaps and old_ac & AUTOCLEAR_BITMAPS:
+        emit("autoclear-cleared", [(FIELD_OFFSET["autoclear_features"],
+                                    pack_field("autoclear_features", old_ac & ~AUTOCLEAR_BITMAPS))])
     emit("header-tail-written", _runs(target, differs() & ~_mask(len(cur), old.visible())))
-    bf = FIELD_OFFSET["backing_file_offset"]
     if old.backing_name and new.backing_name and \
             old.header.backing_file_offset != new.header.backing_file_offset:
-        emit("backing-name-moved", [(bf, target[bf:bf + 12])])
+        # backing_file_offset and backing_file_size are adjacent: one write switches both.
+        bf, end = field_span("backing_file_offset")[0], field_span("backing_file_size")[1]
+        emit("backing-name-moved", [(bf, target[bf:end])])
     rest = differs() & _mask(len(cur), new.visible())
     sector_of = np.arange(len(cur)) // SECTOR
     for s in sorted(set(sector_of[rest].tolist()), reverse=True):
@@ -151,8 +150,6 @@ def unsafe_boundary(old_bytes: bytes, old: Cluster0, new: Cluster0,
     the new one, and a bitmaps extension declared consistent (autoclear bit 0) must be
     the old or the new one.
     """
-    from ..format.extensions import EXT_BITMAPS, parse_extensions
-    from ..format.header import FIELD_OFFSET as F
     cs = len(old_bytes)
     cur = bytearray(old_bytes)
     keep = {(e.type, e.data) for e in old.extensions} & {(e.type, e.data) for e in new.extensions}
@@ -170,13 +167,13 @@ def unsafe_boundary(old_bytes: bytes, old: Cluster0, new: Cluster0,
         have = {(e.type, e.data) for e in exts}
         if not keep <= have:
             return f"after step {name} an extension kept by both layouts is damaged"
-        bo = int.from_bytes(cur[F["backing_file_offset"]:F["backing_file_offset"] + 8], "big")
-        bn = int.from_bytes(cur[F["backing_file_size"]:F["backing_file_size"] + 4], "big")
+        bo = read_field(cur, "backing_file_offset")
+        bn = read_field(cur, "backing_file_size")
         got = bytes(cur[bo:bo + bn]) if bo else b""
         if got not in names:
             return f"after step {name} the backing file name is neither the old nor the new one"
-        ac = int.from_bytes(cur[88:96], "big")
+        ac = read_field(cur, "autoclear_features")
         bme = next((e.data for e in exts if e.type == EXT_BITMAPS), None)
-        if ac & 1 and bme is not None and bme not in bm_ok:
+        if ac & AUTOCLEAR_BITMAPS and bme is not None and bme not in bm_ok:
             return f"after step {name} the bitmaps extension is a mix of old and new"
     return None

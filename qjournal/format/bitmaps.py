@@ -30,8 +30,18 @@ import attrs
 import numpy as np
 
 from ..errors import FormatError
+from .extensions import EXT_HEADER
 
-EXT_SIZE = 24
+# The bitmaps extension's data: (field, struct code, offset). The one declaration of its layout.
+EXT_FIELDS: tuple[tuple[str, str, int], ...] = (
+    ("nb_bitmaps", "I", 0),
+    ("reserved", "I", 4),
+    ("directory_size", "Q", 8),
+    ("directory_offset", "Q", 16),
+)
+EXT_FIELD_OFFSET = {name: off for name, _, off in EXT_FIELDS}
+_EXT = struct.Struct(">" + "".join(code for _, code, _ in EXT_FIELDS))
+EXT_SIZE = _EXT.size    # 24
 ENTRY_FIXED = 24
 FLAG_IN_USE = 1 << 0
 FLAG_AUTO = 1 << 1
@@ -45,6 +55,7 @@ MAX_GRANULARITY_BITS = 31
 MAX_TABLE_ENTRIES = 0x8000000
 MAX_BITMAP_BYTES = 512 << 20  # QEMU refuses a bitmap larger than 512 MiB
 
+TABLE_ENTRY_SIZE = 8
 TE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 TE_RESERVED_MASK = 0xFF000000000001FE
 TE_ALL_ONES = 1
@@ -58,27 +69,28 @@ class BitmapsExtension:
 
     @classmethod
     def parse(cls, data: bytes, ext_offset: int, cluster_size: int, file_size: int) -> "BitmapsExtension":
-        where = ext_offset + 8
+        where = ext_offset + EXT_HEADER.size
+        at = {name: where + off for name, off in EXT_FIELD_OFFSET.items()}
         if len(data) != EXT_SIZE:
             raise FormatError("bitmaps extension", ext_offset, f"length {len(data)} is not {EXT_SIZE}")
-        nb, reserved, dsize, doff = struct.unpack(">IIQQ", data)
+        nb, reserved, dsize, doff = _EXT.unpack(data)
         if reserved:
-            raise FormatError("bitmaps extension", where + 4, "reserved field is not zero")
+            raise FormatError("bitmaps extension", at["reserved"], "reserved field is not zero")
         if not 1 <= nb <= MAX_BITMAPS:
-            raise FormatError("bitmaps extension", where, f"nb_bitmaps {nb} outside 1..{MAX_BITMAPS}")
+            raise FormatError("bitmaps extension", at["nb_bitmaps"], f"nb_bitmaps {nb} outside 1..{MAX_BITMAPS}")
         if dsize > MAX_DIRECTORY_SIZE or dsize < nb * ENTRY_FIXED:
-            raise FormatError("bitmaps extension", where + 8,
+            raise FormatError("bitmaps extension", at["directory_size"],
                               f"directory size {dsize} is impossible for {nb} bitmaps (at most {MAX_DIRECTORY_SIZE})")
         if doff % cluster_size or doff == 0:
-            raise FormatError("bitmaps extension", where + 16,
+            raise FormatError("bitmaps extension", at["directory_offset"],
                               f"directory offset {doff:#x} is not a non-zero multiple of the cluster size")
         if doff + dsize > file_size:
-            raise FormatError("bitmaps extension", where + 16,
+            raise FormatError("bitmaps extension", at["directory_offset"],
                               f"directory ({dsize} bytes at {doff:#x}) runs past the end of the file ({file_size:#x})")
         return cls(nb, dsize, doff)
 
     def pack(self) -> bytes:
-        return struct.pack(">IIQQ", self.nb_bitmaps, 0, self.directory_size, self.directory_offset)
+        return _EXT.pack(self.nb_bitmaps, 0, self.directory_size, self.directory_offset)
 
 
 @attrs.frozen
@@ -161,7 +173,7 @@ def parse_directory(buf: bytes, offset: int, nb: int, cluster_size: int, file_si
         # Bounds before sizes: a hostile size is refused for what it is, past the end of the file.
         if toff == 0:
             raise FormatError("bitmap directory", at, f"bitmap {name!r} table offset is 0x0 (the header cluster)")
-        if toff + tsize * 8 > file_size:
+        if toff + tsize * TABLE_ENTRY_SIZE > file_size:
             raise FormatError("bitmap directory", at, f"bitmap {name!r} table ({tsize} entries at {toff:#x}) "
                               f"runs past the end of the file ({file_size:#x})")
         expected = table_size_for(disk_size, gbits, cluster_size)

@@ -12,6 +12,7 @@ import attrs
 
 from ..errors import FormatError
 
+EXT_HEADER = struct.Struct(">II")   # type, length of the data that follows
 EXT_END = 0x00000000
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_TABLE = 0x6803F857
@@ -27,6 +28,25 @@ KNOWN = {
 }
 # The order QEMU writes them in; unknown ones go after the known ones.
 QEMU_ORDER = (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_CRYPTO, EXT_FEATURE_TABLE, EXT_BITMAPS)
+# QEMU writes the feature name table only into header clusters larger than 4 KiB
+# (qcow2_update_header), so that small clusters keep room for names.
+FEATURE_TABLE_MIN_CLUSTER_SIZE = 8192
+# The full disk encryption extension's data: u64 offset and u64 length of the LUKS
+# header clusters.
+CRYPTO_HEADER = struct.Struct(">QQ")
+
+
+def crypto_header_span(data: bytes) -> tuple[int, int] | None:
+    """(offset, length) of the LUKS header that a full disk encryption extension's
+    ``data`` names; None when ``data`` is too short to name one.
+
+    >>> crypto_header_span(bytes.fromhex("0000000000030000" "0000000000100000"))
+    (196608, 1048576)
+    """
+    if len(data) < CRYPTO_HEADER.size:
+        return None
+    offset, length = CRYPTO_HEADER.unpack_from(data)
+    return offset, length
 
 
 def padded(n: int) -> int:
@@ -47,10 +67,10 @@ class Extension:
 
     @property
     def packed_size(self) -> int:
-        return 8 + padded(len(self.data))
+        return EXT_HEADER.size + padded(len(self.data))
 
     def pack(self) -> bytes:
-        return struct.pack(">II", self.type, len(self.data)) + self.data + bytes(padded(len(self.data)) - len(self.data))
+        return EXT_HEADER.pack(self.type, len(self.data)) + self.data + bytes(padded(len(self.data)) - len(self.data))
 
 
 def parse_extensions(cluster0: bytes, start: int, end: int) -> tuple[Extension, ...]:
@@ -59,24 +79,25 @@ def parse_extensions(cluster0: bytes, start: int, end: int) -> tuple[Extension, 
     seen: set[int] = set()
     off = start
     while True:
-        if off + 8 > end:
+        if off + EXT_HEADER.size > end:
             raise FormatError("header extension", off, f"extension list runs past {end:#x} without an end marker")
-        etype, length = struct.unpack_from(">II", cluster0, off)
+        etype, length = EXT_HEADER.unpack_from(cluster0, off)
+        data = off + EXT_HEADER.size
         if etype == EXT_END:
             return tuple(exts)
-        if off + 8 + length > end:
+        if data + length > end:
             raise FormatError("header extension", off,
                               f"{KNOWN.get(etype, hex(etype))} of {length} bytes runs past {end:#x}")
         if etype in seen:
             raise FormatError("header extension", off, f"{KNOWN.get(etype, hex(etype))} appears twice")
         seen.add(etype)
-        exts.append(Extension(etype, bytes(cluster0[off + 8:off + 8 + length]), off))
-        off += 8 + padded(length)
+        exts.append(Extension(etype, bytes(cluster0[data:data + length]), off))
+        off = data + padded(length)
 
 
 def pack_extensions(exts: tuple[Extension, ...] | list[Extension]) -> bytes:
     """The extension list with its end marker."""
-    return b"".join(e.pack() for e in exts) + bytes(8)
+    return b"".join(e.pack() for e in exts) + EXT_HEADER.pack(EXT_END, 0)
 
 
 @attrs.frozen

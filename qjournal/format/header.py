@@ -24,10 +24,13 @@ offset   size  field                        since
 96       4     refcount_order               v3
 100      4     header_length                v3
 104      1     compression_type             v3, header_length > 104
+105      ...   (padding, or fields of later QEMU versions, kept as they are)
 =======  ====  ===========================  =====
 
 A v2 header is 72 bytes and implies refcount_order 4. The declaration below is the
-only place these offsets are written; parsing, packing and validation all use it.
+only place these offsets are written; parsing, packing and validation all use it, and
+so does every other module that reads or patches a header field in place
+(:func:`field_span`, :func:`read_field`, :func:`pack_field`).
 """
 from __future__ import annotations
 
@@ -38,11 +41,28 @@ import attrs
 
 from ..errors import FormatError
 from .snapshots import FIXED as SNAPSHOT_ENTRY_MIN, MAX_SNAPSHOTS
+from .tables import L1_ENTRY_SIZE, size_to_l1
 
 MAGIC = b"QFI\xfb"
 V2_LENGTH = 72
 V3_LENGTH = 104
 QEMU_V3_LENGTH = 112  # what QEMU writes: 104 + compression_type + padding
+
+# cluster_bits: 512 B .. 2 MiB, at least 16 KiB with extended L2 (32 subclusters of 512 B).
+MIN_CLUSTER_BITS = 9
+MIN_CLUSTER_BITS_EXTL2 = 14
+MAX_CLUSTER_BITS = 21
+MAX_REFCOUNT_ORDER = 6           # 64-bit refcounts
+REFCOUNT_ORDER_V2 = 4            # a v2 header has no refcount_order: 16-bit refcounts
+MAX_SIZE = (1 << 63) - 1         # QEMU reads the size field as a signed 64-bit number
+MAX_BACKING_FILE_NAME = 1023     # bytes, QEMU's limit on backing_file_size
+# crypt_method values.
+CRYPT_NONE = 0
+CRYPT_AES = 1
+CRYPT_LUKS = 2
+# What ``qemu-img create -f qcow2`` writes when no option says otherwise.
+DEFAULT_CLUSTER_BITS = 16        # 64 KiB clusters
+DEFAULT_REFCOUNT_ORDER = REFCOUNT_ORDER_V2
 
 # Incompatible feature bits.
 INCOMPAT_DIRTY = 1 << 0
@@ -59,7 +79,7 @@ AUTOCLEAR_BITMAPS = 1 << 0
 AUTOCLEAR_DATA_FILE_RAW = 1 << 1
 AUTOCLEAR_KNOWN = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW
 
-MAX_L1_ENTRIES = (32 << 20) // 8  # QEMU's QCOW_MAX_L1_SIZE is 32 MiB
+MAX_L1_ENTRIES = (32 << 20) // L1_ENTRY_SIZE  # QEMU's QCOW_MAX_L1_SIZE is 32 MiB
 
 COMPRESSION_ZLIB = 0
 COMPRESSION_ZSTD = 1
@@ -86,7 +106,36 @@ FIELDS: tuple[tuple[str, str, int, int], ...] = (
     ("header_length", "I", 100, 3),
 )
 FIELD_OFFSET = {name: off for name, _, off, _ in FIELDS}
+FIELD_SIZE = {name: struct.calcsize(code) for name, code, _, _ in FIELDS}
 COMPRESSION_TYPE_OFFSET = 104
+TAIL_OFFSET = COMPRESSION_TYPE_OFFSET + 1   # where the bytes a v3 header keeps uninterpreted start
+
+
+def field_span(name: str) -> tuple[int, int]:
+    """(offset, end) of the header field ``name`` in cluster 0.
+
+    >>> field_span("autoclear_features")
+    (88, 96)
+    """
+    off = FIELD_OFFSET[name]
+    return off, off + FIELD_SIZE[name]
+
+
+def read_field(buf: bytes | bytearray | memoryview, name: str) -> int:
+    """The value of the header field ``name`` in ``buf`` (cluster 0 or a prefix of it),
+    without parsing or validating the rest. The caller checks that ``buf`` is long enough
+    and that the version has the field."""
+    off, end = field_span(name)
+    return int.from_bytes(buf[off:end], "big")
+
+
+def pack_field(name: str, value: int) -> bytes:
+    """The bytes of the header field ``name`` holding ``value``, to write at ``FIELD_OFFSET[name]``.
+
+    >>> pack_field("header_length", 112).hex()
+    '00000070'
+    """
+    return value.to_bytes(FIELD_SIZE[name], "big")
 
 
 def _fail(rule: str, offset: int | None = 0) -> FormatError:
@@ -120,7 +169,7 @@ class Header:
     incompatible_features: int = 0
     compatible_features: int = 0
     autoclear_features: int = 0
-    refcount_order: int = 4
+    refcount_order: int = REFCOUNT_ORDER_V2
     header_length: int = V2_LENGTH
     compression_type: int = COMPRESSION_ZLIB
 
@@ -154,9 +203,9 @@ class Header:
             raise _fail(f"file is {len(buf)} bytes, shorter than the {V2_LENGTH}-byte header")
         if buf[:4] != MAGIC:
             raise _fail(f"bad magic {buf[:4].hex()}, expected {MAGIC.hex()} (not a qcow2 image)")
-        version = struct.unpack_from(">I", buf, 4)[0]
+        version = read_field(buf, "version")
         if version not in (2, 3):
-            raise _fail(f"version {version} is not 2 or 3", 4)
+            raise _fail(f"version {version} is not 2 or 3", FIELD_OFFSET["version"])
         values: dict[str, Any] = {}
         for name, code, off, since in FIELDS:
             if since <= version:
@@ -183,14 +232,15 @@ class Header:
     def validate(self, file_size: int | None = None) -> None:
         """Check every rule that does not need the rest of the image."""
         cb = self.cluster_bits
-        min_bits = 14 if self.extended_l2 else 9
-        if not min_bits <= cb <= 21:
-            raise _fail(f"cluster_bits {cb} outside {min_bits}..21", FIELD_OFFSET["cluster_bits"])
-        if not 0 <= self.refcount_order <= 6:
-            raise _fail(f"refcount_order {self.refcount_order} outside 0..6", FIELD_OFFSET["refcount_order"])
-        if self.version == 2 and self.refcount_order != 4:
+        min_bits = MIN_CLUSTER_BITS_EXTL2 if self.extended_l2 else MIN_CLUSTER_BITS
+        if not min_bits <= cb <= MAX_CLUSTER_BITS:
+            raise _fail(f"cluster_bits {cb} outside {min_bits}..{MAX_CLUSTER_BITS}", FIELD_OFFSET["cluster_bits"])
+        if not 0 <= self.refcount_order <= MAX_REFCOUNT_ORDER:
+            raise _fail(f"refcount_order {self.refcount_order} outside 0..{MAX_REFCOUNT_ORDER}",
+                        FIELD_OFFSET["refcount_order"])
+        if self.version == 2 and self.refcount_order != REFCOUNT_ORDER_V2:
             raise _fail("a v2 image has 16-bit refcounts", FIELD_OFFSET["refcount_order"])
-        if self.crypt_method not in (0, 1, 2):
+        if self.crypt_method not in (CRYPT_NONE, CRYPT_AES, CRYPT_LUKS):
             raise _fail(f"crypt_method {self.crypt_method} unknown", FIELD_OFFSET["crypt_method"])
         cs = self.cluster_size
         if self.header_length > cs:
@@ -208,16 +258,16 @@ class Header:
         if self.refcount_table_offset == 0 or self.refcount_table_clusters == 0:
             raise _fail("the image has no refcount table", FIELD_OFFSET["refcount_table_offset"])
         if self.backing_file_offset:
-            if self.backing_file_size > 1023 or self.backing_file_offset + self.backing_file_size > cs:
-                raise _fail("backing file name must lie in cluster 0 and be at most 1023 bytes",
+            if self.backing_file_size > MAX_BACKING_FILE_NAME or \
+                    self.backing_file_offset + self.backing_file_size > cs:
+                raise _fail(f"backing file name must lie in cluster 0 and be at most {MAX_BACKING_FILE_NAME} bytes",
                             FIELD_OFFSET["backing_file_offset"])
-        if self.size > (1 << 63) - 1:
+        if self.size > MAX_SIZE:
             raise _fail("virtual size too large", FIELD_OFFSET["size"])
         if self.nb_snapshots > MAX_SNAPSHOTS:
             raise _fail(f"{self.nb_snapshots} snapshots exceed the limit of {MAX_SNAPSHOTS}",
                         FIELD_OFFSET["nb_snapshots"])
-        l2_entries = cs // (16 if self.extended_l2 else 8)
-        needed_l1 = -(-self.size // (l2_entries * cs))
+        needed_l1 = size_to_l1(self.size, cs, self.extended_l2)
         if self.l1_size < needed_l1:
             raise _fail(f"l1_size {self.l1_size} is too small for a disk of {self.size} bytes "
                         f"(needs {needed_l1})", FIELD_OFFSET["l1_size"])
@@ -232,7 +282,7 @@ class Header:
                          "refcount_table_offset", "refcount_table_clusters")
             if self.l1_size:
                 _within_file(file_size, f"L1 table ({self.l1_size} entries)", self.l1_table_offset,
-                             self.l1_size * 8, "l1_table_offset", "l1_size")
+                             self.l1_size * L1_ENTRY_SIZE, "l1_table_offset", "l1_size")
             if self.nb_snapshots:
                 # Each snapshot entry takes at least SNAPSHOT_ENTRY_MIN bytes.
                 _within_file(file_size, f"snapshot table ({self.nb_snapshots} entries of at least "

@@ -17,6 +17,7 @@ import struct
 from typing import Any
 
 from ..errors import FormatError
+from .geometry import SECTOR
 
 MAGIC = b"LUKS\xba\xbe"
 SLOT_ACTIVE = 0x00AC71F3
@@ -48,8 +49,8 @@ def luks_info(buf: bytes, offset: int) -> dict[str, Any]:
         active, iters = struct.unpack_from(">II", buf, 208 + 48 * i)
         key_off, stripes = struct.unpack_from(">II", buf, 208 + 48 * i + 40)
         if active == SLOT_ACTIVE:
-            slots.append({"active": True, "iters": iters, "key-offset": key_off * 512, "stripes": stripes})
+            slots.append({"active": True, "iters": iters, "key-offset": key_off * SECTOR, "stripes": stripes})
         else:
-            slots.append({"active": False, "key-offset": key_off * 512})
-    out.update({"slots": slots, "payload-offset": payload * 512, "master-key-iters": mk_iters})
+            slots.append({"active": False, "key-offset": key_off * SECTOR})
+    out.update({"slots": slots, "payload-offset": payload * SECTOR, "master-key-iters": mk_iters})
     return out

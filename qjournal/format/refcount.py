@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+RT_ENTRY_SIZE = 8
 RT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 RT_RESERVED_MASK = 0x1FF
 

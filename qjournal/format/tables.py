@@ -11,6 +11,11 @@ and high 32 bits say "reads as zeros" for each of 32 subclusters.
 """
 from __future__ import annotations
 
+from .geometry import SECTOR
+
+L1_ENTRY_SIZE = 8
+L2_ENTRY_SIZE = 8
+EXTL2_ENTRY_SIZE = 16   # the standard entry, then the subcluster bitmap
 OFLAG_COPIED = 1 << 63
 OFLAG_COMPRESSED = 1 << 62
 OFLAG_ZERO = 1
@@ -18,7 +23,8 @@ L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1E_RESERVED_MASK = 0x7F000000000001FF
 L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2E_RESERVED_MASK = 0x3F000000000001FE
-COMPRESSED_SECTOR = 512
+HOST_OFFSET_LIMIT = 1 << 56                      # host offsets are bits 9..55
+COMPRESSED_DESCRIPTOR_MASK = OFLAG_COMPRESSED - 1  # bits 0..61 of a compressed entry: offset and sectors
 SUBCLUSTERS = 32  # per cluster with extended L2: the bitmap's low half "allocated", high half "reads as zeros"
 
 
@@ -28,7 +34,7 @@ def l2_entries(cluster_size: int, extended_l2: bool) -> int:
     >>> l2_entries(65536, False), l2_entries(65536, True)
     (8192, 4096)
     """
-    return cluster_size // (16 if extended_l2 else 8)
+    return cluster_size // (EXTL2_ENTRY_SIZE if extended_l2 else L2_ENTRY_SIZE)
 
 
 def size_to_l1(size: int, cluster_size: int, extended_l2: bool) -> int:
@@ -66,4 +72,4 @@ def compressed_span(entry: int, cluster_bits: int) -> tuple[int, int]:
     offset_mask, shift, mask = compressed_geometry(cluster_bits)
     off = entry & offset_mask
     nb_sectors = ((entry >> shift) & mask) + 1
-    return off, nb_sectors * COMPRESSED_SECTOR - (off & (COMPRESSED_SECTOR - 1))
+    return off, nb_sectors * SECTOR - (off & (SECTOR - 1))

@@ -13,6 +13,7 @@ import numpy as np
 
 from .crc32c import crc32c
 from ..errors import JournalError
+from ..format.geometry import SECTOR
 from ..storage.medium import Medium
 from .transaction import PendingTransaction, Step
 
@@ -20,7 +21,7 @@ MAGIC = b"qjournal"
 VERSION = 1
 HEADER_SIZE = 48
 RECORD_HEADER_SIZE = 40
-PIECE = 512                      # binding checksums cover 512-byte pieces of the image
+PIECE = SECTOR                   # binding checksums cover one sector of the image each (it cannot tear)
 MAX_SEQ = (1 << 62) - 1          # sequence numbers and generations stay below this
 
 BEGIN, STEP, WRITE, COMMIT, CHECKPOINT = 1, 2, 3, 4, 5

@@ -48,7 +48,8 @@ import numpy as np
 
 from ..format import bitmaps as bm
 from ..format import refcount as rc
-from ..format.extensions import EXT_CRYPTO
+from ..format.extensions import EXT_CRYPTO, crypto_header_span
+from ..format.geometry import SECTOR
 from ..format.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from ..format.tables import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
                             OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, compressed_geometry, l2_entries)
@@ -289,10 +290,10 @@ class _Scan:
             res.corruptions += int(copied.sum())
             coff = (centries & U64(mask)).astype(np.int64)
             nsec = ((centries >> U64(shift)) & U64(smask)).astype(np.int64) + 1
-            clusters, far = self.ranges(coff, nsec * 512 - (coff & 511), "compressed cluster")
+            clusters, far = self.ranges(coff, nsec * SECTOR - (coff & (SECTOR - 1)), "compressed cluster")
             cgone = gone[comp]
             kill = far & ~cgone
-            drop_c, _ = self.ranges(coff[cgone], (nsec * 512 - (coff & 511))[cgone], None)
+            drop_c, _ = self.ranges(coff[cgone], (nsec * SECTOR - (coff & (SECTOR - 1)))[cgone], None)
             self.count(clusters, drop_c)
             cpos = pos[comp]
             newv = np.where(kill, U64(0), centries & ~U64(OFLAG_COPIED))
@@ -432,9 +433,9 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
     for s in img.snapshots:
         scan.add_range(s.l1_table_offset, s.l1_size * 8, "snapshot L1 table")
     crypto = next((e for e in img.extensions if e.type == EXT_CRYPTO), None)
-    if crypto is not None and len(crypto.data) >= 16:
-        scan.add_range(int.from_bytes(crypto.data[:8], "big"), int.from_bytes(crypto.data[8:16], "big"),
-                       "LUKS header")
+    luks = crypto_header_span(crypto.data) if crypto is not None else None
+    if luks is not None:
+        scan.add_range(*luks, "LUKS header")
     ondisk = _OnDisk(img, scan)
     rt = ondisk.table
     rb = rt & U64(rc.RT_OFFSET_MASK)

@@ -48,26 +48,25 @@ import attrs
 import numpy as np
 
 from ..errors import FormatError, UsageError
-from ..format.extensions import (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_TABLE, Extension,
-                                pack_extensions, pack_feature_table)
+from ..format.extensions import (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_TABLE,
+                                FEATURE_TABLE_MIN_CLUSTER_SIZE, Extension, pack_extensions, pack_feature_table)
+from ..format.geometry import SECTOR
 from ..format.header import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB,
-                            COMPRESSION_ZSTD, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
-                            INCOMPAT_KNOWN, MAGIC, QEMU_V3_LENGTH, V2_LENGTH, Header)
-from ..format.refcount import pack_block
-from ..format.tables import size_to_l1
+                            COMPRESSION_ZSTD, CRYPT_NONE, DEFAULT_CLUSTER_BITS, DEFAULT_REFCOUNT_ORDER,
+                            INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, INCOMPAT_KNOWN, MAGIC,
+                            MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS, MAX_L1_ENTRIES, MAX_REFCOUNT_ORDER, MAX_SIZE,
+                            MIN_CLUSTER_BITS, MIN_CLUSTER_BITS_EXTL2, QEMU_V3_LENGTH, REFCOUNT_ORDER_V2,
+                            V2_LENGTH, Header)
+from ..format.refcount import RT_ENTRY_SIZE, entries_per_block, pack_block
+from ..format.tables import L1_ENTRY_SIZE, L2_ENTRY_SIZE, OFLAG_COPIED, SUBCLUSTERS, l2_entries, size_to_l1
 from ..journal.journal import SUFFIX as JOURNAL_SUFFIX
 from ..storage.lock import acquire
 from ..storage.medium import fsync_directory
 
-SECTOR = 512
-INT64_MAX = (1 << 63) - 1
-MIN_CLUSTER_SIZE = 512
-MAX_CLUSTER_SIZE = 2 << 20
-MIN_EXTL2_CLUSTER_SIZE = 16 << 10  # 32 subclusters of at least 512 bytes
-MAX_L1_ENTRIES = (32 << 20) // 8  # QEMU's QCOW_MAX_L1_SIZE (32 MiB) in entries
-MAX_BACKING_NAME = 1023
-FEATURE_TABLE_MIN_CLUSTER = 8192  # QEMU omits the feature table at 4 KiB clusters and below
-OFLAG_COPIED = 1 << 63
+INT64_MAX = (1 << 63) - 1       # the range of QEMU's size options (int64_t)
+MIN_CLUSTER_SIZE = 1 << MIN_CLUSTER_BITS
+MAX_CLUSTER_SIZE = 1 << MAX_CLUSTER_BITS
+MIN_EXTL2_CLUSTER_SIZE = 1 << MIN_CLUSTER_BITS_EXTL2
 
 COMPAT_ALIASES = {"0.10": "0.10", "1.1": "1.1", "v2": "0.10", "v3": "1.1"}
 COMPRESSION_TYPES = {"zlib": COMPRESSION_ZLIB, "zstd": COMPRESSION_ZSTD}
@@ -145,8 +144,8 @@ class CreateOptions:
     """
 
     compat: str = attrs.field(default="1.1", converter=_convert_compat)
-    cluster_size: int = 65536
-    refcount_bits: int = 16
+    cluster_size: int = 1 << DEFAULT_CLUSTER_BITS
+    refcount_bits: int = 1 << DEFAULT_REFCOUNT_ORDER
     lazy_refcounts: bool = False
     extended_l2: bool = False
     compression_type: str = "zlib"
@@ -174,17 +173,19 @@ class CreateOptions:
             raise UsageError("extended_l2=on needs compat=1.1")
         cs = self.cluster_size
         if not (MIN_CLUSTER_SIZE <= cs <= MAX_CLUSTER_SIZE and cs & (cs - 1) == 0):
-            raise UsageError(f"cluster_size={cs}: must be a power of two between 512 and 2M")
+            raise UsageError(f"cluster_size={cs}: must be a power of two between {MIN_CLUSTER_SIZE} and "
+                             f"{MAX_CLUSTER_SIZE >> 20}M")
         if self.extended_l2 and cs < MIN_EXTL2_CLUSTER_SIZE:
-            raise UsageError(f"extended_l2=on needs cluster_size of at least 16k, not {cs}")
+            raise UsageError(f"extended_l2=on needs cluster_size of at least {MIN_EXTL2_CLUSTER_SIZE >> 10}k, "
+                             f"not {cs}")
         if self.backing_fmt is not None and self.backing_file is None:
             raise UsageError(f"backing_fmt={self.backing_fmt} given without backing_file")
         if self.lazy_refcounts and v2:
             raise UsageError("lazy_refcounts=on needs compat=1.1")
         rb = self.refcount_bits
-        if not (0 < rb <= 64 and rb & (rb - 1) == 0):
-            raise UsageError(f"refcount_bits={rb}: must be a power of two no larger than 64")
-        if v2 and rb != 16:
+        if not (0 < rb <= 1 << MAX_REFCOUNT_ORDER and rb & (rb - 1) == 0):
+            raise UsageError(f"refcount_bits={rb}: must be a power of two no larger than {1 << MAX_REFCOUNT_ORDER}")
+        if v2 and rb != 1 << REFCOUNT_ORDER_V2:
             raise UsageError(f"refcount_bits={rb} needs compat=1.1 (a compat=0.10 image has 16-bit refcounts)")
         if self.data_file_raw and self.data_file is None:
             raise UsageError("data_file_raw=on needs data_file")
@@ -406,8 +407,9 @@ def parse_options(spec: str) -> CreateOptions:
                 bits = strtou64(value)
             except (ValueError, OverflowError):
                 raise UsageError(f"refcount_bits={value}: expected a number") from None
-            if not (0 < bits <= 64 and bits & (bits - 1) == 0):
-                raise UsageError(f"refcount_bits={value}: must be a power of two no larger than 64")
+            if not (0 < bits <= 1 << MAX_REFCOUNT_ORDER and bits & (bits - 1) == 0):
+                raise UsageError(f"refcount_bits={value}: must be a power of two no larger than "
+                                 f"{1 << MAX_REFCOUNT_ORDER}")
             values[key] = bits
         elif key in ("lazy_refcounts", "extended_l2", "data_file_raw"):
             values[key] = _parse_bool(key, value)
@@ -425,9 +427,6 @@ def parse_options(spec: str) -> CreateOptions:
 
 # --------------------------------------------------------------------------- layout
 
-_COUNT_DTYPE = {0: np.uint8, 1: np.uint8, 2: np.uint8, 3: np.uint8, 4: np.uint16, 5: np.uint32, 6: np.uint64}
-
-
 class _Again(Exception):
     """QEMU's -EAGAIN: a refcount block was just placed; the allocation restarts."""
 
@@ -436,8 +435,8 @@ def _refcount_metadata_blocks(clusters: int, cluster_size: int, refcount_order: 
     """Refcount blocks needed to count ``clusters`` plus themselves and their table
     (QEMU's ``qcow2_refcount_metadata_size`` fixed point; ``generous`` adds room for a
     table 1.5 times as large)."""
-    per_table_cluster = cluster_size // 8
-    per_block = cluster_size * 8 >> refcount_order
+    per_table_cluster = cluster_size // RT_ENTRY_SIZE
+    per_block = entries_per_block(cluster_size, refcount_order)
     table = blocks = n = 0
     while True:
         last = n
@@ -475,7 +474,7 @@ class _QemuAllocator:
         self.rc = np.zeros(1024, dtype=np.uint64)
         # The image as qcow2_co_create writes it before opening it: header cluster,
         # a one-cluster refcount table pointing at an empty block in cluster 2.
-        self.reftable = [2 * cs] + [0] * (cs // 8 - 1)
+        self.reftable = [2 * cs] + [0] * (cs // RT_ENTRY_SIZE - 1)
         self.reftable_offset = cs
         self.max_reftable_index = 0
         self.free_cluster_index = 0
@@ -564,8 +563,8 @@ class _QemuAllocator:
         total = _refcount_metadata_blocks(start_offset // cs, cs, self.refcount_order, True)
         area_index = (start_offset // cs) >> self.block_bits
         table_size = total + -(-total // 2)
-        table_size += -table_size % (cs // 8)
-        table_clusters = table_size * 8 // cs
+        table_size += -table_size % (cs // RT_ENTRY_SIZE)
+        table_clusters = table_size * RT_ENTRY_SIZE // cs
         new_table = [0] * table_size
         keep = self.max_reftable_index + 1 if table_size > self.max_reftable_index else table_size
         new_table[:keep] = self.reftable[:keep]
@@ -587,7 +586,7 @@ class _QemuAllocator:
                 base = i * self.block_entries
                 self._grow(base + stop)
                 self.rc[base + j:base + stop] = 1
-        self.note_write(table_offset, table_size * 8)
+        self.note_write(table_offset, table_size * RT_ENTRY_SIZE)
         old_offset, old_table = self.reftable_offset, self.reftable
         self.stale.append((old_offset, struct.pack(f">{len(old_table)}Q", *old_table)))
         self.reftable, self.reftable_offset = new_table, table_offset
@@ -595,7 +594,7 @@ class _QemuAllocator:
         while idx > 0 and not new_table[idx]:
             idx -= 1
         self.max_reftable_index = idx
-        self.update(old_offset, len(old_table) * 8, decrease=True)
+        self.update(old_offset, len(old_table) * RT_ENTRY_SIZE, decrease=True)
 
     def alloc(self, size: int) -> int:
         """``qcow2_alloc_clusters``: allocate and count enough clusters for ``size`` bytes."""
@@ -611,7 +610,7 @@ class _QemuAllocator:
     def block_bytes(self, table_index: int) -> bytes:
         """The final contents of the refcount block at ``table_index``."""
         base = table_index * self.block_entries
-        counts = np.zeros(self.block_entries, dtype=_COUNT_DTYPE[self.refcount_order])
+        counts = np.zeros(self.block_entries, dtype=np.uint64)
         have = self.rc[base:base + self.block_entries]
         counts[:len(have)] = have
         return pack_block(counts, self.refcount_order)
@@ -637,7 +636,7 @@ def _cluster0(options: CreateOptions, size: int, alloc: _QemuAllocator, l1_size:
         exts.append(Extension(EXT_BACKING_FORMAT, options.backing_fmt.encode()))
     if options.data_file is not None:
         exts.append(Extension(EXT_DATA_FILE, os.fsencode(options.data_file)))
-    if options.version == 3 and cs >= FEATURE_TABLE_MIN_CLUSTER:
+    if options.version == 3 and cs >= FEATURE_TABLE_MIN_CLUSTER_SIZE:
         exts.append(Extension(EXT_FEATURE_TABLE, pack_feature_table()))
     header_length = V2_LENGTH if options.version == 2 else QEMU_V3_LENGTH
     tail = pack_extensions(exts)
@@ -645,9 +644,9 @@ def _cluster0(options: CreateOptions, size: int, alloc: _QemuAllocator, l1_size:
     backing_offset = header_length + len(tail) if backing else 0
     header = Header(
         version=options.version, backing_file_offset=backing_offset, backing_file_size=len(backing),
-        cluster_bits=alloc.cluster_bits, size=size, crypt_method=0, l1_size=l1_size,
+        cluster_bits=alloc.cluster_bits, size=size, crypt_method=CRYPT_NONE, l1_size=l1_size,
         l1_table_offset=l1_offset, refcount_table_offset=alloc.reftable_offset,
-        refcount_table_clusters=len(alloc.reftable) * 8 // cs, nb_snapshots=0, snapshots_offset=0,
+        refcount_table_clusters=len(alloc.reftable) * RT_ENTRY_SIZE // cs, nb_snapshots=0, snapshots_offset=0,
         incompatible_features=incompat if options.version == 3 else 0,
         compatible_features=COMPAT_LAZY_REFCOUNTS if options.lazy_refcounts else 0,
         autoclear_features=AUTOCLEAR_DATA_FILE_RAW if options.data_file_raw else 0,
@@ -659,8 +658,8 @@ def _cluster0(options: CreateOptions, size: int, alloc: _QemuAllocator, l1_size:
 def _check_cluster0_room(options: CreateOptions) -> None:
     """Refuse names that QEMU cannot fit into cluster 0 (EINVAL / ENOSPC in QEMU)."""
     backing = os.fsencode(options.backing_file) if options.backing_file is not None else b""
-    if len(backing) > MAX_BACKING_NAME:
-        raise UsageError(f"backing_file name is {len(backing)} bytes; qcow2 allows at most {MAX_BACKING_NAME}")
+    if len(backing) > MAX_BACKING_FILE_NAME:
+        raise UsageError(f"backing_file name is {len(backing)} bytes; qcow2 allows at most {MAX_BACKING_FILE_NAME}")
     probe = _cluster0(options, 0, _QemuAllocator(options.cluster_size.bit_length() - 1,
                                                   options.refcount_bits.bit_length() - 1), 0, 0)
     if len(probe) > options.cluster_size:
@@ -679,8 +678,8 @@ def _layout(size: int, options: CreateOptions) -> _Layout:
     l1_size = size_to_l1(size, 1 << cluster_bits, options.extended_l2)
     l1_offset = 0
     if l1_size:
-        l1_offset = alloc.alloc(l1_size * 8)
-        alloc.note_write(l1_offset, l1_size * 8)
+        l1_offset = alloc.alloc(l1_size * L1_ENTRY_SIZE)
+        alloc.note_write(l1_offset, l1_size * L1_ENTRY_SIZE)
     l2_tables: list[int] = []
     if options.data_file_raw:
         for _ in range(l1_size):
@@ -705,13 +704,14 @@ def _layout(size: int, options: CreateOptions) -> _Layout:
 def _l2_table(index: int, size: int, cluster_bits: int, extended_l2: bool) -> bytes:
     """Preallocated L2 table ``index``: guest cluster n at data-file offset n (COPIED)."""
     cs = 1 << cluster_bits
-    per_table = cs // (16 if extended_l2 else 8)
+    per_table = l2_entries(cs, extended_l2)
     first = index * per_table
     count = min(per_table, -(-size // cs) - first)
     offsets = (np.arange(first, first + count, dtype=np.uint64) << np.uint64(cluster_bits)) \
         | np.uint64(OFLAG_COPIED)
-    words = np.zeros(cs // 8, dtype=">u8")
-    words[0:count * (2 if extended_l2 else 1):2 if extended_l2 else 1] = offsets
+    stride = cs // per_table // L2_ENTRY_SIZE   # u64 words per entry: 2 with the subcluster bitmap
+    words = np.zeros(cs // L2_ENTRY_SIZE, dtype=">u8")
+    words[0:count * stride:stride] = offsets
     return words.tobytes()
 
 
@@ -846,9 +846,9 @@ def create_image(path: str, size: int | None, options: CreateOptions) -> None:
             size = backing_size
     if size is None:
         raise UsageError("no size given (and no backing file to take it from)")
-    if not 0 <= size <= INT64_MAX - SECTOR + 1:
-        raise UsageError(f"image size {size} is out of range: must be between 0 and {INT64_MAX - SECTOR + 1} "
-                         "(it is rounded up to a multiple of 512)")
+    if not 0 <= size <= MAX_SIZE - SECTOR + 1:
+        raise UsageError(f"image size {size} is out of range: must be between 0 and {MAX_SIZE - SECTOR + 1} "
+                         f"(it is rounded up to a multiple of {SECTOR})")
     size += -size % SECTOR
     bits = options.cluster_size.bit_length() - 1
     if size_to_l1(size, 1 << bits, options.extended_l2) > MAX_L1_ENTRIES:
@@ -869,7 +869,7 @@ def create_image(path: str, size: int | None, options: CreateOptions) -> None:
     if options.data_file is not None:
         data_size = size
         if options.data_file_raw:
-            unit = options.cluster_size // (32 if options.extended_l2 else 1)
+            unit = options.cluster_size // (SUBCLUSTERS if options.extended_l2 else 1)
             data_size = size + -size % unit
         _replace_file(options.data_file, data_size, ())
     # The old file's journal must not survive it: its binding check would fail on the

@@ -60,6 +60,7 @@ from ..core.ordering import Phase
 from ..core.transaction import Transaction
 from ..errors import BitmapError, UnsupportedError, UsageError
 from ..format import bitmaps as bm
+from ..format.geometry import SECTOR
 from ..format.header import MAX_L1_ENTRIES
 from ..format.tables import L1E_OFFSET_MASK, OFLAG_COPIED, l2_entries, size_to_l1
 from ..read.guest import reader, release
@@ -70,7 +71,6 @@ if TYPE_CHECKING:
     from ..core.image import Image
 
 Write = tuple[int, bytes]
-SECTOR = 512
 
 
 def target_size(current: int, text: str) -> int:

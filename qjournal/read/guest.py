@@ -48,10 +48,11 @@ from typing import Any, Iterable, Iterator, Protocol
 import numpy as np
 
 from ..errors import FormatError, UnsupportedError, UsageError
+from ..format.geometry import SECTOR
 from ..format.header import AUTOCLEAR_DATA_FILE_RAW, COMPRESSION_ZSTD, MAGIC
-from ..format.tables import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
-                            OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS, compressed_geometry,
-                            compressed_span, l2_entries)
+from ..format.tables import (COMPRESSED_DESCRIPTOR_MASK, EXTL2_ENTRY_SIZE, HOST_OFFSET_LIMIT, L1E_OFFSET_MASK,
+                            L1E_RESERVED_MASK, L2_ENTRY_SIZE, L2E_OFFSET_MASK, L2E_RESERVED_MASK, OFLAG_COMPRESSED,
+                            OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS, compressed_geometry, compressed_span, l2_entries)
 from ..core.image import Image
 from ..storage.medium import MmapMedium
 
@@ -69,8 +70,6 @@ offset; an unallocated or zero run may have one (a preallocated cluster)."""
 PARALLEL_MIN = 4 << 20  # a read of at least this much data (smaller shares cost more than they gain) ...
 PARALLEL_THREADS = min(4, os.cpu_count() or 1)  # ... is shared between this many threads, the caller's included
 L2_CACHE_BYTES = 32 << 20
-DESCRIPTOR_MASK = (1 << 62) - 1
-HOST_OFFSET_LIMIT = 1 << 56  # host offsets are bits 9..55
 
 _U = np.uint64
 _SUB_BITS = np.arange(SUBCLUSTERS, dtype=np.uint64)
@@ -175,8 +174,8 @@ class RawFile:
 
     @property
     def size(self) -> int:
-        """The length QEMU gives it: the file's, rounded up to 512 bytes."""
-        return -(-self.file_size // 512) * 512
+        """The length QEMU gives it: the file's, rounded up to a whole sector."""
+        return -(-self.file_size // SECTOR) * SECTOR
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         run_preads([(self.fd, offset, buf)])
@@ -401,7 +400,7 @@ class GuestReader:
             # (and the kernel's fault-around neighbours) resident.
             raw = np.frombuffer(os.pread(medium.fd, cs, off), dtype=">u8").astype(np.uint64)
         else:
-            raw = medium.array(off, cs // 8, ">u8").astype(np.uint64)
+            raw = medium.array(off, cs // L2_ENTRY_SIZE, ">u8").astype(np.uint64)
         if self.extended:
             entries, bitmaps = raw[0::2].copy(), raw[1::2].copy()
         else:
@@ -461,7 +460,7 @@ class GuestReader:
         index, i = divmod(guest // self.cs, self.per_table)
         table = self._l2(index)
         assert table is not None
-        size = 16 if self.extended else 8
+        size = EXTL2_ENTRY_SIZE if self.extended else L2_ENTRY_SIZE
         return FormatError("L2 table", table.offset + size * i,
                            f"entry {i} (guest offset {guest - guest % self.cs:#x}): {rule}")
 
@@ -542,7 +541,7 @@ class GuestReader:
         comp = (e & _U(OFLAG_COMPRESSED)) != 0
         off = e & _U(L2E_OFFSET_MASK)
         alloc = ~comp & self._allocated(e, off)
-        desc = (e & _U(DESCRIPTOR_MASK)).astype(np.int64)
+        desc = (e & _U(COMPRESSED_DESCRIPTOR_MASK)).astype(np.int64)
         offs = off.astype(np.int64)
         if table.bitmaps is None:
             zero = ~comp & ((e & _U(OFLAG_ZERO)) != 0)

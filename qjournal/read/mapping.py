@@ -13,7 +13,7 @@ Rules of QEMU's block layer (block/io.c ``bdrv_co_block_status``) that shape the
 
 - An unallocated range with no backing file, or at or past the end of the backing
   file, is ``zero`` but not ``present``, at the depth of the layer that has it.
-  A backing file's length is its size rounded up to 512 bytes.
+  A backing file's length is its size rounded up to a whole sector (512 bytes).
 - A raw file (a raw backing file) reports holes (``SEEK_HOLE``, and everything past
   its end) as ``zero`` and the rest as ``data``, with offsets equal to guest offsets.
 - When a qcow2 layer looks *metadata-preallocated* (more clusters have a refcount
@@ -35,6 +35,7 @@ import numpy as np
 from ..core.allocator import Allocator
 from ..errors import FormatError
 from ..format import refcount as rc
+from ..format.geometry import SECTOR, STAT_BLOCK
 from .guest import COMPRESSED, DATA, ZERO, GuestReader, Layer, RawFile, reader
 
 if TYPE_CHECKING:
@@ -173,9 +174,9 @@ def metadata_preallocated(img: "Image") -> bool:
     h = img.header
     cs = h.cluster_size
     st = os.stat(img.path)
-    real_clusters = st.st_blocks * 512 // cs
+    real_clusters = st.st_blocks * STAT_BLOCK // cs
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
-    end_cluster = -(-(-(-st.st_size // 512) * 512) // cs)
+    end_cluster = -(-(-(-st.st_size // SECTOR) * SECTOR) // cs)
     medium = img.reader
     try:
         alloc = Allocator(medium, h.cluster_bits, h.refcount_order, h.refcount_table_offset,

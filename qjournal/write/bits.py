@@ -63,5 +63,5 @@ def bits_steps(img: "Image", ranges: list[tuple[int, int]]) -> list[Write]:
             else:
                 new = tx.alloc.alloc(1)
                 tx.write_new(new, chunk.tobytes())
-                out.append((e.table_offset + 8 * t, int(new).to_bytes(8, "big")))
+                out.append((e.table_offset + bm.TABLE_ENTRY_SIZE * t, int(new).to_bytes(bm.TABLE_ENTRY_SIZE, "big")))
     return out

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import FormatError
-from ..format.tables import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
-                            SUBCLUSTERS, compressed_span)
+from ..format.tables import (L1_ENTRY_SIZE, L1E_OFFSET_MASK, L2_ENTRY_SIZE, L2E_OFFSET_MASK, OFLAG_COMPRESSED,
+                            OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS, compressed_span)
 from ..core.ordering import Phase
 from ..read.guest import reader
 from ..storage.medium import FileMedium, Medium, merge_ranges
@@ -47,7 +47,7 @@ class StagedTable:
 
     def __init__(self, offset: int, words: np.ndarray, new: bool) -> None:
         self.offset = offset
-        self.words = words  # uint64, cluster_size // 8 of them
+        self.words = words  # uint64, cluster_size // L2_ENTRY_SIZE of them
         self.new = new  # in a cluster this transaction allocated (written whole before the commit)
         self.changed: set[int] = set()  # entry indexes changed in an existing table
         self.orig = None if new else words.copy()  # the words on disk, which readers see until the commit
@@ -96,9 +96,9 @@ class GuestMap:
             return None
         reader = self.img.reader
         if off % self.cs or off + self.cs > reader.size:
-            raise FormatError("L1 table", self.img.header.l1_table_offset + 8 * l1i,
+            raise FormatError("L1 table", self.img.header.l1_table_offset + L1_ENTRY_SIZE * l1i,
                               f"entry {l1i}: L2 table offset {off:#x} is unaligned or past the end of the file")
-        t = StagedTable(off, reader.array(off, self.cs // 8, ">u8").astype(np.uint64), False)
+        t = StagedTable(off, reader.array(off, self.cs // L2_ENTRY_SIZE, ">u8").astype(np.uint64), False)
         self.tables[l1i] = t
         return t
 
@@ -114,7 +114,7 @@ class GuestMap:
             return t
         alloc = self.tx.alloc
         if t is None:
-            words = np.zeros(self.cs // 8, dtype=np.uint64)
+            words = np.zeros(self.cs // L2_ENTRY_SIZE, dtype=np.uint64)
         else:
             # A snapshot shares the old table: copy it. A data cluster's refcount counts
             # the L1 tables that reach it, so the clusters the copy maps keep their

@@ -24,7 +24,9 @@ from typing import Sequence
 
 import qjournal
 
+from . import report
 from .model import SECTOR_SIZES, STRATEGIES, CrashState, Options, RunResult, WorkloadResult
+from .runner import digest, recorded_state, run
 from .workloads import WORKLOADS, Workload, find
 
 
@@ -123,7 +125,6 @@ def _select(p: argparse.ArgumentParser, names: list[str]) -> list[Workload]:
 
 
 def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from .runner import run
     workloads = _select(p, args.workloads)
     opts = Options(strategies=args.strategy, k=args.k, samples=args.samples, seed=args.seed,
                    sector_size=args.sector_size, max_tears=args.max_tears, oracle=args.oracle,
@@ -163,14 +164,9 @@ def _summary(w: WorkloadResult) -> str:
 
 def _write_report(result: RunResult, path: Path) -> None:
     if path.suffix != ".json":
-        try:
-            from . import report   # written by the report's own module, when present
-        except ImportError:
-            report = None          # type: ignore[assignment]
-        if report is not None:
-            report.write_report(result, str(path))
-            path.with_suffix(".json").write_text(result.dumps())
-            return
+        report.write_report(result, str(path))
+        path.with_suffix(".json").write_text(result.dumps())
+        return
     path.write_text(result.dumps())
 
 
@@ -185,7 +181,6 @@ def load_report(path: Path) -> RunResult:
 
 
 def _replay(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from .runner import digest, recorded_state
     try:
         result = load_report(args.report)
     except ValueError as e:

@@ -19,6 +19,7 @@ import tempfile
 from qjournal import Image
 from qjournal.storage.medium import MemoryMedium
 
+from .cli import main as crashsim_main
 from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium
 
 
@@ -102,7 +103,6 @@ def main() -> int:
         print(f"\n   {len(cuts)} crash points: {counts}; failures: {bad}")
 
         print("\n== 4. crashsim: every crash state (reorderings, torn sectors, crashes during recovery)")
-        from .cli import main as crashsim_main
         report = os.path.join(tempfile.gettempdir(), "qjournal-demo-report.html")
         real = crashsim_main(["run", "transaction", "guest-write-mixed", "--k", "2", "--report", report])
         print(f"   report: {report}")

@@ -380,6 +380,8 @@ def layer(name: str) -> int | None:
     parts = name.split(".")
     if name in ("qjournal", "qjournal.api"):
         return LAYERS.index("api")
+    if name == "qjournal.__main__":        # ``python -m qjournal``: the command line's entry point
+        return LAYERS.index("cli")
     if len(parts) >= 2 and parts[1] in LAYERS:
         return LAYERS.index(parts[1])
     return None

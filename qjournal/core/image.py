@@ -26,12 +26,13 @@ from ..storage import lock
 from .allocator import Allocator
 from ..errors import FormatError, ImageNotFoundError, JournalError, StaleJournalWarning, UnsupportedError, UsageError
 from ..format import bitmaps as bm
-from ..format.extensions import (EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, KNOWN,
+from ..format.extensions import (EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, KNOWN, crypto_header_span,
                                 Extension, parse_extensions)
 from ..format.header import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES,
-                             COMPRESSION_TYPE_OFFSET, FIELD_OFFSET, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+                             CRYPT_AES, CRYPT_LUKS, FIELD_OFFSET, TAIL_OFFSET, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
                              INCOMPAT_KNOWN, Header)
 from ..format.luks import HEADER_SIZE as LUKS_HEADER_SIZE, luks_info
+from ..format.geometry import STAT_BLOCK
 from ..format.snapshots import Snapshot, parse_snapshots
 from ..format.tables import L1E_OFFSET_MASK
 from .cluster0 import Cluster0
@@ -362,18 +363,20 @@ class Image:
                 os.path.join(os.path.dirname(self.path), backing)
         try:
             st = os.stat(self.path)
-            actual = st.st_blocks * 512
+            actual = st.st_blocks * STAT_BLOCK
         except OSError:
             actual = self.medium.size
         unknown = tuple((e.type, len(e.data)) for e in self.extensions if e.type not in KNOWN)
         encrypt: dict[str, Any] | None = None
-        if h.crypt_method == 1:
+        if h.crypt_method == CRYPT_AES:
             encrypt = {"format": "aes"}
-        elif h.crypt_method == 2:
+        elif h.crypt_method == CRYPT_LUKS:
             ext = next((e for e in self.extensions if e.type == EXT_CRYPTO), None)
-            if ext is None or len(ext.data) < 16:
-                raise FormatError("qcow2 header", FIELD_OFFSET["crypt_method"], "LUKS encryption without a full disk encryption extension")
-            loff = int.from_bytes(ext.data[:8], "big")
+            span = crypto_header_span(ext.data) if ext is not None else None
+            if ext is None or span is None:
+                raise FormatError("qcow2 header", FIELD_OFFSET["crypt_method"],
+                                  "LUKS encryption without a full disk encryption extension")
+            loff = span[0]
             if loff + LUKS_HEADER_SIZE > self.medium.size:
                 raise FormatError("full disk encryption extension", ext.offset,
                                   f"LUKS header at {loff:#x} runs past the end of the file")
@@ -401,8 +404,7 @@ class Image:
     def cluster0(self) -> Cluster0:
         """The visible layout of cluster 0: header, extensions, backing name, kept tail."""
         h = self.header
-        tail_start = COMPRESSION_TYPE_OFFSET + 1
-        tail = self._cluster0[tail_start:h.header_length] if h.version >= 3 and h.header_length > tail_start else b""
+        tail = self._cluster0[TAIL_OFFSET:h.header_length] if h.version >= 3 and h.header_length > TAIL_OFFSET else b""
         return Cluster0(h, self.extensions, self.backing_name, tail)
 
     @property

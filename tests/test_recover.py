@@ -12,6 +12,8 @@ order) and the state right after each barrier, each looked at by two readers:
 """
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import attrs
@@ -128,6 +130,38 @@ class TestRecoverCommand:
         assert path.read_bytes() == image and Path(f"{path}.qjournal").read_bytes() == journal
         assert "by-qemu" in [b["name"] for b in qemu.bitmaps(path)]
 
+
+    def test_stale_journal_through_the_command_line(self, base: bytes, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+        """Read-only commands warn in one line and show the image as it stands; recover
+        refuses; recover --discard drops the journal and keeps the image; neither file
+        changes until then."""
+        from qjournal.cli import main
+        path = _committed_unapplied(base, tmp_path)
+        qemu.qemu_img("bitmap", "--add", str(path), "by-qemu")
+        image, journal = path.read_bytes(), Path(f"{path}.qjournal").read_bytes()
+        capsys.readouterr()
+        assert main(["info", "--output=json", str(path)]) == 0
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and err.startswith("qjournal: warning: ") and "stale" in err, err
+        assert [b["name"] for b in json.loads(out)["format-specific"]["data"]["bitmaps"]] == \
+            [b["name"] for b in qemu.bitmaps(path)]
+        assert main(["recover", "--discard", str(tmp_path / "missing.qcow2")]) == 1
+        assert main(["recover", str(path)]) == 1
+        assert path.read_bytes() == image and Path(f"{path}.qjournal").read_bytes() == journal
+        capsys.readouterr()
+        assert main(["recover", "--discard", str(path)]) == 0
+        assert "removed" in capsys.readouterr().out
+        assert path.read_bytes() == image and not Path(f"{path}.qjournal").exists()
+        assert main(["bitmap", "--add", str(path), "after"]) == 0
+        qemu.assert_clean(path)
+
+    def test_discard_refuses_a_journal_that_matches(self, base: bytes, tmp_path: Path) -> None:
+        from qjournal.cli import main
+        path = _committed_unapplied(base, tmp_path)
+        journal = Path(f"{path}.qjournal").read_bytes()
+        assert main(["recover", "--discard", str(path)]) == 1
+        assert Path(f"{path}.qjournal").read_bytes() == journal
 
     def test_read_only_open_shows_the_image_as_it_stands(self, base: bytes, tmp_path: Path) -> None:
         """A stale journal (QEMU changed the image after the crash) is never shown as the

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+import warnings
+from typing import Any, Sequence
 
 from .. import __version__
-from ..errors import QcowError
+from ..errors import QcowError, StaleJournalWarning
 from . import bitmap, guest, image, journal, resize
 from .options import Parser
 
@@ -68,11 +69,20 @@ def _quiet_stdout() -> None:
     os.close(devnull)
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    print(f"qjournal: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``qjournal ARGV`` and return its exit code (``--help`` and ``--version``: 0)."""
     try:
         args = build_parser().parse_args(argv)
-        code = int(args.func(args))
+        with warnings.catch_warnings():
+            # A stale journal on a read-only open: one line, and the command goes on.
+            warnings.simplefilter("always", StaleJournalWarning)
+            warnings.showwarning = _one_line_warning
+            code = int(args.func(args))
         sys.stdout.flush()
         return code
     except SystemExit as e:  # --help, --version

@@ -1,7 +1,7 @@
 """``qjournal journal`` and ``qjournal recover``: the sidecar journal ``FILE.qjournal``.
 
     qjournal journal [-f qcow2] [--output=human|json] FILE
-    qjournal recover [-f qcow2] FILE
+    qjournal recover [-f qcow2] [--discard] FILE
 
 Both refuse a file that is not a qcow2 image before they look at any journal.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..errors import JournalError, UsageError
 from ..journal import Journal
 from ..storage import lock
 from ..storage.medium import MmapMedium
@@ -22,8 +23,12 @@ def add_parsers(sub: Any) -> None:
                     "Replay the transactions of FILE.qjournal that were committed but not applied (a crash "
                     "interrupted them), after checking that the image still holds what the journal "
                     "expects. Every writable open does the same.",
-                    ["qjournal recover disk.qcow2"])
+                    ["qjournal recover disk.qcow2",
+                     "qjournal recover --discard disk.qcow2   # keep the image as QEMU left it"])
     add_format(r)
+    r.add_argument("--discard", action="store_true",
+                   help="when the journal no longer matches the image (someone changed it after the crash), "
+                        "remove the journal and keep the image as it stands")
     r.add_argument("filename", metavar="FILE")
     r.set_defaults(func=cmd_recover)
 
@@ -44,6 +49,16 @@ def cmd_recover(args: argparse.Namespace) -> int:
         lock.acquire(m.fd, path, True)
         j = Journal.open_for(path, m, True)
         try:
+            if args.discard:
+                try:
+                    j.check_binding()
+                except JournalError as e:
+                    j.close()
+                    Journal.discard(path)
+                    print(f"{path}: the journal was stale and is removed; the image is kept as it stands ({e})")
+                    return 0
+                raise UsageError(f"{path}: the journal still matches the image; recover it instead of "
+                                 "discarding it (qjournal recover without --discard)")
             n = j.recover()
         finally:
             j.close()

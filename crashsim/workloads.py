@@ -457,3 +457,30 @@ def _resize_grow(img: Image) -> None:
 WORKLOADS["resize-grows-l1"] = Workload(
     "resize-grows-l1", "resize 1M -> 8M (512 B clusters): new L1 table and bitmap switched with the size",
     _resize_grow, base=RESIZE_BASE)
+
+
+# -- internal snapshots (qjournal/ops/snapshot.py) -------------------------------------------
+SNAPSHOT_BASE = Base("snapshot-shared", (
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "8M"),
+    qemu_io_cmd("write -P 0x11 0 256k", "write -c -P 0x22 1M 64k"),
+    qemu_img_cmd("bitmap", "--add", IMG, "b0"),
+    qemu_img_cmd("snapshot", "-c", "s0", IMG),
+    qemu_io_cmd("write -P 0x33 0 64k", "write -P 0x44 2M 64k"),
+))
+BASES[SNAPSHOT_BASE.name] = SNAPSHOT_BASE
+
+
+def _snapshot_create(img: Image) -> None:
+    img.create_snapshot("s1")     # L1 copied, every cluster shared, COPIED cleared, table rewritten
+
+
+def _snapshot_delete(img: Image) -> None:
+    img.delete_snapshot("s0")     # what s0 alone held freed, COPIED set again where the refcount is 1
+
+
+WORKLOADS["snapshot-create"] = Workload(
+    "snapshot-create", "snapshot -c on an image with a snapshot, a bitmap and a compressed cluster",
+    _snapshot_create, base=SNAPSHOT_BASE)
+WORKLOADS["snapshot-delete"] = Workload(
+    "snapshot-delete", "snapshot -d of a qemu-made snapshot whose clusters the active disk partly shares",
+    _snapshot_delete, base=SNAPSHOT_BASE)

@@ -22,6 +22,7 @@ from .core.image import Image as CoreImage
 from .core.image import ImageInfo
 from .ops.bitmaps import Bitmaps
 from .ops.check import CheckResult, check
+from .ops import snapshot
 from .ops.resize import resize
 from .read import guest
 from .read.mapping import MapEntry, entries
@@ -30,6 +31,7 @@ from .storage.medium import Medium
 from .write import data
 from .write.disk import GuestDisk
 from .format.header import INCOMPAT_DIRTY
+from .format.snapshots import Snapshot
 
 __all__ = ["Image", "ImageInfo"]
 
@@ -113,6 +115,16 @@ class Image(CoreImage):
         """Change the virtual size as ``qemu-img resize`` does (see :mod:`qjournal.ops.resize`)."""
         self.ensure_open()
         resize(self, new_size, shrink)
+
+    def create_snapshot(self, name: str) -> Snapshot:
+        """Take an internal snapshot, as ``qemu-img snapshot -c`` (see :mod:`qjournal.ops.snapshot`)."""
+        self.ensure_open()
+        return snapshot.create(self, name)
+
+    def delete_snapshot(self, name: str) -> None:
+        """Delete the internal snapshot called ``name``, as ``qemu-img snapshot -d``."""
+        self.ensure_open()
+        snapshot.delete(self, name)
 
     def check(self, repair: str | None = None) -> CheckResult:
         """Check the image as ``qemu-img check`` does; ``repair`` is None, ``"leaks"`` or ``"all"``."""

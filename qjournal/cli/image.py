@@ -14,11 +14,12 @@ import argparse
 import math
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from ..api import Image
 from ..errors import UnsupportedError, UsageError
 from ..ops.check import check
+from ..format.snapshots import Snapshot
 from ..ops.create import create_image, option_help
 from ..read.mapping import entries, format_human, format_json
 from .options import (add_command, add_force_share, add_format, add_output, check_format, create_options,
@@ -138,19 +139,24 @@ def cmd_info(args: argparse.Namespace) -> int:
         if info.backing_format:
             print(f"backing file format: {info.backing_format}")
     if info.snapshots:
-        print("Snapshot list:")
-        print(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
-        for s in info.snapshots:
-            date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.date_sec))
-            secs, ms = s.vm_clock_nsec // 1_000_000_000, s.vm_clock_nsec // 1_000_000 % 1000
-            clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{ms:03d}"
-            icount = "" if s.icount is None or s.icount == (1 << 64) - 1 else str(s.icount)
-            print(f"{s.id:<9} {s.name:<16} {human_size(s.vm_state_size):>8}{date:>20}{clock:>13}{icount:>11}")
+        print_snapshots(info.snapshots)
     print("Format specific information:")
     _dump_qobject(info.to_json()["format-specific"]["data"], 1)
     for t, n in info.unknown_extensions:
         print(f"unknown header extension: type {t:#010x}, {n} bytes (kept as is)")
     return 0
+
+
+def print_snapshots(snapshots: Sequence[Snapshot]) -> None:
+    """The snapshot list as qemu-img prints it (``info``, ``snapshot -l``)."""
+    print("Snapshot list:")
+    print(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
+    for s in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.date_sec))
+        secs, ms = s.vm_clock_nsec // 1_000_000_000, s.vm_clock_nsec // 1_000_000 % 1000
+        clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{ms:03d}"
+        icount = "" if s.icount is None or s.icount == (1 << 64) - 1 else str(s.icount)
+        print(f"{s.id:<9} {s.name:<16} {human_size(s.vm_state_size):>8}{date:>20}{clock:>13}{icount:>11}")
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -79,6 +79,7 @@ class Allocator:
         self.deltas: dict[int, int] = {}
         self.taken: set[int] = set()
         self.reserved: set[int] = set()
+        self.referenced: set[int] = set()   # clusters given references on purpose (a snapshot shares them)
 
     # -- reading ----------------------------------------------------------
     def _block(self, bi: int) -> bytes | None:
@@ -171,6 +172,16 @@ class Allocator:
             self.taken.add(c)
             self.deltas[c] = self.deltas.get(c, 0) + 1
         return start * self.cs
+
+    def reference(self, clusters: np.ndarray, delta: int = 1) -> None:
+        """Add ``delta`` references to each of ``clusters`` (a cluster listed k times gets
+        k·delta): a snapshot shares every cluster of the active tables. O(distinct clusters)."""
+        uniq, counts = np.unique(np.asarray(clusters, dtype=np.int64), return_counts=True)
+        deltas = self.deltas
+        for c, k in zip(uniq.tolist(), counts.tolist()):
+            deltas[c] = deltas.get(c, 0) + k * delta
+        if delta > 0:
+            self.referenced.update(uniq.tolist())
 
     def free(self, offset: int, n: int = 1) -> None:
         """Drop one reference from ``n`` clusters at ``offset`` (applied in the free step)."""
@@ -279,8 +290,9 @@ class Allocator:
            covers, was free on disk (``disk(c) == 0``), is neither reserved nor in the
            free index, and is counted once: ``delta(c)`` is 1, or 0 once freed again;
         3. only a handed-out or reserved cluster gains a reference
-           (``delta(c) > 0``); a cluster never gains two in one transaction unless
-           reserved (check's repair sets its counts directly);
+           (``delta(c) > 0``), or one given more references on purpose
+           (:meth:`reference`); a cluster never gains two in one transaction unless
+           reserved (check's repair sets its counts directly) or referenced;
         4. once built, the free index is sorted and holds exactly the clusters below
            the end with ``disk(c) == 0`` that are neither taken nor reserved: a freed
            cluster is not handed out again before the commit;
@@ -321,7 +333,7 @@ class Allocator:
         for c, d in sorted(self.deltas.items()):
             assert c >= 0, f"allocator: a staged change for negative cluster {c}"
             if d > 0:
-                assert c in self.taken or c in self.reserved, \
+                assert c in self.taken or c in self.reserved or c in self.referenced, \
                     f"allocator: {at(c)} gains {d} reference(s) but was never handed out"
         if self._free is None:
             return
@@ -329,6 +341,8 @@ class Allocator:
         free = set(self._free)
         assert len(free) == len(self._free), "allocator: the free index holds a cluster twice"
         expect = set(np.nonzero(disk == 0)[0].tolist()) - self.taken - self.reserved
+        if self.in_use is not None:
+            expect -= set(self.in_use().tolist())     # structures in use, whatever their refcount
         for c in sorted(free - expect)[:1]:
             why = ("past the end" if not 0 <= c < self._end else "handed out" if c in self.taken else
                    "reserved" if c in self.reserved else f"its refcount on disk is {int(disk[c])}")

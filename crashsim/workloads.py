@@ -484,3 +484,19 @@ WORKLOADS["snapshot-create"] = Workload(
 WORKLOADS["snapshot-delete"] = Workload(
     "snapshot-delete", "snapshot -d of a qemu-made snapshot whose clusters the active disk partly shares",
     _snapshot_delete, base=SNAPSHOT_BASE)
+SNAPSHOT_APPLY_BASE = Base("snapshot-apply", (
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "8M"),
+    qemu_io_cmd("write -P 0x11 0 256k", "write -c -P 0x22 1M 64k"),
+    qemu_img_cmd("snapshot", "-c", "s0", IMG),
+    qemu_io_cmd("write -P 0x33 0 64k", "write -P 0x44 2M 64k"),
+))
+BASES[SNAPSHOT_APPLY_BASE.name] = SNAPSHOT_APPLY_BASE
+
+
+def _snapshot_apply(img: Image) -> None:
+    img.apply_snapshot("s0")      # a new active L1 switched in; the old one and what only it mapped freed
+
+
+WORKLOADS["snapshot-apply"] = Workload(
+    "snapshot-apply", "snapshot -a of a qemu-made snapshot after the disk diverged from it",
+    _snapshot_apply, base=SNAPSHOT_APPLY_BASE)

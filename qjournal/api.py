@@ -121,6 +121,11 @@ class Image(CoreImage):
         self.ensure_open()
         return snapshot.create(self, name)
 
+    def apply_snapshot(self, name: str) -> Snapshot:
+        """Revert the disk to the internal snapshot ``name`` (id or name), as ``qemu-img snapshot -a``."""
+        self.ensure_open()
+        return snapshot.apply(self, name)
+
     def delete_snapshot(self, name: str) -> None:
         """Delete the internal snapshot called ``name``, as ``qemu-img snapshot -d``."""
         self.ensure_open()

@@ -100,6 +100,7 @@ def test_bitmaps_stay_as_they_are(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args,why", [
     (["-c", "s0"], "exists already"),
     (["-d", "nope"], "snapshot not found"),
+    (["-a", "nope"], "Failed to load snapshot"),
     (["-c", ""], "must not be empty"),
     (["-c", "x" * 65536], "exceeds the 65535-byte limit"),
 ])
@@ -131,7 +132,37 @@ def test_data_file_refused(tmp_path: Path) -> None:
     assert p.read_bytes() == before
 
 
-@pytest.mark.parametrize("name", ["snapshot-create", "snapshot-delete"])
+@pytest.mark.parametrize("opts", OPTIONS[:4], ids=lambda o: ",".join(o))
+def test_apply_like_qemu_img(tmp_path: Path, opts: tuple[str, ...]) -> None:
+    """-a: the disk reads as the snapshot; later writes copy on write and leave the
+    snapshot alone; qemu-img -a on a copy gives the same disk and allocation."""
+    p = image(tmp_path, *opts)
+    qemu.qemu_img("snapshot", "-c", "s1", str(p))
+    qemu.qemu_io(p, "write -P 0x33 0 64k", "write -P 0x55 5M 64k")
+    twin = shutil.copy(p, tmp_path / "twin.qcow2")
+    assert main(["snapshot", "-a", "1", str(p)]) == 0          # by id, as qemu-img
+    qemu.qemu_img("snapshot", "-a", "s1", str(twin))
+    qemu.assert_clean(p)
+    qemu.qemu_img("compare", str(p), str(twin))
+    assert qemu.check(p)[1]["allocated-clusters"] == qemu.check(twin)[1]["allocated-clusters"]
+    qemu.qemu_io(p, "write -P 0x66 0 4k")
+    qemu.assert_clean(p)
+    snap = snapshot_data(p, "s1", tmp_path / "s1.raw")
+    assert snap[:1 << 20] == b"\x11" * (1 << 20)
+
+
+def test_apply_refused_with_bitmaps_as_qemu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = image(tmp_path)
+    qemu.qemu_img("snapshot", "-c", "s1", str(p))
+    qemu.qemu_img("bitmap", "--add", "--disable", str(p), "b0")
+    before = p.read_bytes()
+    assert main(["snapshot", "-a", "s1", str(p)]) == 1
+    assert "active dirty bitmaps" in capsys.readouterr().err
+    assert p.read_bytes() == before
+    assert "active dirty bitmaps" in qemu.qemu_img("snapshot", "-a", "s1", str(p), check=False).stderr
+
+
+@pytest.mark.parametrize("name", ["snapshot-create", "snapshot-delete", "snapshot-apply"])
 def test_every_crash_leaves_old_or_new(name: str) -> None:
     """Each crash point of the transaction: qjournal after recovery sees the old snapshot
     list or the new one; QEMU (qemu-img check and info) never a corruption."""

@@ -103,6 +103,54 @@ def delete(img: "Image", name: str) -> None:
         _copied_set(img, tx)
 
 
+def lookup(img: "Image", name: str) -> Snapshot:
+    """The snapshot whose id is ``name``, else the one called ``name`` (QEMU's
+    ``find_snapshot_by_id_or_name``, which ``qemu-img snapshot -a`` uses)."""
+    for s in img.snapshots:
+        if s.id == name:
+            return s
+    for s in img.snapshots:
+        if s.name == name:
+            return s
+    raise UsageError(f"{img.path}: Could not apply snapshot '{name}': Failed to load snapshot: "
+                     "No such file or directory")
+
+
+def apply(img: "Image", name: str) -> Snapshot:
+    """Make the disk what it was when snapshot ``name`` was taken (``qemu-img snapshot -a``).
+
+    The active L1 table becomes a copy of the snapshot's, in new clusters, switched in by
+    one header write (``l1_table_offset``, ``l1_size``); the snapshot's clusters get one
+    reference more before it (their entries' COPIED flags cleared first), and the old
+    active table and what it mapped lose one after it. Refused, as QEMU refuses, while
+    the image has persistent bitmaps ("Device has active dirty bitmaps"); a snapshot of
+    another disk size is refused (QEMU resizes the disk).
+    """
+    _check_image(img)
+    snap = lookup(img, name)
+    h, cs = img.header, img.header.cluster_size
+    if img.entries and not img.stale_bitmaps_ext:
+        raise UsageError(f"{img.path}: Could not apply snapshot '{name}': Device has active dirty bitmaps")
+    if snap.disk_size is not None and snap.disk_size != h.size:
+        raise UnsupportedError(f"{img.path}: snapshot '{name}' has a disk of {snap.disk_size} bytes and the "
+                               f"image {h.size}; applying it would resize the disk, which qjournal does not do")
+    with img.transaction(f"snapshot -a {name}") as tx:
+        snap_l1 = img.medium.array(snap.l1_table_offset, snap.l1_size, ">u8").astype(_U)
+        size = max(h.l1_size, snap.l1_size)
+        table = np.zeros(size, dtype=_U)
+        table[:snap.l1_size] = snap_l1 & ~_U(OFLAG_COPIED)        # every L2 table is shared now
+        n = -(-max(size, 1) * L1_ENTRY_SIZE // cs)
+        new = tx.alloc.alloc(n)
+        raw = table.astype(">u8").tobytes()
+        tx.write_new(new, raw + bytes(n * cs - len(raw)))
+        _share(img, tx, snap_l1, +1, active=False)
+        _share(img, tx, img.l1_table(), -1)
+        if h.l1_size:
+            tx.alloc.free_clusters_of([(h.l1_table_offset, h.l1_size * L1_ENTRY_SIZE)])
+        tx.set_header(l1_table_offset=new, l1_size=size)
+    return snap
+
+
 def _check_image(img: "Image") -> None:
     if not img.writable:
         raise UsageError(f"{img.path}: the image is open read-only")
@@ -133,9 +181,10 @@ def _mapped(img: "Image", l1: np.ndarray) -> tuple[list[tuple[int, np.ndarray]],
     return tables, np.concatenate(held) if held else np.zeros(0, np.int64)
 
 
-def _share(img: "Image", tx: Transaction, l1: np.ndarray, delta: int) -> None:
+def _share(img: "Image", tx: Transaction, l1: np.ndarray, delta: int, active: bool = True) -> None:
     """One reference more (``delta`` +1) or less (-1) for every cluster ``l1`` maps; with
-    +1, the active entries stop claiming refcount 1 first (``copied-cleared``)."""
+    +1, the entries of the L2 tables it maps (and, when ``l1`` is the ``active`` table,
+    the active L1 entries) stop claiming refcount 1 first (``copied-cleared``)."""
     cs = img.header.cluster_size
     words = 2 if img.header.extended_l2 else 1
     tables, held = _mapped(img, l1)
@@ -144,9 +193,10 @@ def _share(img: "Image", tx: Transaction, l1: np.ndarray, delta: int) -> None:
     if delta < 0:
         return
     h = img.header
-    l1_cleared = [(h.l1_table_offset + L1_ENTRY_SIZE * i, int(v & ~_U(OFLAG_COPIED)).to_bytes(8, "big"))
-                  for i, v in enumerate(img.l1_table().tolist()) if v & OFLAG_COPIED]
-    tx.stage(Phase.COPIED_CLEARED, l1_cleared)
+    if active:
+        tx.stage(Phase.COPIED_CLEARED, [(h.l1_table_offset + L1_ENTRY_SIZE * i,
+                                         int(v & ~_U(OFLAG_COPIED)).to_bytes(8, "big"))
+                                        for i, v in enumerate(img.l1_table().tolist()) if v & OFLAG_COPIED])
     for off, raw in tables:
         if (raw[::words] & _U(OFLAG_COPIED)).any():
             new = raw.copy()

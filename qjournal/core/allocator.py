@@ -79,7 +79,9 @@ class Allocator:
         self.deltas: dict[int, int] = {}
         self.taken: set[int] = set()
         self.reserved: set[int] = set()
-        self.referenced: set[int] = set()   # clusters given references on purpose (a snapshot shares them)
+        # Bulk reference changes (a snapshot shares every cluster): (clusters, delta) arrays,
+        # kept apart from ``deltas`` so that millions of clusters cost numpy, not a dict.
+        self._bulk: list[tuple[np.ndarray, int]] = []
 
     # -- reading ----------------------------------------------------------
     def _block(self, bi: int) -> bytes | None:
@@ -115,10 +117,29 @@ class Allocator:
         """Refcounts of every cluster the allocator covers as the commit will leave them
         (on disk plus the staged changes, before :meth:`materialize`), as int64. O(clusters)."""
         counts = self.all_refcounts(self._end).astype(np.int64)
-        for c, d in self.deltas.items():
-            if 0 <= c < len(counts):
-                counts[c] += d
+        cl, d = self.changes()
+        inside = (cl >= 0) & (cl < len(counts))
+        counts[cl[inside]] += d[inside]
         return counts
+
+    def changes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every staged refcount change: (clusters, deltas) as sorted int64 arrays, clusters
+        unique, zero changes left out. O(changes log changes)."""
+        parts = [(np.fromiter(self.deltas.keys(), np.int64, len(self.deltas)),
+                  np.fromiter(self.deltas.values(), np.int64, len(self.deltas)))]
+        parts += [(c, np.full(len(c), d, np.int64)) for c, d in self._bulk]
+        cl = np.concatenate([c for c, _ in parts])
+        d = np.concatenate([x for _, x in parts])
+        uniq, inverse = np.unique(cl, return_inverse=True)
+        total = np.zeros(len(uniq), np.int64)
+        np.add.at(total, inverse, d)
+        keep = total != 0
+        return uniq[keep], total[keep]
+
+    def referenced(self) -> np.ndarray:
+        """Clusters given references on purpose by :meth:`reference` (sorted, unique)."""
+        pos = [c for c, d in self._bulk if d > 0]
+        return np.unique(np.concatenate(pos)) if pos else np.zeros(0, np.int64)
 
     def _free_index(self) -> SortedList:
         if self._free is None:
@@ -176,12 +197,7 @@ class Allocator:
     def reference(self, clusters: np.ndarray, delta: int = 1) -> None:
         """Add ``delta`` references to each of ``clusters`` (a cluster listed k times gets
         k·delta): a snapshot shares every cluster of the active tables. O(distinct clusters)."""
-        uniq, counts = np.unique(np.asarray(clusters, dtype=np.int64), return_counts=True)
-        deltas = self.deltas
-        for c, k in zip(uniq.tolist(), counts.tolist()):
-            deltas[c] = deltas.get(c, 0) + k * delta
-        if delta > 0:
-            self.referenced.update(uniq.tolist())
+        self._bulk.append((np.asarray(clusters, dtype=np.int64), delta))
 
     def free(self, offset: int, n: int = 1) -> None:
         """Drop one reference from ``n`` clusters at ``offset`` (applied in the free step)."""
@@ -210,10 +226,10 @@ class Allocator:
         new_rt: tuple[int, int] | None = None
         rt_entries = len(self.reftable)
         while True:
-            live = [c for c, d in self.deltas.items() if d]
-            if not live:
+            live, _ = self.changes()
+            if not len(live):
                 break
-            need = max(live) // epb + 1
+            need = int(live[-1]) // epb + 1
             if need > rt_entries:
                 if new_rt is not None:
                     self.free(new_rt[0], new_rt[1])
@@ -223,38 +239,42 @@ class Allocator:
                 new_rt = (self.alloc(clusters), clusters)
                 rt_entries = clusters * cs // rc.RT_ENTRY_SIZE
                 continue
-            missing = sorted({c // epb for c in live
-                              if not (c // epb < len(self.reftable) and self.reftable[c // epb])
-                              and c // epb not in new_blocks})
+            blocks = np.unique(live // epb)
+            hooked = np.zeros(len(blocks), dtype=bool)
+            inside = blocks < len(self.reftable)
+            hooked[inside] = self.reftable[blocks[inside]] != 0
+            missing = [bi for bi in blocks[~hooked].tolist() if bi not in new_blocks]
             if not missing:
                 break
             for bi in missing:
                 new_blocks[bi] = self.alloc(1)
         plan = RefcountPlan([], [], [], [], new_rt)
-        by_block: dict[int, list[tuple[int, int]]] = {}
-        for c, d in self.deltas.items():
-            if d:
-                by_block.setdefault(c // epb, []).append((c % epb, d))
-        for bi, changes in sorted(by_block.items()):
+        cl, dl = self.changes()
+        blocks = cl // epb
+        cuts = np.flatnonzero(np.diff(blocks)) + 1
+        for s, e in zip([0, *cuts.tolist()], [*cuts.tolist(), len(cl)]) if len(cl) else ():
+            bi = int(blocks[s])
+            idx, d = cl[s:e] - bi * epb, dl[s:e]
             # Only the entries between the first and last change, widened to whole bytes.
-            lo, hi = min(i for i, _ in changes), max(i for i, _ in changes) + 1
-            a, b = rc.byte_span(lo, hi, self.order)
+            a, b = rc.byte_span(int(idx[0]), int(idx[-1]) + 1, self.order)
             lo, hi = (a * 8) >> self.order, (b * 8) >> self.order
             old = self.counts(bi, lo, hi)
+            # Python integers: a 64-bit refcount does not fit an int64.
+            after = old[idx - lo].astype(object) + d.astype(object)
+            low, high = after < 0, after > self.max
+            if low.any():
+                c = bi * epb + int(idx[np.argmax(low)])
+                raise FormatError("refcount block", int(self.reftable[bi]) if bi < len(self.reftable) else None,
+                                  f"refcount of cluster {c:#x} would drop below zero")
+            if high.any():
+                c = bi * epb + int(idx[np.argmax(high)])
+                raise UsageError(f"refcount of cluster {c:#x} would exceed {self.max} "
+                                 f"(refcount_bits={1 << self.order})")
             inc = old.copy()
             new = old.copy()
-            for idx, d in changes:
-                if d > 0:
-                    inc[idx - lo] += np.uint64(d)
-                v = int(old[idx - lo]) + d
-                c = bi * epb + idx
-                if v < 0:
-                    raise FormatError("refcount block", int(self.reftable[bi]) if bi < len(self.reftable) else None,
-                                      f"refcount of cluster {c:#x} would drop below zero")
-                if v > self.max:
-                    raise UsageError(f"refcount of cluster {c:#x} would exceed {self.max} "
-                                     f"(refcount_bits={1 << self.order})")
-                new[idx - lo] = np.uint64(v)
+            up = d > 0
+            inc[idx[up] - lo] = (old[idx[up] - lo].astype(object) + d[up].astype(object)).astype(np.uint64)
+            new[idx - lo] = after.astype(np.uint64)
             if bi in new_blocks:
                 block = bytearray(cs)
                 block[a:b] = rc.pack_block(new, self.order)
@@ -330,10 +350,11 @@ class Allocator:
             assert c not in self.reserved, f"allocator: {at(c)} is reserved and was handed out"
             assert self.deltas.get(c, 0) in (0, 1), \
                 f"allocator: {at(c)} was handed out, but its staged change is {self.deltas.get(c, 0):+d}"
+        referenced = set(self.referenced().tolist())
         for c, d in sorted(self.deltas.items()):
             assert c >= 0, f"allocator: a staged change for negative cluster {c}"
             if d > 0:
-                assert c in self.taken or c in self.reserved or c in self.referenced, \
+                assert c in self.taken or c in self.reserved or c in referenced, \
                     f"allocator: {at(c)} gains {d} reference(s) but was never handed out"
         if self._free is None:
             return

@@ -241,6 +241,6 @@ def _in_place_possible(img: ImageState, tx: Declaration) -> bool:
     """Only flags changed: the directory can be rewritten in place under the seed protocol."""
     if not img.bitmaps_ext or img.stale_bitmaps_ext or len(tx.entries) != len(img.entries):
         return False
-    if any(tx.alloc.deltas.values()) or tx.header_fields:
+    if len(tx.alloc.changes()[0]) or tx.header_fields:
         return False
     return all(attrs.evolve(a, flags=0) == attrs.evolve(b, flags=0) for a, b in zip(tx.entries, img.entries))

@@ -87,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
                    help="run qemu-img check and info on every state, a seeded sample, or none (default sample)")
     r.add_argument("--oracle-samples", type=_nonneg, default=24, metavar="N",
                    help="states per workload and wave for --oracle sample (default 24)")
+    r.add_argument("--medium", choices=("memory", "real"), default="memory",
+                   help="memory: record through a recording medium (default); real: run on files through the "
+                        "real media and record the system calls they make (msync, fsync, pwrite, ftruncate)")
     r.add_argument("--report", type=Path, metavar="FILE", help="write the report (.json, or .html)")
     r.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
     rp = sub.add_parser("replay", help="rebuild one state of a report as files")
@@ -126,7 +129,7 @@ def _select(p: argparse.ArgumentParser, names: list[str]) -> list[Workload]:
 
 def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     workloads = _select(p, args.workloads)
-    opts = Options(strategies=args.strategy, k=args.k, samples=args.samples, seed=args.seed,
+    opts = Options(strategies=args.strategy, k=args.k, samples=args.samples, seed=args.seed, medium=args.medium,
                    sector_size=args.sector_size, max_tears=args.max_tears, oracle=args.oracle,
                    oracle_samples=args.oracle_samples, jobs=args.jobs, executor=args.executor)
     result = run(workloads, opts, progress=True)

@@ -246,6 +246,7 @@ class Options:
     oracle_samples: int = 24
     jobs: int = 0               # 0: os.cpu_count()
     executor: str = ""          # "" (process pool) | "dask://HOST:PORT" | "inline"
+    medium: str = "memory"      # memory (a recording medium) | real (the real media on files, see realmedium)
 
 
 @attrs.frozen

@@ -38,10 +38,10 @@ class Entry:
     site: str = ""
 
 
-_MEDIA = frozenset({__name__, "qjournal.storage.medium", "qjournal.storage.overlay"})
+_MEDIA = frozenset({__name__, "qjournal.storage.medium", "qjournal.storage.overlay", "crashsim.realmedium"})
 
 
-def _call_site() -> str:
+def call_site() -> str:
     """The innermost frame outside the media (qjournal's, or a workload's own)."""
     f = sys._getframe(2)
     while f is not None:
@@ -69,7 +69,7 @@ class Recording:
 
     def mark(self, name: str, file: str = IMAGE) -> None:
         """A named point in the global order, made by the recorder's user (not by a medium)."""
-        self.entries.append(Entry("mark", file, name=name, site=_call_site()))
+        self.entries.append(Entry("mark", file, name=name, site=call_site()))
 
 
 def apply_entry(files: dict[str, bytearray], e: Entry) -> None:
@@ -100,12 +100,12 @@ class RecordingMedium(MemoryMedium):
         self.shadow = bytearray(recording.initial[file])
 
     def write(self, off: int, data: bytes) -> None:
-        self.rec.entries.append(Entry("write", self.file, off, bytes(data), site=_call_site()))
+        self.rec.entries.append(Entry("write", self.file, off, bytes(data), site=call_site()))
         apply_entry({self.file: self.shadow}, self.rec.entries[-1])
         super().write(off, data)
 
     def resize(self, n: int) -> None:
-        self.rec.entries.append(Entry("resize", self.file, size=n, site=_call_site()))
+        self.rec.entries.append(Entry("resize", self.file, size=n, site=call_site()))
         apply_entry({self.file: self.shadow}, self.rec.entries[-1])
         super().resize(n)
 
@@ -116,12 +116,12 @@ class RecordingMedium(MemoryMedium):
             where = np.nonzero(a != b)[0]
             at = int(where[0]) if len(where) else min(len(self.buf), len(self.shadow))
             raise AssertionError(f"{self.file}: byte {at:#x} changed without a write through the medium "
-                                 f"(caught at the barrier from {_call_site()})")
+                                 f"(caught at the barrier from {call_site()})")
         rs = tuple(ranges) if ranges is not None else ((0, len(self.buf)),)
-        self.rec.entries.append(Entry("barrier", self.file, ranges=rs, site=_call_site()))
+        self.rec.entries.append(Entry("barrier", self.file, ranges=rs, site=call_site()))
 
     def mark(self, name: str) -> None:
-        self.rec.entries.append(Entry("mark", self.file, name=name, site=_call_site()))
+        self.rec.entries.append(Entry("mark", self.file, name=name, site=call_site()))
 
 
 def bracket_transactions(img: "Image", rec: Recording) -> list[str]:

@@ -37,13 +37,14 @@ from qjournal.format.header import AUTOCLEAR_BITMAPS, field_span, read_field
 from qjournal.ops.check import check
 from qjournal import Image
 from qjournal.journal.journal import SaltSource
-from qjournal.storage.medium import MemoryMedium
+from qjournal.storage.medium import Medium, MemoryMedium
 from qjournal.progress import Progress
 
 from . import explain
 from .checks import Caches, Expect, Judged, Semantic, judge, recover, semantic
 from .model import (STRATEGIES, CrashState, EntryInfo, Fate, Options, RunResult, StrategyCount, TransactionInfo,
                     Verdict, WorkloadResult)
+from .realmedium import MarkingFileMedium, MarkingMmapMedium, RecordingSystem, unsynced
 from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium, apply_entry, bracket_transactions
 from .states import SIZE, Choice, Generator, Spec, Timeline
 from .workloads import Workload
@@ -74,16 +75,35 @@ class Recorded:
     txs: tuple[Span, ...]           # the transactions (or, bypassing the journal, the whole workload)
 
 
-def record(w: Workload, seed: int) -> Recorded:
+def record(w: Workload, seed: int, medium: str = "memory") -> Recorded:
+    """Run ``w`` once and record it: through recording media (``memory``), or on real files
+    through the real media, recording their system calls (``real``, see
+    :mod:`crashsim.realmedium`). In the real mode, a write still unsynced after the image
+    is closed makes the recording fail."""
     rec = Recording({IMAGE: w.base.build(), JOURNAL: b""})
-    img = Image(f"{w.name}.qcow2", "r+", medium=RecordingMedium(rec, IMAGE),
-                journal_medium=RecordingMedium(rec, JOURNAL), salts=seeded_salts(seed))
-    descriptions = bracket_transactions(img, rec)
-    try:
-        w.fn(img)
-        rec.mark("returned")
-    finally:
-        img.close()
+    with tempfile.TemporaryDirectory(prefix="crashsim-real-") as tmp:
+        if medium == "real":
+            path = os.path.join(tmp, f"{w.name}.qcow2")
+            with open(path, "wb") as f:
+                f.write(rec.initial[IMAGE])
+            open(path + ".qjournal", "wb").close()
+            system = RecordingSystem(rec)
+            image_medium: Medium = MarkingMmapMedium(path, system, IMAGE)
+            journal_medium: Medium = MarkingFileMedium(path + ".qjournal", system, JOURNAL)
+        else:
+            path = f"{w.name}.qcow2"
+            image_medium, journal_medium = RecordingMedium(rec, IMAGE), RecordingMedium(rec, JOURNAL)
+        img = Image(path, "r+", medium=image_medium, journal_medium=journal_medium, salts=seeded_salts(seed))
+        descriptions = bracket_transactions(img, rec)
+        try:
+            w.fn(img)
+            rec.mark("returned")
+        finally:
+            img.close()
+    if medium == "real":
+        left = unsynced(rec)
+        if left:
+            raise AssertionError(f"after close, {len(left)} write(s) are not durable: {'; '.join(left[:3])}")
     returned = max(i for i, e in enumerate(rec.entries) if e.kind == "mark" and e.name == "returned")
     txs: list[Span] = []
     if w.journaled:
@@ -306,7 +326,7 @@ def _steps_of(rec: Recording) -> dict[int, str]:
 
 def prepare(w: Workload, opts: Options) -> Prepared:
     t0 = time.perf_counter()
-    r = record(w, opts.seed)
+    r = record(w, opts.seed, opts.medium)
     ph = phases(r, w.journaled, w.relaxed, w.whole and w.journaled)
     tl = Timeline(r.rec, opts.sector_size)
     gen = Generator(tl, w.name, opts.k, opts.samples, opts.seed, opts.max_tears)
@@ -657,7 +677,7 @@ def _error_result(w: Workload, error: str) -> WorkloadResult:
 def recorded_state(w: Workload, opts: Options, state: CrashState,
                    parent: CrashState | None = None) -> dict[str, bytes]:
     """Rebuild the files of one reported state (for ``crashsim replay``)."""
-    r = record(w, opts.seed)
+    r = record(w, opts.seed, opts.medium)
     tl = Timeline(r.rec, opts.sector_size)
     base = parent if state.strategy == "recovery" and parent is not None else state
     snap = tl.snapshots[base.point]

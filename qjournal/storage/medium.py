@@ -21,6 +21,36 @@ MSYNC_MAX_RANGES = 16  # a flush of more ranges than this is one fsync
 Range = tuple[int, int]  # (offset, length)
 
 
+class System:
+    """The calls a file medium makes to change a file and make it durable, in one place.
+
+    This is the seam crashsim's real-medium mode records (``crashsim run --medium
+    real``): it wraps these calls, not the medium, so that the medium's own flush code
+    (which ranges it msyncs, when it fsyncs) is what gets tested.
+    """
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, off: int) -> None:
+        pwrite_all(fd, data, off)
+
+    def msync(self, fd: int, mapping: mmap.mmap, off: int, n: int) -> None:
+        mapping.flush(off, n)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def ftruncate(self, fd: int, n: int) -> None:
+        os.ftruncate(fd, n)
+
+    def fallocate(self, fd: int, off: int, n: int) -> None:
+        os.posix_fallocate(fd, off, n)
+
+
+SYSTEM = System()
+
+
 class Medium(Protocol):
     @property
     def size(self) -> int: ...
@@ -47,9 +77,10 @@ class MmapMedium:
     reaches past what it covers, and the next flush is an fsync, so that the new size
     is durable too."""
 
-    def __init__(self, path: str | os.PathLike[str], writable: bool) -> None:
+    def __init__(self, path: str | os.PathLike[str], writable: bool, system: System = SYSTEM) -> None:
         self.path = os.fspath(path)
         self.writable = writable
+        self.system = system
         self.fd = os.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
         self._size = os.fstat(self.fd).st_size
         self._map: mmap.mmap | None = None
@@ -109,7 +140,7 @@ class MmapMedium:
         # EFBIG), which becomes an error. The page cache is shared with the map, so map
         # readers see these bytes at once, and msync of a range writes them back however
         # they were dirtied.
-        pwrite_all(self.fd, data, off)
+        self.system.pwrite(self.fd, data, off)
         if end > self._size:
             self._size = end
             self._size_dirty = True
@@ -123,12 +154,12 @@ class MmapMedium:
                 or any(o + n > self._mapped for o, n in spans):
             # Growth (the new size must be durable too), or too many ranges: one fsync
             # covers every dirty page of the file, however it was written.
-            os.fsync(self.fd)
+            self.system.fsync(self.fd)
             self._size_dirty = False
             return
         for start, length in spans:
             if length > 0:
-                self._mapping(start + length).flush(start, length)
+                self.system.msync(self.fd, self._mapping(start + length), start, length)
 
     def resize(self, n: int) -> None:
         if n == self._size:
@@ -136,8 +167,8 @@ class MmapMedium:
         if n > self._size:
             # Reserve the blocks now: a full disk is an error here, before anything
             # relies on the grown region.
-            os.posix_fallocate(self.fd, self._size, n - self._size)
-        os.ftruncate(self.fd, n)
+            self.system.fallocate(self.fd, self._size, n - self._size)
+        self.system.ftruncate(self.fd, n)
         self._size = n
         self._size_dirty = True
         if n < self._mapped:
@@ -218,9 +249,11 @@ def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
 class FileMedium:
     """A plain file written with pwrite and made durable with fdatasync (the journal)."""
 
-    def __init__(self, path: str | os.PathLike[str], writable: bool, create: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], writable: bool, create: bool = False,
+                 system: System = SYSTEM) -> None:
         self.path = os.fspath(path)
         self.writable = writable
+        self.system = system
         flags = os.O_RDWR if writable else os.O_RDONLY
         if create:
             flags |= os.O_CREAT
@@ -243,7 +276,7 @@ class FileMedium:
     def write(self, off: int, data: bytes) -> None:
         if not self.writable:
             raise PermissionError(f"{self.path} is open read-only")
-        pwrite_all(self.fd, data, off)
+        self.system.pwrite(self.fd, data, off)
         if off + len(data) > self._size:
             self._size = off + len(data)
             self._size_dirty = True
@@ -252,13 +285,13 @@ class FileMedium:
         if not self.writable:
             return
         if self._size_dirty:
-            os.fsync(self.fd)
+            self.system.fsync(self.fd)
             self._size_dirty = False
         else:
-            os.fdatasync(self.fd)
+            self.system.fdatasync(self.fd)
 
     def resize(self, n: int) -> None:
-        os.ftruncate(self.fd, n)
+        self.system.ftruncate(self.fd, n)
         self._size = n
         self._size_dirty = True
 

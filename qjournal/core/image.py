@@ -245,6 +245,10 @@ class Image:
             raise UnsupportedError("qcow2 header at offset 0x48: external data file bit set without a data file "
                                    "name extension; the data file must be named at open, which qjournal "
                                    "does not support")
+        if h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW and not h.has_data_file:
+            # QEMU's qcow2_do_open refuses the image ("data-file-raw requires a data file").
+            raise FormatError("qcow2 header", FIELD_OFFSET["autoclear_features"],
+                              "the data-file-raw autoclear bit is set, but the image has no external data file")
         self.snapshots: tuple[Snapshot, ...] = ()
         if h.nb_snapshots:
             n = min(size - h.snapshots_offset, 65536 * 2048)

@@ -56,6 +56,7 @@ from ..format.tables import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK
 from ..core.image import Image
 from ..core.ordering import Phase
 from ..core.transaction import Transaction
+from ..read.guest import GuestReader
 from .bitmaps import Bitmaps
 from ..progress import Progress
 
@@ -279,6 +280,8 @@ class _Scan:
         pos = l2off.astype(np.int64)[:, None] + 8 * width * np.arange(per, dtype=np.int64)[None, :]
         gone = np.broadcast_to(l1_drop[:, None], ent.shape)   # the whole table is dropped
         fix = resv & ~gone
+        if ext:
+            comp = self._subcluster_rules(tables[:, 1::2], comp, std, pos, gone)
 
         # Compressed clusters: the bytes they occupy; never COPIED.
         if comp.any():
@@ -347,6 +350,39 @@ class _Scan:
         for p, e in zip(pos[other].tolist(), ent[other].tolist()):
             self.l2_writes[p] = int(e).to_bytes(8, "big")
 
+    def _subcluster_rules(self, bmp: np.ndarray, comp: np.ndarray, std: np.ndarray, pos: np.ndarray,
+                          gone: np.ndarray) -> np.ndarray:
+        """QEMU's subcluster bitmap rules (``check_refcounts_l2``); the compressed entries still counted.
+
+        * a compressed entry's bitmap must be 0: QEMU neither counts such an entry nor
+          reads it, so its clusters are leaked; the repair drops it (it reads as zeros);
+        * a subcluster of an allocated cluster may not be both allocated and zero (QEMU
+          fails every read of the cluster): the repair clears those allocation bits, so
+          the subcluster reads as zeros and the others keep their data;
+        * an unallocated cluster may mark no subcluster allocated: the repair clears
+          those bits.
+
+        Each broken entry is one corruption, in every table, active or not.
+        """
+        res = self.result
+        alloc, zero = bmp & U64(0xFFFFFFFF), bmp >> U64(32)
+        bad_comp = comp & (bmp != 0)
+        both = std & ((alloc & zero) != 0)
+        stray = ~comp & ~std & (alloc != 0)
+        for what, bad in (("compressed cluster with a non-zero subcluster bitmap", bad_comp),
+                          ("allocated cluster has a subcluster both allocated and zero", both),
+                          ("unallocated cluster has subclusters marked allocated", stray)):
+            for p, b in zip(pos[bad].tolist()[:20], bmp[bad].tolist()[:20]):
+                res.say(f"ERROR L2 entry at {p:#x}: {what} (bitmap {b:#018x})")
+            res.corruptions += int(bad.sum())
+        for p in pos[bad_comp & ~gone].tolist():
+            self.l2_writes[p] = self._zero_entry()
+        # Only the bitmap word (8 bytes on from the entry): the entry itself stays as it is.
+        fixed = np.where(both, bmp & ~(bmp >> U64(32)), bmp & ~U64(0xFFFFFFFF))
+        for p, b in zip(pos[(both | stray) & ~gone].tolist(), fixed[(both | stray) & ~gone].tolist()):
+            self.l2_writes[p + 8] = int(b).to_bytes(8, "big")
+        return comp & ~bad_comp
+
     def _zero_entry(self) -> bytes:
         """An L2 entry that reads as zeros (unallocated on v2, which has no zero flag)."""
         h = self.img.header
@@ -387,7 +423,7 @@ class _OnDisk:
         avail = max(0, min(cs, fsize - off))
         if avail:
             raw[:avail] = self.scan.img.medium.read(off, avail)
-        return rc.unpack_block(bytes(raw), self.order).astype(np.int64)
+        return rc.unpack_counts(bytes(raw), self.order)
 
     def counts(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(refcounts, unreadable) of clusters ``0 .. n-1``."""
@@ -422,6 +458,14 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
     Cost: one read of every L1 and L2 table and every refcount block, O(clusters) numpy.
     """
     h, cs = img.header, img.header.cluster_size
+    if img.backing_name is not None:
+        # qemu-img check opens the backing chain first: a backing file it cannot open
+        # is a refusal (exit 1), not a clean image.
+        chain = GuestReader(img)
+        try:
+            chain.backing
+        finally:
+            chain.close()
     result = CheckResult(img.path)
     result.total_clusters = -(-h.size // cs)
     scan = _Scan(img, result)
@@ -635,7 +679,8 @@ def _repair_in_place(img: Image, repair: str, final: np.ndarray, ondisk: np.ndar
         # Clusters something references are not free, whatever their refcount says.
         alloc.reserve(np.nonzero(reserve)[0].tolist())
         for c in np.nonzero(ondisk != final)[0].tolist():
-            alloc.deltas[c] = alloc.deltas.get(c, 0) + int(final[c] - ondisk[c])
+            # From the exact count: ``ondisk`` holds a 64-bit count above 2^63 - 1 as 2^63 - 1.
+            alloc.deltas[c] = alloc.deltas.get(c, 0) + int(final[c]) - alloc.refcount(c)
         _stage_entries(tx, flag_fixes, l1_writes, l2_writes)
         if repair == "all":
             # Everything is counted again: the image is neither dirty nor corrupt any more.

@@ -117,8 +117,8 @@ def snapshot_entries(p: Path) -> list[tuple[bytes, bytes, bytes]]:
 def write_snapshot_table(p: Path, entries: list[tuple[bytes, bytes, bytes]]) -> None:
     """Write ``entries`` over the snapshot table in place, each extra_data_size set to its
     extra data's length (the table must still fit its clusters)."""
-    blob = b""
+    parts = []
     for fixed, extra, names in entries:
         e = fixed[:36] + struct.pack(">I", len(extra)) + extra + names
-        blob += e + bytes(-len(e) % 8)
-    poke(p, u64(p, 64), blob)
+        parts.append(e + bytes(-len(e) % 8))
+    poke(p, u64(p, 64), b"".join(parts))

@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import shutil
+import struct
 from pathlib import Path
 from typing import Callable
 
@@ -340,6 +341,27 @@ def l2_table_unaligned_backing(d: Path) -> tuple[Path, Damage]:
     return p, [(0, 2 * MiB)]
 
 
+def snapshot_incomplete(size: int) -> Callable[[Path], tuple[Path, Damage]]:
+    """A version 3 snapshot entry with ``size`` (< 16) bytes of extra data: no disk_size.
+    qemu-img: "snapshot table entry 0 is incomplete"; -r all writes the table anew."""
+    def build(d: Path) -> tuple[Path, Damage]:
+        p = _snapshots(d)
+        entries = snapshot_entries(p)
+        fixed, extra, names = entries[0]
+        write_snapshot_table(p, [(fixed, extra[:size], names), *entries[1:]])
+        return p, []
+    build.__name__ = f"snapshot_incomplete_{size}"
+    return build
+
+
+def _snapshots(d: Path) -> Path:
+    p = fresh(d)
+    qemu.qemu_img("snapshot", "-c", "s1", str(p))
+    qemu.qemu_io(p, "write -P 0x55 0 4k")
+    qemu.qemu_img("snapshot", "-c", "s2", str(p))
+    return p
+
+
 CASES: dict[str, Callable[[Path], tuple[Path, Damage]]] = {f.__name__: f for f in (
     l2_table_unaligned, l2_table_past_eof, l2_table_is_l1_table, l2_table_is_refcount_block,
     l1_entry_reserved_bits, data_in_refcount_block, data_in_l1_table, data_in_inactive_l2, data_unaligned,
@@ -349,7 +371,8 @@ CASES: dict[str, Callable[[Path], tuple[Path, Damage]]] = {f.__name__: f for f i
     refblock_is_l1_table, refblock_past_eof, refblock_overflow, refblock_shared_twice, lazy_dirty_v3_refbits1,
     huge_data_offset, extended_l2_damage, v2_damage, bitmaps_and_rebuild,
     *(refcount_at_maximum(bits) for bits in (2, 4, 8, 16, 32, 64)), subcluster_allocated_and_zero,
-    compressed_with_bitmap, unallocated_with_bitmap, l2_table_unaligned_backing)}
+    compressed_with_bitmap, unallocated_with_bitmap, l2_table_unaligned_backing,
+    *(snapshot_incomplete(size) for size in (0, 8, 12)))}
 
 
 # -- running ------------------------------------------------------------------------
@@ -494,14 +517,6 @@ def backing_file_missing(d: Path) -> Path:
     return p
 
 
-def _snapshots(d: Path) -> Path:
-    p = fresh(d)
-    qemu.qemu_img("snapshot", "-c", "s1", str(p))
-    qemu.qemu_io(p, "write -P 0x55 0 4k")
-    qemu.qemu_img("snapshot", "-c", "s2", str(p))
-    return p
-
-
 def snapshot_extra_too_large(d: Path) -> Path:
     """A snapshot entry with 1025 bytes of extra data (QEMU's limit is 1024)."""
     p = _snapshots(d)
@@ -518,13 +533,25 @@ def snapshots_too_many(d: Path) -> Path:
     return p
 
 
+def snapshot_table_too_large(d: Path) -> Path:
+    """A snapshot table past QEMU's 64 MiB: 1025 entries with 65535-byte names (sparse)."""
+    p = _snapshots(d)
+    fixed, extra, _ = snapshot_entries(p)[0]
+    fixed = fixed[:12] + struct.pack(">HH", 0, 0xFFFF) + fixed[16:]
+    with open(p, "r+b") as f:
+        f.truncate(u64(p, 64) + 1025 * 65616 + CS)
+    write_snapshot_table(p, [(fixed, extra, bytes(0xFFFF))] * 1025)
+    poke(p, 60, (1025).to_bytes(4, "big"))
+    return p
+
+
 REFUSED = {f.__name__: f for f in (data_file_raw_alone, backing_file_missing, snapshot_extra_too_large,
-                                   snapshots_too_many)}
+                                   snapshots_too_many, snapshot_table_too_large)}
 # qemu-img check -r all rewrites these, dropping snapshot data (the extra data past 1024
 # bytes; the snapshots past 65536, after which it still finds 65536 garbage entries and
 # exits 1). qjournal refuses them with or without -r, on purpose: it validates the
 # snapshot table before it trusts anything in it, and does not rewrite it.
-QEMU_REPAIRS = {"snapshot_extra_too_large", "snapshots_too_many"}
+QEMU_REPAIRS = {"snapshot_extra_too_large", "snapshots_too_many", "snapshot_table_too_large"}
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
@@ -593,3 +620,26 @@ def test_write_at_refcount_maximum(bits: int, tmp_path: Path) -> None:
     mine_res = qemu.qemu_img("check", "--output=json", str(p), check=False)
     their_res = qemu.qemu_img("check", "--output=json", str(theirs), check=False)
     assert counters(json.loads(mine_res.stdout)) == counters(json.loads(their_res.stdout))
+
+
+@pytest.mark.parametrize("damage", ["unaligned", "past the end of the file"])
+def test_inactive_snapshot_damage_refused(damage: str, tmp_path: Path) -> None:
+    """Stricter than qemu-img on purpose: a snapshot whose L1 table is unaligned or lies
+    past the end of the file. qemu-img check reports one corruption and the snapshot's
+    clusters as leaks, and its -r all frees them, leaving the snapshot's entry pointing
+    at nothing (still a corruption, exit 2): a snapshot that can never be restored.
+    qjournal validates every snapshot entry when it opens an image and refuses it, in
+    one line, exit 1, with or without -r, leaving the file as it is, so that the
+    snapshot's data is not freed under it."""
+    p = _snapshots(tmp_path)
+    entries = snapshot_entries(p)
+    fixed, extra, names = entries[0]
+    l1 = struct.unpack(">Q", fixed[:8])[0] + 0x200 if damage == "unaligned" else 1 << 30
+    write_snapshot_table(p, [(struct.pack(">Q", l1) + fixed[8:], extra, names), *entries[1:]])
+    snapshot = p.read_bytes()
+    res = qemu.qemu_img("check", "--output=json", str(p), check=False)
+    assert res.returncode == 2 and json.loads(res.stdout)["corruptions"] == 1
+    for args in (("--output=json",), ("-r", "all")):
+        code, out, err = ours(p, *args)
+        assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and "snapshot" in err, err
+        assert p.read_bytes() == snapshot

@@ -33,7 +33,7 @@ from ..format.header import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COM
                              INCOMPAT_KNOWN, Header)
 from ..format.luks import HEADER_SIZE as LUKS_HEADER_SIZE, luks_info
 from ..format.geometry import STAT_BLOCK
-from ..format.snapshots import Snapshot, parse_snapshots
+from ..format.snapshots import MAX_TABLE_BYTES, Snapshot, parse_snapshots
 from ..format.tables import L1E_OFFSET_MASK
 from .cluster0 import Cluster0
 from .ordering import plan
@@ -251,7 +251,7 @@ class Image:
                               "the data-file-raw autoclear bit is set, but the image has no external data file")
         self.snapshots: tuple[Snapshot, ...] = ()
         if h.nb_snapshots:
-            n = min(size - h.snapshots_offset, 65536 * 2048)
+            n = min(size - h.snapshots_offset, MAX_TABLE_BYTES)
             self.snapshots = parse_snapshots(m.read(h.snapshots_offset, n), h.snapshots_offset,
                                              h.nb_snapshots, cs, size)
         self.entries: list[bm.DirectoryEntry] = []

@@ -51,6 +51,7 @@ from ..format import refcount as rc
 from ..format.extensions import EXT_CRYPTO, crypto_header_span
 from ..format.geometry import SECTOR
 from ..format.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
+from ..format.snapshots import MIN_EXTRA_V3, completed
 from ..format.tables import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
                             OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, compressed_geometry, l2_entries)
 from ..core.image import Image
@@ -476,6 +477,10 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
             scan.refstruct += counted.tolist()
     for s in img.snapshots:
         scan.add_range(s.l1_table_offset, s.l1_size * 8, "snapshot L1 table")
+    # QEMU's qcow2_check_read_snapshot_table: a version 3 entry without disk_size.
+    incomplete = [i for i, s in enumerate(img.snapshots) if h.version >= 3 and len(s.extra) < MIN_EXTRA_V3]
+    for i in incomplete:
+        result.error(f"snapshot table entry {i} is incomplete" + (" (repaired)" if repair == "all" else ""))
     crypto = next((e for e in img.extensions if e.type == EXT_CRYPTO), None)
     luks = crypto_header_span(crypto.data) if crypto is not None else None
     if luks is not None:
@@ -573,6 +578,8 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
                         Bitmaps(img).repair(e.name)
     else:
         _repair_in_place(img, "all", final, disk, flag_fixes, scan.l1_writes, scan.l2_writes, reserve=expected)
+    if incomplete:
+        _complete_snapshot_table(img)
     if drops:
         result.say(f"Rewrote {drops} table entries (reserved bits, or pointing at unreadable or misplaced "
                    "clusters: dropped)")
@@ -580,6 +587,25 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
         result.say("Dropped the damaged bitmaps extension; its clusters were reclaimed")
     # Unreadable refcounts (check errors) were no corruption of their own.
     return _recheck(img, result, result.leaks, result.corruptions)
+
+
+def _complete_snapshot_table(img: Image) -> None:
+    """Write the snapshot table anew with every entry complete, as QEMU's repair does.
+
+    The new table goes into clusters this transaction allocates (nothing references them
+    before the commit); the header switch points ``snapshots_offset`` at it in one sector
+    write; the old table's clusters are freed after. A crash before the switch leaves
+    the old table and leaked clusters; after it, the new table.
+    """
+    h, cs = img.header, img.header.cluster_size
+    old = next((off, n) for off, n, what in img.metadata_ranges() if what == "snapshot table")
+    blob = b"".join(completed(s, h.size).pack() for s in img.snapshots)
+    n = -(-len(blob) // cs)
+    with img.transaction("check -r all: complete the snapshot table") as tx:
+        off = tx.alloc.alloc(n)
+        tx.write_new(off, blob + bytes(n * cs - len(blob)))
+        tx.set_header(snapshots_offset=off)
+        tx.alloc.free_clusters_of([old])
 
 
 def _recheck(img: Image, before: CheckResult, leaks_fixed: int, corruptions_fixed: int) -> CheckResult:

@@ -334,11 +334,14 @@ def unallocated_with_bitmap(d: Path) -> tuple[Path, Damage]:
 
 
 def l2_table_unaligned_backing(d: Path) -> tuple[Path, Damage]:
-    """060's unaligned L2 table in an overlay: the repair drops only what it must, and
-    every range that read from the backing file still does."""
+    """060's unaligned L2 table in an overlay. QEMU fails every read of its 2 MiB, and its
+    repair leaves it so. qjournal drops the L1 entry: the overlay's own clusters there
+    (data at 0, zeros at 64k: the damage) are lost either way, and every cluster that
+    read from the backing file before the damage reads from it again, where a table of
+    zero clusters would have hidden the backing data."""
     p = with_backing(d)
     poke64(p, l1_pos(p, 0), u64(p, l1_pos(p, 0)) + 0x200 * 5)
-    return p, [(0, 2 * MiB)]
+    return p, [(0, 128 * 1024)]
 
 
 def snapshot_incomplete(size: int) -> Callable[[Path], tuple[Path, Damage]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -23,9 +24,11 @@ from typing import Callable
 import pytest
 
 import qemu
+import qjournal
 from damage import (CS, data_offset, fresh, l1_pos, l2_pos, poke, poke64, reftable_pos, set_refcount,
                     set_refcount_of, snapshot_entries, u64, with_backing, write_snapshot_table)
 from qjournal.cli import main
+from qjournal.errors import UsageError
 
 KEYS = ("corruptions", "leaks", "check-errors", "total-clusters", "allocated-clusters", "fragmented-clusters",
         "compressed-clusters", "image-end-offset")
@@ -646,3 +649,20 @@ def test_inactive_snapshot_damage_refused(damage: str, tmp_path: Path) -> None:
         code, out, err = ours(p, *args)
         assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and "snapshot" in err, err
         assert p.read_bytes() == snapshot
+
+
+@pytest.mark.parametrize("bits", [1, 16, 64])
+def test_refcount_never_raised_past_maximum(bits: int, tmp_path: Path) -> None:
+    """A transaction that would raise a refcount at its width's maximum by one is refused
+    before anything is written, as QEMU's update_refcount refuses (-ERANGE): one error
+    naming the cluster and the width, the file byte for byte as it was."""
+    p = fresh(tmp_path, f"refcount_bits={bits}")
+    cluster = data_offset(p, 0) // CS
+    set_refcount_of(p, cluster, (1 << bits) - 1)
+    snapshot = p.read_bytes()
+    with qjournal.open(p, "r+") as img:
+        with pytest.raises(UsageError, match=re.escape(f"cluster {cluster:#x} would exceed {(1 << bits) - 1} (refcount_bits={bits})")):
+            with img.transaction() as tx:
+                tx.alloc.reserve([cluster])
+                tx.alloc.deltas[cluster] = 1
+    assert p.read_bytes() == snapshot

@@ -46,6 +46,7 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
+from ..errors import QcowError, UsageError
 from ..format import bitmaps as bm
 from ..format import refcount as rc
 from ..format.extensions import EXT_CRYPTO, crypto_header_span
@@ -465,6 +466,10 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
         chain = GuestReader(img)
         try:
             chain.backing
+        except QcowError:
+            raise
+        except (OSError, ValueError) as e:   # a name the OS cannot open at all (a NUL byte in it)
+            raise UsageError(f"{img.path}: cannot open backing file {img.backing_name!r}: {e}") from None
         finally:
             chain.close()
     result = CheckResult(img.path)

@@ -468,8 +468,8 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
             chain.backing
         except QcowError:
             raise
-        except (OSError, ValueError) as e:   # a name the OS cannot open at all (a NUL byte in it)
-            raise UsageError(f"{img.path}: cannot open backing file {img.backing_name!r}: {e}") from None
+        except (OSError, ValueError) as why:   # a name the OS cannot open at all (a NUL byte in it)
+            raise UsageError(f"{img.path}: cannot open backing file {img.backing_name!r}: {why}") from None
         finally:
             chain.close()
     result = CheckResult(img.path)

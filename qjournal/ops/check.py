@@ -15,7 +15,17 @@ The semantics and counters are qemu-img 7.2's (``qcow2_check_refcounts``):
 * COPIED flags of the active tables are judged last, against the refcounts as they
   are after the repair;
 * references past the end of the file count (QEMU reads zeros there): they make the
-  image end offset larger and show as refcount-0 corruptions.
+  image end offset larger and show as refcount-0 corruptions;
+* references past a refcount's maximum are one corruption each (QEMU's "overflow
+  cluster"); no repair can fix them but a wider refcount. Counts are unsigned: a
+  64-bit count above 2^63 - 1 is held as 2^63 - 1 (``refcount.unpack_counts``);
+* extended L2: a compressed entry with a non-zero subcluster bitmap is a corruption
+  and is not counted (its clusters leak); a subcluster both allocated and zero, or an
+  allocated subcluster in an unallocated cluster, is a corruption
+  (``_Scan._subcluster_rules``);
+* a version 3 snapshot entry with under 16 bytes of extra data is a corruption
+  ("incomplete"); ``-r all`` writes the snapshot table anew with each entry complete;
+* a backing file that cannot be opened is a refusal, as qemu-img's open fails.
 
 Repair (``-r leaks`` / ``-r all``) is one journaled transaction (two when in-use
 bitmaps are made consistent after a rebuild). In place, when the refcount structure
@@ -37,6 +47,8 @@ a reference that cannot be read anyway (QEMU fails the read or returns zeros):
 * an L2 entry whose data cluster is unaligned, past the end of the file, or inside
   metadata other than a refcount block (a rebuild moves those away instead, as QEMU
   does) becomes a zero cluster (unallocated on a v2 image, which has none);
+* a compressed entry with a non-zero subcluster bitmap is dropped (it reads as
+  zeros); conflicting or stray allocation bits of a subcluster bitmap are cleared;
 * a bitmaps extension too damaged to open is dropped (the autoclear rule: as if a
   program without bitmap support had written the image), and bitmaps left
   ``in_use`` are made all-dirty and consistent.

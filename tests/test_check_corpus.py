@@ -572,6 +572,8 @@ def test_refused_as_qemu_img_refuses_to_open(case: str, tmp_path: Path) -> None:
         code, out, err = ours(p, *args)
         assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert p.read_bytes() == snapshot
+    if case == "snapshots_too_many":
+        return   # qemu-img's repair walks 65536 garbage entries for seconds (see QEMU_REPAIRS)
     theirs = tmp_path / "theirs.qcow2"
     shutil.copy(p, theirs)
     qemu.qemu_img("check", "-r", "all", str(theirs), check=False)

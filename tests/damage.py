@@ -72,3 +72,53 @@ def refcount_pos(p: Path, cluster: int) -> int:
 
 def set_refcount(p: Path, cluster: int, value: int) -> None:
     poke(p, refcount_pos(p, cluster), struct.pack(">H", value))
+
+
+def set_refcount_of(p: Path, cluster: int, value: int) -> None:
+    """Set the refcount of ``cluster`` (first refcount block) at the image's own width."""
+    order = struct.unpack(">I", p.read_bytes()[96:100])[0]
+    bits = 1 << order
+    block = u64(p, reftable_pos(p, 0))
+    if bits >= 8:
+        poke(p, block + cluster * bits // 8, value.to_bytes(bits // 8, "big"))
+        return
+    at = block + cluster * bits // 8
+    shift = cluster * bits % 8
+    old = p.read_bytes()[at]
+    poke(p, at, bytes([old & ~(((1 << bits) - 1) << shift) | value << shift]))
+
+
+def with_backing(d: Path) -> Path:
+    """An overlay over a qcow2 backing file full of 0x5a, with data (0x11 at 0, 0x22 at
+    2M), zeroed clusters (64k at 64k) and the rest read from the backing file."""
+    base = qemu.create(d / "base.qcow2", "16M", f"cluster_size={CS}")
+    qemu.qemu_io(base, "write -P 0x5a 0 16M")
+    p = d / "img.qcow2"
+    qemu.qemu_img("create", "-f", "qcow2", "-o", f"cluster_size={CS}", "-b", "base.qcow2", "-F", "qcow2", str(p))
+    qemu.qemu_io(p, "write -P 0x11 0 64k", "write -z 64k 64k", "write -P 0x22 2M 64k")
+    return p
+
+
+def snapshot_entries(p: Path) -> list[tuple[bytes, bytes, bytes]]:
+    """The snapshot table as (fixed 40-byte part, extra data, id and name) per entry."""
+    data = p.read_bytes()
+    nb, pos = struct.unpack(">I", data[60:64])[0], u64(p, 64)
+    out = []
+    for _ in range(nb):
+        pos = (pos + 7) & ~7
+        fixed = data[pos:pos + 40]
+        ids, names = struct.unpack(">HH", fixed[12:16])
+        extra = struct.unpack(">I", fixed[36:40])[0]
+        out.append((fixed, data[pos + 40:pos + 40 + extra], data[pos + 40 + extra:pos + 40 + extra + ids + names]))
+        pos += 40 + extra + ids + names
+    return out
+
+
+def write_snapshot_table(p: Path, entries: list[tuple[bytes, bytes, bytes]]) -> None:
+    """Write ``entries`` over the snapshot table in place, each extra_data_size set to its
+    extra data's length (the table must still fit its clusters)."""
+    parts = []
+    for fixed, extra, names in entries:
+        e = fixed[:36] + struct.pack(">I", len(extra)) + extra + names
+        parts.append(e + bytes(-len(e) % 8))
+    poke(p, u64(p, 64), b"".join(parts))

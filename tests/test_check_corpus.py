@@ -15,16 +15,20 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
+import struct
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
 import qemu
-from damage import (CS, data_offset, fresh, l1_pos, l2_pos, poke, poke64, reftable_pos,
-                    set_refcount, u64)
+import qjournal
+from damage import (CS, data_offset, fresh, l1_pos, l2_pos, poke, poke64, reftable_pos, set_refcount,
+                    set_refcount_of, snapshot_entries, u64, with_backing, write_snapshot_table)
 from qjournal.cli import main
+from qjournal.errors import UsageError
 
 KEYS = ("corruptions", "leaks", "check-errors", "total-clusters", "allocated-clusters", "fragmented-clusters",
         "compressed-clusters", "image-end-offset")
@@ -290,6 +294,80 @@ def bitmaps_and_rebuild(d: Path) -> tuple[Path, Damage]:
     return p, []
 
 
+def refcount_at_maximum(bits: int) -> Callable[[Path], tuple[Path, Damage]]:
+    """A data cluster's refcount at the maximum of its width: a leak, and its COPIED
+    flag wrong (qemu-img: "Leaked cluster 5 refcount=65535 reference=1" and the
+    OFLAG_COPIED error). A 64-bit count of 2^64 - 1 must be read unsigned."""
+    def build(d: Path) -> tuple[Path, Damage]:
+        p = fresh(d, f"refcount_bits={bits}")
+        set_refcount_of(p, data_offset(p, 0) // CS, (1 << bits) - 1)
+        return p, []
+    build.__name__ = f"refcount_at_maximum_{bits}"
+    return build
+
+
+# Extended L2 subcluster bitmaps (64 KiB clusters, 2 KiB subclusters).
+def _extended(d: Path, *writes: str) -> Path:
+    p = qemu.create(d / "img.qcow2", "16M", "cluster_size=64k", "extended_l2=on")
+    qemu.qemu_io(p, "write -P 0x11 0 256k", *writes)
+    return p
+
+
+def subcluster_allocated_and_zero(d: Path) -> tuple[Path, Damage]:
+    """A subcluster both allocated and zero (QEMU fails every read of that cluster)."""
+    p = _extended(d, "write -P 0x22 8M 6k")
+    pos = l2_pos(p, 8 * MiB) + 8
+    poke64(p, pos, u64(p, pos) | (0b10 << 32))
+    return p, [(8 * MiB, 64 * 1024)]
+
+
+def compressed_with_bitmap(d: Path) -> tuple[Path, Damage]:
+    """Bits set in a compressed entry's subcluster bitmap (QEMU neither counts nor reads it)."""
+    p = _extended(d, "write -c -P 0x22 8M 64k")
+    poke64(p, l2_pos(p, 8 * MiB) + 8, 0b11)
+    return p, [(8 * MiB, 64 * 1024)]
+
+
+def unallocated_with_bitmap(d: Path) -> tuple[Path, Damage]:
+    """Allocation bits in the bitmap of an unallocated (zeroed) cluster."""
+    p = _extended(d, "write -z 8M 64k")
+    pos = l2_pos(p, 8 * MiB) + 8
+    poke64(p, pos, u64(p, pos) | 0b101)
+    return p, [(8 * MiB, 64 * 1024)]
+
+
+def l2_table_unaligned_backing(d: Path) -> tuple[Path, Damage]:
+    """060's unaligned L2 table in an overlay. QEMU fails every read of its 2 MiB, and its
+    repair leaves it so. qjournal drops the L1 entry: the overlay's own clusters there
+    (data at 0, zeros at 64k: the damage) are lost either way, and every cluster that
+    read from the backing file before the damage reads from it again, where a table of
+    zero clusters would have hidden the backing data."""
+    p = with_backing(d)
+    poke64(p, l1_pos(p, 0), u64(p, l1_pos(p, 0)) + 0x200 * 5)
+    return p, [(0, 128 * 1024)]
+
+
+def snapshot_incomplete(size: int) -> Callable[[Path], tuple[Path, Damage]]:
+    """A version 3 snapshot entry with ``size`` (< 16) bytes of extra data: no disk_size.
+    qemu-img: "snapshot table entry 0 is incomplete"; -r all writes the table anew."""
+    def build(d: Path) -> tuple[Path, Damage]:
+        p = _snapshots(d)
+        entries = snapshot_entries(p)
+        fixed, extra, names = entries[0]
+        write_snapshot_table(p, [(fixed, extra[:size], names), *entries[1:]])
+        return p, []
+    build.__name__ = f"snapshot_incomplete_{size}"
+    return build
+
+
+def _snapshots(d: Path) -> Path:
+    p = fresh(d)
+    qemu.qemu_img("snapshot", "-c", "s1", str(p))
+    qemu.qemu_io(p, "write -P 0x55 0 4k")
+    qemu.qemu_img("snapshot", "-c", "s2", str(p))
+    return p
+
+
 CASES: dict[str, Callable[[Path], tuple[Path, Damage]]] = {f.__name__: f for f in (
     l2_table_unaligned, l2_table_past_eof, l2_table_is_l1_table, l2_table_is_refcount_block,
     l1_entry_reserved_bits, data_in_refcount_block, data_in_l1_table, data_in_inactive_l2, data_unaligned,
@@ -297,7 +375,10 @@ CASES: dict[str, Callable[[Path], tuple[Path, Damage]]] = {f.__name__: f for f i
     refcount_l2_too_low, refcount_l1_too_high, copied_set_on_shared, compressed, compressed_copied,
     snapshot_shared, refblock_entry_unaligned, refblock_entry_reserved, refblock_entry_zeroed, refblock_zeroed,
     refblock_is_l1_table, refblock_past_eof, refblock_overflow, refblock_shared_twice, lazy_dirty_v3_refbits1,
-    huge_data_offset, extended_l2_damage, v2_damage, bitmaps_and_rebuild)}
+    huge_data_offset, extended_l2_damage, v2_damage, bitmaps_and_rebuild,
+    *(refcount_at_maximum(bits) for bits in (2, 4, 8, 16, 32, 64)), subcluster_allocated_and_zero,
+    compressed_with_bitmap, unallocated_with_bitmap, l2_table_unaligned_backing,
+    *(snapshot_incomplete(size) for size in (0, 8, 12)))}
 
 
 # -- running ------------------------------------------------------------------------
@@ -354,6 +435,13 @@ def test_check_and_repair(case: str, tmp_path: Path) -> None:
     after = raw(mine, tmp_path / "after.raw")
     assert after is not None
     assert masked(after, damage) == masked(before, damage)
+    # Every byte qemu-img's own repair keeps readable is kept (outside the damage).
+    theirs = tmp_path / "theirs.qcow2"
+    shutil.copy(p, theirs)
+    qemu.qemu_img("check", "-r", "all", str(theirs), check=False)
+    kept = raw(theirs, tmp_path / "theirs.raw")
+    if kept is not None:
+        assert masked(after, damage) == masked(kept, damage)
     assert qemu.info(mine)["dirty-flag"] is False
     # A second check finds nothing left to do.
     code, out, err = ours(mine, "--output=json")
@@ -418,3 +506,165 @@ def test_every_refcount_width(bits: int, tmp_path: Path) -> None:
     res = qemu.qemu_img("check", "--output=json", str(p), check=False)
     code, out, err = ours(p, "--output=json")
     assert counters(json.loads(out)) == counters(json.loads(res.stdout)) and code == res.returncode == 0, err
+
+
+# -- images qemu-img will not open ------------------------------------------------
+def data_file_raw_alone(d: Path) -> Path:
+    """The data-file-raw autoclear bit without an external data file."""
+    p = fresh(d)
+    poke64(p, 88, u64(p, 88) | 2)
+    return p
+
+
+def backing_file_missing(d: Path) -> Path:
+    """An overlay whose backing file was moved away."""
+    p = with_backing(d)
+    (d / "base.qcow2").rename(d / "moved.qcow2")
+    return p
+
+
+def snapshot_extra_too_large(d: Path) -> Path:
+    """A snapshot entry with 1025 bytes of extra data (QEMU's limit is 1024)."""
+    p = _snapshots(d)
+    entries = snapshot_entries(p)
+    fixed, extra, names = entries[0]
+    write_snapshot_table(p, [(fixed, extra + bytes(1025 - len(extra)), names), *entries[1:]])
+    return p
+
+
+def snapshots_too_many(d: Path) -> Path:
+    """nb_snapshots one over QEMU's limit of 65536."""
+    p = _snapshots(d)
+    poke(p, 60, (65537).to_bytes(4, "big"))
+    return p
+
+
+def snapshot_table_too_large(d: Path) -> Path:
+    """A snapshot table past QEMU's 64 MiB: 1025 entries with 65535-byte names (sparse)."""
+    p = _snapshots(d)
+    fixed, extra, _ = snapshot_entries(p)[0]
+    fixed = fixed[:12] + struct.pack(">HH", 0, 0xFFFF) + fixed[16:]
+    with open(p, "r+b") as f:
+        f.truncate(u64(p, 64) + 1025 * 65616 + CS)
+    write_snapshot_table(p, [(fixed, extra, bytes(0xFFFF))] * 1025)
+    poke(p, 60, (1025).to_bytes(4, "big"))
+    return p
+
+
+REFUSED = {f.__name__: f for f in (data_file_raw_alone, backing_file_missing, snapshot_extra_too_large,
+                                   snapshots_too_many, snapshot_table_too_large)}
+# qemu-img check -r all rewrites these, dropping snapshot data (the extra data past 1024
+# bytes; the snapshots past 65536, after which it still finds 65536 garbage entries and
+# exits 1). qjournal refuses them with or without -r, on purpose: it validates the
+# snapshot table before it trusts anything in it, and does not rewrite it.
+QEMU_REPAIRS = {"snapshot_extra_too_large", "snapshots_too_many", "snapshot_table_too_large"}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refused_as_qemu_img_refuses_to_open(case: str, tmp_path: Path) -> None:
+    """qemu-img check cannot open these images (exit 1, no report): qjournal check refuses
+    them too, in one line, exit 1, and leaves the file byte for byte as it was."""
+    p = REFUSED[case](tmp_path)
+    snapshot = p.read_bytes()
+    res = qemu.qemu_img("check", "--output=json", str(p), check=False)
+    assert res.returncode == 1 and not res.stdout.strip(), res
+    for args in (("--output=json",), ("-r", "all")):
+        code, out, err = ours(p, *args)
+        assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert p.read_bytes() == snapshot
+    if case == "snapshots_too_many":
+        return   # qemu-img's repair walks 65536 garbage entries for seconds (see QEMU_REPAIRS)
+    theirs = tmp_path / "theirs.qcow2"
+    shutil.copy(p, theirs)
+    qemu.qemu_img("check", "-r", "all", str(theirs), check=False)
+    assert (theirs.read_bytes() != snapshot) == (case in QEMU_REPAIRS)
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_refcount_overflow(bits: int, tmp_path: Path) -> None:
+    """More references to a cluster than its refcount width holds (one data cluster mapped
+    by 2**bits L2 entries): qemu-img reports one "overflow cluster" error per reference
+    past the maximum, and its -r all cannot fix them (only the width can: qemu-img amend).
+    qjournal reports the same counts, and after -r all leaves what qemu-img's repair
+    leaves: the same counters and exit code, the same guest bytes."""
+    p = fresh(tmp_path, f"refcount_bits={bits}")
+    for k in range(1, 1 << bits):
+        poke64(p, l2_pos(p, 4096 * k), COPIED | data_offset(p, 0))
+    mine, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    shutil.copy(p, mine)
+    shutil.copy(p, theirs)
+    res = qemu.qemu_img("check", "--output=json", str(p), check=False)
+    assert "overflow cluster" in res.stderr
+    code, out, err = ours(mine, "--output=json")
+    assert counters(json.loads(out)) == counters(json.loads(res.stdout)) and code == res.returncode == 2
+    ours(mine, "-r", "all")
+    qemu.qemu_img("check", "-r", "all", str(theirs), check=False)
+    after = qemu.qemu_img("check", "--output=json", str(mine), check=False)
+    expected = qemu.qemu_img("check", "--output=json", str(theirs), check=False)
+    assert counters(json.loads(after.stdout)) == counters(json.loads(expected.stdout))
+    assert after.returncode == expected.returncode == 2
+    assert raw(mine, tmp_path / "a.raw") == raw(theirs, tmp_path / "b.raw") is not None
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16, 32, 64])
+def test_write_at_refcount_maximum(bits: int, tmp_path: Path) -> None:
+    """A guest write over a cluster whose refcount is at its maximum (1-bit: two
+    references to one cluster, both COPIED): qjournal writes what qemu-io writes on a
+    copy, and never raises a refcount past its width (the write refuses instead, as
+    QEMU's update_refcount does). Oracle: qemu-io, qemu-img compare and check."""
+    p = fresh(tmp_path, f"refcount_bits={bits}")
+    if bits == 1:
+        poke64(p, l2_pos(p, 4096), COPIED | data_offset(p, 0))
+    else:
+        set_refcount_of(p, data_offset(p, 0) // CS, (1 << bits) - 1)
+    theirs = tmp_path / "theirs.qcow2"
+    shutil.copy(p, theirs)
+    qemu.qemu_io(theirs, "write -P 0x99 0 4k", "write -P 0x98 2M 4k")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        codes = [main(["write", str(p), "0", "-P", "0x99", "4k"]), main(["write", str(p), "2M", "-P", "0x98", "4k"])]
+    assert codes == [0, 0], err.getvalue()
+    assert qemu.qemu_img("compare", "-U", str(p), str(theirs), check=False).returncode == 0
+    mine_res = qemu.qemu_img("check", "--output=json", str(p), check=False)
+    their_res = qemu.qemu_img("check", "--output=json", str(theirs), check=False)
+    assert counters(json.loads(mine_res.stdout)) == counters(json.loads(their_res.stdout))
+
+
+@pytest.mark.parametrize("damage", ["unaligned", "past the end of the file"])
+def test_inactive_snapshot_damage_refused(damage: str, tmp_path: Path) -> None:
+    """Stricter than qemu-img on purpose: a snapshot whose L1 table is unaligned or lies
+    past the end of the file. qemu-img check reports one corruption and the snapshot's
+    clusters as leaks, and its -r all frees them, leaving the snapshot's entry pointing
+    at nothing (still a corruption, exit 2): a snapshot that can never be restored.
+    qjournal validates every snapshot entry when it opens an image and refuses it, in
+    one line, exit 1, with or without -r, leaving the file as it is, so that the
+    snapshot's data is not freed under it."""
+    p = _snapshots(tmp_path)
+    entries = snapshot_entries(p)
+    fixed, extra, names = entries[0]
+    l1 = struct.unpack(">Q", fixed[:8])[0] + 0x200 if damage == "unaligned" else 1 << 30
+    write_snapshot_table(p, [(struct.pack(">Q", l1) + fixed[8:], extra, names), *entries[1:]])
+    snapshot = p.read_bytes()
+    res = qemu.qemu_img("check", "--output=json", str(p), check=False)
+    assert res.returncode == 2 and json.loads(res.stdout)["corruptions"] == 1
+    for args in (("--output=json",), ("-r", "all")):
+        code, out, err = ours(p, *args)
+        assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and "snapshot" in err, err
+        assert p.read_bytes() == snapshot
+
+
+@pytest.mark.parametrize("bits", [1, 16, 64])
+def test_refcount_never_raised_past_maximum(bits: int, tmp_path: Path) -> None:
+    """A transaction that would raise a refcount at its width's maximum by one is refused
+    before anything is written, as QEMU's update_refcount refuses (-ERANGE): one error
+    naming the cluster and the width, the file byte for byte as it was."""
+    p = fresh(tmp_path, f"refcount_bits={bits}")
+    cluster = data_offset(p, 0) // CS
+    set_refcount_of(p, cluster, (1 << bits) - 1)
+    snapshot = p.read_bytes()
+    with qjournal.open(p, "r+") as img:
+        with pytest.raises(UsageError, match=re.escape(f"cluster {cluster:#x} would exceed {(1 << bits) - 1} (refcount_bits={bits})")):
+            with img.transaction() as tx:
+                tx.alloc.reserve([cluster])
+                tx.alloc.deltas[cluster] = 1
+    assert p.read_bytes() == snapshot

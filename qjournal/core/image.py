@@ -33,7 +33,7 @@ from ..format.header import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COM
                              INCOMPAT_KNOWN, Header)
 from ..format.luks import HEADER_SIZE as LUKS_HEADER_SIZE, luks_info
 from ..format.geometry import STAT_BLOCK
-from ..format.snapshots import Snapshot, parse_snapshots
+from ..format.snapshots import MAX_TABLE_BYTES, Snapshot, parse_snapshots
 from ..format.tables import L1E_OFFSET_MASK
 from .cluster0 import Cluster0
 from .ordering import plan
@@ -245,9 +245,13 @@ class Image:
             raise UnsupportedError("qcow2 header at offset 0x48: external data file bit set without a data file "
                                    "name extension; the data file must be named at open, which qjournal "
                                    "does not support")
+        if h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW and not h.has_data_file:
+            # QEMU's qcow2_do_open refuses the image ("data-file-raw requires a data file").
+            raise FormatError("qcow2 header", FIELD_OFFSET["autoclear_features"],
+                              "the data-file-raw autoclear bit is set, but the image has no external data file")
         self.snapshots: tuple[Snapshot, ...] = ()
         if h.nb_snapshots:
-            n = min(size - h.snapshots_offset, 65536 * 2048)
+            n = min(size - h.snapshots_offset, MAX_TABLE_BYTES)
             self.snapshots = parse_snapshots(m.read(h.snapshots_offset, n), h.snapshots_offset,
                                              h.nb_snapshots, cs, size)
         self.entries: list[bm.DirectoryEntry] = []

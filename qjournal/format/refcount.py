@@ -48,6 +48,24 @@ def unpack_block(buf: bytes | bytearray | memoryview, refcount_order: int) -> np
     return vals.reshape(-1).astype(np.uint64)
 
 
+COUNT_CEILING = (1 << 63) - 1  # int64's largest: every count above it is held as this
+
+
+def unpack_counts(buf: bytes | bytearray | memoryview, refcount_order: int) -> np.ndarray:
+    """Every count of a refcount block as int64, for arithmetic with reference counts.
+
+    Counts are unsigned: a 64-bit count above 2^63 - 1 (QEMU's maximum is 2^64 - 1) is
+    held as :data:`COUNT_CEILING`, never wrapped to a negative number. No image holds
+    that many references, so every comparison with a reference count stays right; a
+    repair that needs the exact count reads it with :func:`unpack_entries`.
+
+    >>> unpack_counts(b'\\xff' * 8 + b'\\x00' * 7 + b'\\x02', 6).tolist()
+    [9223372036854775807, 2]
+    """
+    counts = unpack_block(buf, refcount_order)
+    return np.minimum(counts, np.uint64(COUNT_CEILING)).astype(np.int64)
+
+
 def byte_span(lo: int, hi: int, refcount_order: int) -> tuple[int, int]:
     """The whole bytes of a block that hold entries ``lo .. hi-1``: (first byte, end byte).
 

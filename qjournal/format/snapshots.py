@@ -24,6 +24,10 @@ from ..errors import FormatError
 FIXED = 40
 MAX_SNAPSHOTS = 65536  # QEMU's QCOW_MAX_SNAPSHOTS
 MAX_EXTRA = 1024
+MAX_TABLE_BYTES = 1024 * MAX_SNAPSHOTS  # QEMU's QCOW_MAX_SNAPSHOTS_SIZE: 64 MiB
+# A version 3 entry's extra data holds at least vm_state_size_large and disk_size;
+# QEMU's check reports a shorter one as "incomplete" and -r all fills it in.
+MIN_EXTRA_V3 = 16
 
 
 @attrs.frozen
@@ -49,6 +53,23 @@ class Snapshot:
         return raw + bytes(-len(raw) % 8)
 
 
+def completed(s: Snapshot, disk_size: int) -> Snapshot:
+    """``s`` with extra data of at least :data:`MIN_EXTRA_V3` bytes, as QEMU's repair
+    writes it: a missing vm_state_size_large is the 32-bit vm_state_size, a missing
+    disk_size the image's virtual size; extra bytes already there are kept.
+
+    >>> s = Snapshot(0x30000, 2, "1", "s1", 0, 0, 0, 7, None, None, b"", 0)
+    >>> c = completed(s, 1 << 24)
+    >>> c.extra.hex(), c.disk_size
+    ('00000000000000070000000001000000', 16777216)
+    """
+    if len(s.extra) >= MIN_EXTRA_V3:
+        return s
+    head = s.extra[:8] if len(s.extra) >= 8 else struct.pack(">Q", s.vm_state_size)
+    extra = head + struct.pack(">Q", disk_size)
+    return attrs.evolve(s, extra=extra, disk_size=disk_size)
+
+
 def parse_snapshots(buf: bytes, offset: int, nb: int, cluster_size: int, file_size: int) -> tuple[Snapshot, ...]:
     out: list[Snapshot] = []
     pos = 0
@@ -60,6 +81,9 @@ def parse_snapshots(buf: bytes, offset: int, nb: int, cluster_size: int, file_si
         if extrasz > MAX_EXTRA:
             raise FormatError("snapshot table", at + 36, f"entry {i} extra data of {extrasz} bytes exceeds {MAX_EXTRA}")
         end = pos + FIXED + extrasz + idsz + namesz
+        if end > MAX_TABLE_BYTES:
+            raise FormatError("snapshot table", at, f"entry {i} ends {end} bytes into the table, past QEMU's "
+                              f"limit of {MAX_TABLE_BYTES}")
         if end > len(buf):
             raise FormatError("snapshot table", at, f"entry {i} runs past the end of the file")
         if l1off % cluster_size:

@@ -15,7 +15,17 @@ The semantics and counters are qemu-img 7.2's (``qcow2_check_refcounts``):
 * COPIED flags of the active tables are judged last, against the refcounts as they
   are after the repair;
 * references past the end of the file count (QEMU reads zeros there): they make the
-  image end offset larger and show as refcount-0 corruptions.
+  image end offset larger and show as refcount-0 corruptions;
+* references past a refcount's maximum are one corruption each (QEMU's "overflow
+  cluster"); no repair can fix them but a wider refcount. Counts are unsigned: a
+  64-bit count above 2^63 - 1 is held as 2^63 - 1 (``refcount.unpack_counts``);
+* extended L2: a compressed entry with a non-zero subcluster bitmap is a corruption
+  and is not counted (its clusters leak); a subcluster both allocated and zero, or an
+  allocated subcluster in an unallocated cluster, is a corruption
+  (``_Scan._subcluster_rules``);
+* a version 3 snapshot entry with under 16 bytes of extra data is a corruption
+  ("incomplete"); ``-r all`` writes the snapshot table anew with each entry complete;
+* a backing file that cannot be opened is a refusal, as qemu-img's open fails.
 
 Repair (``-r leaks`` / ``-r all``) is one journaled transaction (two when in-use
 bitmaps are made consistent after a rebuild). In place, when the refcount structure
@@ -37,6 +47,8 @@ a reference that cannot be read anyway (QEMU fails the read or returns zeros):
 * an L2 entry whose data cluster is unaligned, past the end of the file, or inside
   metadata other than a refcount block (a rebuild moves those away instead, as QEMU
   does) becomes a zero cluster (unallocated on a v2 image, which has none);
+* a compressed entry with a non-zero subcluster bitmap is dropped (it reads as
+  zeros); conflicting or stray allocation bits of a subcluster bitmap are cleared;
 * a bitmaps extension too damaged to open is dropped (the autoclear rule: as if a
   program without bitmap support had written the image), and bitmaps left
   ``in_use`` are made all-dirty and consistent.
@@ -46,16 +58,19 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
+from ..errors import QcowError, UsageError
 from ..format import bitmaps as bm
 from ..format import refcount as rc
 from ..format.extensions import EXT_CRYPTO, crypto_header_span
 from ..format.geometry import SECTOR
 from ..format.header import INCOMPAT_CORRUPT, INCOMPAT_DIRTY
+from ..format.snapshots import MIN_EXTRA_V3, completed
 from ..format.tables import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
                             OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, compressed_geometry, l2_entries)
 from ..core.image import Image
 from ..core.ordering import Phase
 from ..core.transaction import Transaction
+from ..read.guest import GuestReader
 from .bitmaps import Bitmaps
 from ..progress import Progress
 
@@ -284,6 +299,8 @@ class _Scan:
         pos = l2off.astype(np.int64)[:, None] + 8 * width * np.arange(per, dtype=np.int64)[None, :]
         gone = np.broadcast_to(l1_drop[:, None], ent.shape)   # the whole table is dropped
         fix = resv & ~gone
+        if ext:
+            comp = self._subcluster_rules(tables[:, 1::2], comp, std, pos, gone)
 
         # Compressed clusters: the bytes they occupy; never COPIED.
         if comp.any():
@@ -352,6 +369,39 @@ class _Scan:
         for p, e in zip(pos[other].tolist(), ent[other].tolist()):
             self.l2_writes[p] = int(e).to_bytes(8, "big")
 
+    def _subcluster_rules(self, bmp: np.ndarray, comp: np.ndarray, std: np.ndarray, pos: np.ndarray,
+                          gone: np.ndarray) -> np.ndarray:
+        """QEMU's subcluster bitmap rules (``check_refcounts_l2``); the compressed entries still counted.
+
+        * a compressed entry's bitmap must be 0: QEMU neither counts such an entry nor
+          reads it, so its clusters are leaked; the repair drops it (it reads as zeros);
+        * a subcluster of an allocated cluster may not be both allocated and zero (QEMU
+          fails every read of the cluster): the repair clears those allocation bits, so
+          the subcluster reads as zeros and the others keep their data;
+        * an unallocated cluster may mark no subcluster allocated: the repair clears
+          those bits.
+
+        Each broken entry is one corruption, in every table, active or not.
+        """
+        res = self.result
+        alloc, zero = bmp & U64(0xFFFFFFFF), bmp >> U64(32)
+        bad_comp = comp & (bmp != 0)
+        both = std & ((alloc & zero) != 0)
+        stray = ~comp & ~std & (alloc != 0)
+        for what, bad in (("compressed cluster with a non-zero subcluster bitmap", bad_comp),
+                          ("allocated cluster has a subcluster both allocated and zero", both),
+                          ("unallocated cluster has subclusters marked allocated", stray)):
+            for p, b in zip(pos[bad].tolist()[:20], bmp[bad].tolist()[:20]):
+                res.say(f"ERROR L2 entry at {p:#x}: {what} (bitmap {b:#018x})")
+            res.corruptions += int(bad.sum())
+        for p in pos[bad_comp & ~gone].tolist():
+            self.l2_writes[p] = self._zero_entry()
+        # Only the bitmap word (8 bytes on from the entry): the entry itself stays as it is.
+        fixed = np.where(both, bmp & ~(bmp >> U64(32)), bmp & ~U64(0xFFFFFFFF))
+        for p, b in zip(pos[(both | stray) & ~gone].tolist(), fixed[(both | stray) & ~gone].tolist()):
+            self.l2_writes[p + 8] = int(b).to_bytes(8, "big")
+        return comp & ~bad_comp
+
     def _zero_entry(self) -> bytes:
         """An L2 entry that reads as zeros (unallocated on v2, which has no zero flag)."""
         h = self.img.header
@@ -392,7 +442,7 @@ class _OnDisk:
         avail = max(0, min(cs, fsize - off))
         if avail:
             raw[:avail] = self.scan.img.medium.read(off, avail)
-        return rc.unpack_block(bytes(raw), self.order).astype(np.int64)
+        return rc.unpack_counts(bytes(raw), self.order)
 
     def counts(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(refcounts, unreadable) of clusters ``0 .. n-1``."""
@@ -427,6 +477,18 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
     Cost: one read of every L1 and L2 table and every refcount block, O(clusters) numpy.
     """
     h, cs = img.header, img.header.cluster_size
+    if img.backing_name is not None:
+        # qemu-img check opens the backing chain first: a backing file it cannot open
+        # is a refusal (exit 1), not a clean image.
+        chain = GuestReader(img)
+        try:
+            chain.backing
+        except QcowError:
+            raise
+        except (OSError, ValueError) as why:   # a name the OS cannot open at all (a NUL byte in it)
+            raise UsageError(f"{img.path}: cannot open backing file {img.backing_name!r}: {why}") from None
+        finally:
+            chain.close()
     result = CheckResult(img.path)
     result.total_clusters = -(-h.size // cs)
     scan = _Scan(img, result)
@@ -437,6 +499,10 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
             scan.refstruct += counted.tolist()
     for s in img.snapshots:
         scan.add_range(s.l1_table_offset, s.l1_size * 8, "snapshot L1 table")
+    # QEMU's qcow2_check_read_snapshot_table: a version 3 entry without disk_size.
+    incomplete = [i for i, s in enumerate(img.snapshots) if h.version >= 3 and len(s.extra) < MIN_EXTRA_V3]
+    for i in incomplete:
+        result.error(f"snapshot table entry {i} is incomplete" + (" (repaired)" if repair == "all" else ""))
     crypto = next((e for e in img.extensions if e.type == EXT_CRYPTO), None)
     luks = crypto_header_span(crypto.data) if crypto is not None else None
     if luks is not None:
@@ -534,6 +600,8 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
                         Bitmaps(img).repair(e.name)
     else:
         _repair_in_place(img, "all", final, disk, flag_fixes, scan.l1_writes, scan.l2_writes, reserve=expected)
+    if incomplete:
+        _complete_snapshot_table(img)
     if drops:
         result.say(f"Rewrote {drops} table entries (reserved bits, or pointing at unreadable or misplaced "
                    "clusters: dropped)")
@@ -541,6 +609,25 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
         result.say("Dropped the damaged bitmaps extension; its clusters were reclaimed")
     # Unreadable refcounts (check errors) were no corruption of their own.
     return _recheck(img, result, result.leaks, result.corruptions)
+
+
+def _complete_snapshot_table(img: Image) -> None:
+    """Write the snapshot table anew with every entry complete, as QEMU's repair does.
+
+    The new table goes into clusters this transaction allocates (nothing references them
+    before the commit); the header switch points ``snapshots_offset`` at it in one sector
+    write; the old table's clusters are freed after. A crash before the switch leaves
+    the old table and leaked clusters; after it, the new table.
+    """
+    h, cs = img.header, img.header.cluster_size
+    old = next((off, n) for off, n, what in img.metadata_ranges() if what == "snapshot table")
+    blob = b"".join(completed(s, h.size).pack() for s in img.snapshots)
+    n = -(-len(blob) // cs)
+    with img.transaction("check -r all: complete the snapshot table") as tx:
+        off = tx.alloc.alloc(n)
+        tx.write_new(off, blob + bytes(n * cs - len(blob)))
+        tx.set_header(snapshots_offset=off)
+        tx.alloc.free_clusters_of([old])
 
 
 def _recheck(img: Image, before: CheckResult, leaks_fixed: int, corruptions_fixed: int) -> CheckResult:
@@ -641,7 +728,8 @@ def _repair_in_place(img: Image, repair: str, final: np.ndarray, ondisk: np.ndar
         # Clusters something references are not free, whatever their refcount says.
         alloc.reserve(np.nonzero(reserve)[0].tolist())
         for c in np.nonzero(ondisk != final)[0].tolist():
-            alloc.deltas[c] = alloc.deltas.get(c, 0) + int(final[c] - ondisk[c])
+            # From the exact count: ``ondisk`` holds a 64-bit count above 2^63 - 1 as 2^63 - 1.
+            alloc.deltas[c] = alloc.deltas.get(c, 0) + int(final[c]) - alloc.refcount(c)
         _stage_entries(tx, flag_fixes, l1_writes, l2_writes)
         if repair == "all":
             # Everything is counted again: the image is neither dirty nor corrupt any more.

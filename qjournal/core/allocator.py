@@ -116,22 +116,30 @@ class Allocator:
     def staged_refcounts(self) -> np.ndarray:
         """Refcounts of every cluster the allocator covers as the commit will leave them
         (on disk plus the staged changes, before :meth:`materialize`), as int64. O(clusters)."""
-        counts = self.all_refcounts(self._end).astype(np.int64)
+        counts = np.minimum(self.all_refcounts(self._end), np.uint64(rc.COUNT_CEILING)).astype(np.int64)
         cl, d = self.changes()
         inside = (cl >= 0) & (cl < len(counts))
-        counts[cl[inside]] += d[inside]
+        if d.dtype == object:       # a change past int64 (a 64-bit count at its maximum): held at the ceiling
+            for c, x in zip(cl[inside].tolist(), d[inside].tolist()):
+                counts[c] = max(-rc.COUNT_CEILING, min(rc.COUNT_CEILING, int(counts[c]) + x))
+        else:
+            counts[cl[inside]] += d[inside]
         return counts
 
     def changes(self) -> tuple[np.ndarray, np.ndarray]:
         """Every staged refcount change: (clusters, deltas) as sorted int64 arrays, clusters
         unique, zero changes left out. O(changes log changes)."""
-        parts = [(np.fromiter(self.deltas.keys(), np.int64, len(self.deltas)),
-                  np.fromiter(self.deltas.values(), np.int64, len(self.deltas)))]
+        values = list(self.deltas.values())
+        try:
+            dict_d = np.array(values, dtype=np.int64)
+        except OverflowError:       # check's repair of a 64-bit count at its maximum
+            dict_d = np.array(values, dtype=object)
+        parts = [(np.fromiter(self.deltas.keys(), np.int64, len(self.deltas)), dict_d)]
         parts += [(c, np.full(len(c), d, np.int64)) for c, d in self._bulk]
         cl = np.concatenate([c for c, _ in parts])
         d = np.concatenate([x for _, x in parts])
         uniq, inverse = np.unique(cl, return_inverse=True)
-        total = np.zeros(len(uniq), np.int64)
+        total = np.zeros(len(uniq), d.dtype)
         np.add.at(total, inverse, d)
         keep = total != 0
         return uniq[keep], total[keep]

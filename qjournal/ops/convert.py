@@ -51,6 +51,7 @@ from ..core.image import Image
 from ..errors import QcowError, UnsupportedError, UsageError
 from ..format.geometry import SECTOR
 from ..format.header import MAGIC
+from ..format.tables import SUBCLUSTERS
 from ..journal.journal import SUFFIX as JOURNAL_SUFFIX
 from ..progress import Progress
 from ..read.guest import DATA, UNALLOCATED, ZERO, GuestReader, pread_exact, reader, release
@@ -333,6 +334,8 @@ def _to_qcow2(src: Source, w: StreamWriter, size: int, opts: ConvertOptions, bar
                     w.put_compressed(x + i * cs, blob)
         pending.clear()
 
+    # Extended L2, as qemu-img: only the subclusters that hold data are allocated.
+    per_subcluster = w.extended and backing is None and opts.sparse_size > 0
     turn = 0
     whole = opts.sparse_size == 0 or backing is not None
     for a, b in _windows(src, cs, size, whole):
@@ -363,10 +366,21 @@ def _to_qcow2(src: Source, w: StreamWriter, size: int, opts: ConvertOptions, bar
                     if backing is not None and not nonzero[i:j].any():
                         for k in range(i, j):
                             _put_zero(w, x + k * cs, view[k * cs:(k + 1) * cs], zero_clusters)
+                    elif per_subcluster:
+                        w.put_data(x + i * cs, view[i * cs:j * cs], _subcluster_bits(view[i * cs:j * cs], cs))
                     else:
                         w.put_data(x + i * cs, view[i * cs:j * cs])
             bar.update((y - x) // _MIB)
     drain()
+
+
+_WEIGHTS = np.uint64(1) << np.arange(SUBCLUSTERS, dtype=np.uint64)
+
+
+def _subcluster_bits(piece: memoryview, cs: int) -> list[int]:
+    """Each cluster's extended-L2 "allocated" bits: its subclusters that are not all zeros."""
+    mask = _nonzero_blocks(piece, cs // SUBCLUSTERS).reshape(-1, SUBCLUSTERS)
+    return [int(v) for v in (mask * _WEIGHTS).sum(axis=1, dtype=np.uint64)]
 
 
 def _put_zero(w: StreamWriter, guest: int, view: memoryview, zero_clusters: bool) -> None:

@@ -111,8 +111,12 @@ class StreamWriter:
         self.pos = -(-self.pos // self.cs) * self.cs
 
     # -- data -------------------------------------------------------------------
-    def put_data(self, guest: int, data: memoryview | bytes) -> None:
-        """Whole clusters of data for guest offset ``guest`` (cluster-aligned), appended at once."""
+    def put_data(self, guest: int, data: memoryview | bytes, subclusters: list[int] | None = None) -> None:
+        """Whole clusters of data for guest offset ``guest`` (cluster-aligned), appended at once.
+
+        With extended L2, ``subclusters`` gives each cluster's "allocated" bits (the
+        others stay unallocated: zeros, with no backing file); default all of them.
+        """
         n = len(data) // self.cs
         self._align_cluster()
         host = self.pos
@@ -120,7 +124,8 @@ class StreamWriter:
         self.pos += n * self.cs
         self._count(host // self.cs, host // self.cs + n)
         for k in range(n):
-            self._map(guest + k * self.cs, (host + k * self.cs) | OFLAG_COPIED, _ALL_SUBCLUSTERS)
+            bits = _ALL_SUBCLUSTERS if subclusters is None else subclusters[k]
+            self._map(guest + k * self.cs, (host + k * self.cs) | OFLAG_COPIED, bits)
 
     def put_zero(self, guest: int) -> None:
         """Guest cluster ``guest`` reads as zeros (over a backing file that does not: v3 only)."""

@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,25 @@ class TestExistingTargets:
         assert qj("convert", "-O", "qcow2", src, t) == 0
         compare(src, t)
         assert not [p for p in os.listdir(tmp) if p.endswith(".tmp")]
+
+
+    def test_a_target_in_use_is_refused_and_kept(self, src: Path, tmp: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+        t = qemu.create(tmp / "busy.qcow2", "1M")
+        before = t.read_bytes()
+        holder = subprocess.Popen(["qemu-io", "-f", "qcow2", str(t)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(200):   # until qemu-io holds the image's write lock
+                if qemu.qemu_img("info", str(t), check=False).returncode:
+                    break
+                time.sleep(0.02)
+            assert qj("convert", "-O", "qcow2", src, t) == 1
+        finally:
+            holder.communicate(b"quit\n")
+        assert "lock" in capsys.readouterr().err.lower()
+        assert t.read_bytes() == before
+        assert sorted(os.listdir(tmp)) == ["busy.qcow2"]
 
 
 class TestBacking:

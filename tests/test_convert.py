@@ -179,6 +179,12 @@ class TestExistingTargets:
         assert qj("convert", "-n", src, t) == 0
         compare(src, t)
 
+    def test_n_S0_into_raw_zeroes_what_the_source_reads_as_zeros(self, src: Path, tmp: Path) -> None:
+        t = tmp / "t.raw"
+        t.write_bytes(b"\x77" * (64 * MIB))
+        assert qj("convert", "-n", "-S", "0", src, t) == 0
+        compare(src, t)
+
     def test_an_existing_target_without_n_is_replaced(self, src: Path, tmp: Path) -> None:
         t = tmp / "old.qcow2"
         t.write_bytes(b"not an image")

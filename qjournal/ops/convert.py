@@ -273,7 +273,7 @@ def _to_raw(src: Source, fd: int, size: int, opts: ConvertOptions, bar: Progress
     for a, b in _windows(src, unit, size, whole=s == 0):
         zero_gap(pos, a)
         for x, y in _pieces(a, b):
-            if s == 0 and src.host_fd >= 0:
+            if s == 0 and src.host_fd >= 0 and not existing:   # fallocate would keep old bytes
                 _copy_allocated(src, fd, x, y)
             else:
                 view = memoryview(buf)[:-(-(y - x) // unit) * unit]

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from .. import __version__
 from ..errors import QcowError, StaleJournalWarning
-from . import bitmap, guest, image, journal, resize, snapshot
+from . import bitmap, convert, guest, image, journal, resize, snapshot
 from .options import Parser
 
 EXIT_BROKEN_PIPE = 128 + 13
@@ -30,7 +30,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
                "'qjournal COMMAND --help' describes each command, with examples.")
     p.add_argument("--version", action="version", version=f"qjournal {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for family in (image, bitmap, guest, resize, snapshot, journal):
+    for family in (image, bitmap, guest, resize, snapshot, journal, convert):
         family.add_parsers(sub)
     return p, dict(sub.choices)
 

@@ -71,31 +71,34 @@ class RecordingSystem(System):
             self.rec.entries.append(Entry("resize", self.files[fd], size=off + n, site=call_site()))
 
 
-class MarkingMmapMedium(MmapMedium):
-    """The real image medium, with its named points (the journal's ``commit`` and step
-    names) kept in the recording: marks are not I/O, everything else is the real code."""
+class _Marks:
+    """Named points (the journal's ``commit`` and step names) kept in the recording: marks
+    are not I/O, so keeping them changes nothing of the real media's code."""
 
-    def __init__(self, path: str, system: RecordingSystem, file: str) -> None:
-        super().__init__(path, True, system=system)
+    fd: int
+
+    def _attach(self, system: RecordingSystem, file: str) -> None:
         system.files[self.fd] = file
-        self.rec = system.rec
-        self.file = file
+        self.rec, self.file = system.rec, file
 
     def mark(self, name: str) -> None:
         self.rec.entries.append(Entry("mark", self.file, name=name, site=call_site()))
 
 
-class MarkingFileMedium(FileMedium):
-    """The real journal medium, marks kept as :class:`MarkingMmapMedium` keeps them."""
+class MarkingMmapMedium(_Marks, MmapMedium):
+    """The real image medium, recorded through ``system``."""
 
     def __init__(self, path: str, system: RecordingSystem, file: str) -> None:
-        super().__init__(path, True, system=system)
-        system.files[self.fd] = file
-        self.rec = system.rec
-        self.file = file
+        MmapMedium.__init__(self, path, True, system=system)
+        self._attach(system, file)
 
-    def mark(self, name: str) -> None:
-        self.rec.entries.append(Entry("mark", self.file, name=name, site=call_site()))
+
+class MarkingFileMedium(_Marks, FileMedium):
+    """The real journal medium, recorded through ``system``."""
+
+    def __init__(self, path: str, system: RecordingSystem, file: str) -> None:
+        FileMedium.__init__(self, path, True, system=system)
+        self._attach(system, file)
 
 
 def unsynced(rec: Recording) -> list[str]:

@@ -56,12 +56,11 @@ from ..journal.journal import SUFFIX as JOURNAL_SUFFIX
 from ..progress import Progress
 from ..read.guest import DATA, UNALLOCATED, ZERO, GuestReader, pread_exact, reader, release
 from ..read.mapping import extents
-from ..storage.lock import acquire
 from ..storage.medium import MmapMedium, fsync_directory, pwrite_all
 from ..write import data as guest_write
 from ..write.stream import StreamWriter
 from .bitmaps import Bitmaps
-from .create import CreateOptions, create_image
+from .create import CreateOptions, check_not_in_use, create_image
 
 WINDOW = 8 << 20           # guest bytes read, scanned and written at a time
 MAX_SPARSE = 16 << 20      # qemu-img's largest -S (32768 sectors)
@@ -510,21 +509,6 @@ def convert(source: str, target: str, opts: ConvertOptions = ConvertOptions()) -
         src.close()
 
 
-def _refuse_in_use(path: str) -> None:
-    """An existing target that a running QEMU (or qjournal) holds is refused, as qemu-img
-    refuses it: the locks are taken and dropped at once (closing drops them)."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise UsageError(f"could not create {path!r}: {e.strerror}") from None
-    try:
-        acquire(fd, path, writable=True)
-    finally:
-        os.close(fd)
-
-
 def _new_target(src: Source, target: str, size: int, opts: ConvertOptions, bar: Progress) -> None:
     target_dir = os.path.dirname(os.path.realpath(target))
     if os.path.isdir(target) or not os.path.isdir(target_dir):
@@ -532,7 +516,7 @@ def _new_target(src: Source, target: str, size: int, opts: ConvertOptions, bar: 
                          f"{os.strerror(errno.EISDIR if os.path.isdir(target) else errno.ENOENT)}")
     full = os.path.join(target_dir, os.path.basename(target)) if not os.path.islink(target) \
         else os.path.realpath(target)
-    _refuse_in_use(full)
+    check_not_in_use(full)
     backing = _backing_source(full, opts) if not opts.out_format == "raw" else None
     tmp = _temporary(full)
     pool: ThreadPoolExecutor | None = None

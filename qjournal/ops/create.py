@@ -743,7 +743,7 @@ def _backing_size(image: str, name: str, fmt: str | None) -> int:
     return header.size
 
 
-def _check_not_in_use(path: str) -> None:
+def check_not_in_use(path: str) -> None:
     """Refuse a target that a running QEMU (or qjournal) holds, as qemu-img does."""
     try:
         fd = os.open(path, os.O_RDWR)
@@ -864,7 +864,7 @@ def create_image(path: str, size: int | None, options: CreateOptions) -> None:
                 raise UsageError(f"could not create {target!r}: {os.strerror(errno.EISDIR)}")
             if not os.path.isdir(os.path.dirname(os.path.realpath(target))):
                 raise UsageError(f"could not create {target!r}: {os.strerror(errno.ENOENT)}")
-            _check_not_in_use(target)
+            check_not_in_use(target)
     layout = _layout(size, options)
     if options.data_file is not None:
         data_size = size

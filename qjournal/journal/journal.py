@@ -202,6 +202,7 @@ class Journal:
         add(COMMIT, pack_commit(len(steps), sum(len(s.writes) for s in steps),
                                 sum(len(d) for s in steps for _, d in s.writes)))
         log.top = log.seq
+        self.jmedium.event("journal_write")         # for fault injection: the records follow
         self.jmedium.write(0, b"".join(out))
         self.jmedium.flush()                        # the commit point
         recorded = PendingTransaction(txid, description, steps, checksums)
@@ -268,6 +269,7 @@ class Journal:
     def _apply(self, t: PendingTransaction, first: int = 0) -> None:
         """Write the after-images into the image, step by step from step ``first``, with barriers."""
         for step in t.steps[first:]:
+            self.image.event(step.name)             # for fault injection: this step's writes follow
             for off, data in step.writes:
                 self.image.write(off, data)
             # The barrier: this step is durable before any write of the next one.
@@ -282,6 +284,7 @@ class Journal:
         # An incomplete transaction at the end of the log is overwritten: forget it.
         log.transactions = [t for t in log.transactions if log.state[t.txid] != INCOMPLETE]
         rec, log.crc = pack_record(CHECKPOINT, log.seq, log.header.salt, txid, b"", log.crc)
+        self.jmedium.event("checkpoint")            # for fault injection: the record follows
         self.jmedium.write(log.end, rec)
         log.end += len(rec)
         log.seq += 1

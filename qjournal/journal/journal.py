@@ -204,10 +204,18 @@ class Journal:
         log.top = log.seq
         self.jmedium.event("journal_write")         # for fault injection: the records follow
         self.jmedium.write(0, b"".join(out))
-        self.jmedium.flush()                        # the commit point
         recorded = PendingTransaction(txid, description, steps, checksums)
         log.transactions.append(recorded)
         log.state[txid] = COMMITTED
+        try:
+            self.jmedium.flush()                    # the commit point
+        except BaseException:
+            # A failed sync does not say the records stayed out of the file: the next
+            # open may find the transaction committed and apply it. So it counts as
+            # pending here too: nothing it references (its new clusters past the old
+            # end of the image) is given back, and no other commit runs before recovery.
+            self._log = log
+            raise
         self._log = log
         self._unsynced = False
         return recorded

@@ -86,6 +86,7 @@ cluster 0: ``autoclear-cleared``, ``header-tail-written``, ``backing-name-moved`
 from __future__ import annotations
 
 import errno as errno_codes
+import os
 from typing import Iterable
 
 import attrs
@@ -207,8 +208,8 @@ class Injector:
                 self.dead = hit
         what = f"{kind} of {length:#x} bytes" if kind == "write" else (
             f"resize to {length:#x} bytes" if kind == "resize" else "flush")
-        err = MediumError(file, f"{what} (fault injected at {hit.event} #{hit.nth})", offset, hit.errno, None)
-        raise err
+        raise MediumError(file, what, offset, hit.errno,
+                          f"{os.strerror(hit.errno)} (injected at {hit.event} #{hit.nth})")
 
 
 class FaultMedium:

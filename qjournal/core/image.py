@@ -489,6 +489,8 @@ class Image:
                 overlap = self.overlap_map()
                 for off, data in tx.new_writes:
                     overlap.check_write(off, len(data), "new cluster")
+                if tx.new_writes:
+                    self.medium.event("cluster_alloc")  # for fault injection: the new clusters follow
                 for off, data in tx.new_writes:
                     self.medium.write(off, data)
                 if tx.new_writes:

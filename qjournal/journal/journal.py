@@ -202,11 +202,20 @@ class Journal:
         add(COMMIT, pack_commit(len(steps), sum(len(s.writes) for s in steps),
                                 sum(len(d) for s in steps for _, d in s.writes)))
         log.top = log.seq
+        self.jmedium.event("journal_write")         # for fault injection: the records follow
         self.jmedium.write(0, b"".join(out))
-        self.jmedium.flush()                        # the commit point
         recorded = PendingTransaction(txid, description, steps, checksums)
         log.transactions.append(recorded)
         log.state[txid] = COMMITTED
+        try:
+            self.jmedium.flush()                    # the commit point
+        except BaseException:
+            # A failed sync does not say the records stayed out of the file: the next
+            # open may find the transaction committed and apply it. So it counts as
+            # pending here too: nothing it references (its new clusters past the old
+            # end of the image) is given back, and no other commit runs before recovery.
+            self._log = log
+            raise
         self._log = log
         self._unsynced = False
         return recorded
@@ -268,6 +277,7 @@ class Journal:
     def _apply(self, t: PendingTransaction, first: int = 0) -> None:
         """Write the after-images into the image, step by step from step ``first``, with barriers."""
         for step in t.steps[first:]:
+            self.image.event(step.name)             # for fault injection: this step's writes follow
             for off, data in step.writes:
                 self.image.write(off, data)
             # The barrier: this step is durable before any write of the next one.
@@ -282,6 +292,7 @@ class Journal:
         # An incomplete transaction at the end of the log is overwritten: forget it.
         log.transactions = [t for t in log.transactions if log.state[t.txid] != INCOMPLETE]
         rec, log.crc = pack_record(CHECKPOINT, log.seq, log.header.salt, txid, b"", log.crc)
+        self.jmedium.event("checkpoint")            # for fault injection: the record follows
         self.jmedium.write(log.end, rec)
         log.end += len(rec)
         log.seq += 1

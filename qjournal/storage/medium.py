@@ -7,14 +7,26 @@ those writes, so a write that bypasses it is a bug it can catch.
 ``flush(ranges)`` is a write barrier: when it returns, every earlier write inside the
 ranges is durable. Writes between two barriers may reach the disk in any order, one
 page at a time, and a page may reach it before any barrier at all (MAP_SHARED writeback).
+
+A write, flush or resize the operating system refuses (EIO, ENOSPC, EFBIG, ...) raises
+:class:`MediumError`, a :class:`~qjournal.errors.QcowError` that is also an ``OSError``:
+one line naming the file, the offset and the system's reason.
+
+``event(name)`` announces what the next writes are (a journal step, the new clusters of
+a transaction, a journal record) before they are issued; ``mark(name)`` records that a
+step is done, after its barrier. Both do nothing here: a fault-injecting medium
+(:mod:`qjournal.storage.faults`) uses events to fail the writes of one of them, a
+recording medium (crashsim) keeps the marks.
 """
 from __future__ import annotations
 
 import mmap
 import os
-from typing import Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
+
+from ..errors import QcowError
 
 PAGE = mmap.PAGESIZE
 MSYNC_MAX_RANGES = 16  # a flush of more ranges than this is one fsync
@@ -60,7 +72,36 @@ class Medium(Protocol):
     def flush(self, ranges: Iterable[Range] | None = None) -> None: ...
     def resize(self, n: int) -> None: ...
     def mark(self, name: str) -> None: ...
+    def event(self, name: str) -> None: ...
     def close(self) -> None: ...
+
+
+class MediumError(QcowError, OSError):
+    """The operating system refused a write, flush or resize of a file (EIO, ENOSPC, ...).
+
+    ``errno`` and ``strerror`` are the system's; ``path`` and ``offset`` say where.
+
+    >>> e = MediumError("a.qcow2", "write of 0x200 bytes", 0x10000, 28, "No space left on device")
+    >>> str(e), e.errno, isinstance(e, OSError)
+    ('a.qcow2: write of 0x200 bytes at offset 0x10000 failed: No space left on device', 28, True)
+    """
+
+    def __init__(self, path: str, what: str, offset: int | None, errno: int | None,
+                 strerror: str | None) -> None:
+        where = f" at offset {offset:#x}" if offset is not None else ""
+        reason = strerror or (os.strerror(errno) if errno else "unknown error")
+        QcowError.__init__(self, f"{path}: {what}{where} failed: {reason}", structure=path, offset=offset,
+                           rule=reason, path=path)
+        self.errno = errno
+        self.strerror = reason
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    @classmethod
+    def of(cls, path: str, what: str, offset: int | None, e: OSError) -> "MediumError":
+        """The error for ``e``, an OSError a system call raised."""
+        return cls(path, what, offset, e.errno, e.strerror)
 
 
 def page_span(off: int, n: int) -> Range:
@@ -140,7 +181,7 @@ class MmapMedium:
         # EFBIG), which becomes an error. The page cache is shared with the map, so map
         # readers see these bytes at once, and msync of a range writes them back however
         # they were dirtied.
-        self.system.pwrite(self.fd, data, off)
+        _call(self.path, f"write of {n:#x} bytes", off, self.system.pwrite, self.fd, data, off)
         if end > self._size:
             self._size = end
             self._size_dirty = True
@@ -154,12 +195,13 @@ class MmapMedium:
                 or any(o + n > self._mapped for o, n in spans):
             # Growth (the new size must be durable too), or too many ranges: one fsync
             # covers every dirty page of the file, however it was written.
-            self.system.fsync(self.fd)
+            _call(self.path, "fsync", None, self.system.fsync, self.fd)
             self._size_dirty = False
             return
         for start, length in spans:
             if length > 0:
-                self.system.msync(self.fd, self._mapping(start + length), start, length)
+                _call(self.path, f"msync of {length:#x} bytes", start, self.system.msync, self.fd,
+                      self._mapping(start + length), start, length)
 
     def resize(self, n: int) -> None:
         if n == self._size:
@@ -167,15 +209,19 @@ class MmapMedium:
         if n > self._size:
             # Reserve the blocks now: a full disk is an error here, before anything
             # relies on the grown region.
-            self.system.fallocate(self.fd, self._size, n - self._size)
-        self.system.ftruncate(self.fd, n)
+            _call(self.path, f"reserving {n - self._size:#x} bytes", self._size, self.system.fallocate, self.fd,
+                  self._size, n - self._size)
+        _call(self.path, f"resize to {n:#x} bytes", None, self.system.ftruncate, self.fd, n)
         self._size = n
         self._size_dirty = True
         if n < self._mapped:
             self._remap()
 
     def mark(self, name: str) -> None:
-        """A named point in the write sequence; only a recording medium keeps it."""
+        """A named point in the write sequence, after it; only a recording medium keeps it."""
+
+    def event(self, name: str) -> None:
+        """What the next writes are, announced before them; only a fault-injecting medium uses it."""
 
     def close(self) -> None:
         if self._map is not None:
@@ -219,8 +265,19 @@ class MemoryMedium:
     def mark(self, name: str) -> None:
         pass
 
+    def event(self, name: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
+
+
+def _call(path: str, what: str, off: int | None, fn: Callable[..., None], *args: Any) -> None:
+    """``fn(*args)``, a system call of a medium; its OSError becomes a one-line MediumError."""
+    try:
+        fn(*args)
+    except OSError as e:
+        raise MediumError.of(path, what, off, e) from None
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, off: int) -> None:
@@ -276,7 +333,7 @@ class FileMedium:
     def write(self, off: int, data: bytes) -> None:
         if not self.writable:
             raise PermissionError(f"{self.path} is open read-only")
-        self.system.pwrite(self.fd, data, off)
+        _call(self.path, f"write of {len(data):#x} bytes", off, self.system.pwrite, self.fd, data, off)
         if off + len(data) > self._size:
             self._size = off + len(data)
             self._size_dirty = True
@@ -285,17 +342,20 @@ class FileMedium:
         if not self.writable:
             return
         if self._size_dirty:
-            self.system.fsync(self.fd)
+            _call(self.path, "fsync", None, self.system.fsync, self.fd)
             self._size_dirty = False
         else:
-            self.system.fdatasync(self.fd)
+            _call(self.path, "fdatasync", None, self.system.fdatasync, self.fd)
 
     def resize(self, n: int) -> None:
-        self.system.ftruncate(self.fd, n)
+        _call(self.path, f"resize to {n:#x} bytes", None, self.system.ftruncate, self.fd, n)
         self._size = n
         self._size_dirty = True
 
     def mark(self, name: str) -> None:
+        pass
+
+    def event(self, name: str) -> None:
         pass
 
     def close(self) -> None:

@@ -48,5 +48,8 @@ class OverlayMedium:
     def mark(self, name: str) -> None:
         pass
 
+    def event(self, name: str) -> None:
+        pass
+
     def close(self) -> None:
         self.base.close()

@@ -280,6 +280,14 @@ class Expect:
     def leaks_of(self, outcome: str) -> int:
         return self.old_leaks if outcome == "old" else self.new_leaks
 
+    def cut_early(self, sem: Semantic) -> bool:
+        """A shrink dropped data a reader of the old size still sees: past the new end,
+        every sector must hold its old bytes as long as the size is not the new one."""
+        end = self.new.virtual_size
+        if not end < self.old.virtual_size or sem.virtual_size <= end:
+            return False
+        return any(pos >= end for pos in changed_sectors(sem.guest, self.old.guest))
+
     def classify(self, sem: Semantic, allowed: tuple[str, ...], plain: bool) -> str:
         """old, new, dropped or other. Guest data compares exactly, or (for a plain reader, and
         for a relaxed workload, in the middle of an operation) sector by sector."""
@@ -287,8 +295,8 @@ class Expect:
         # part of a guest write for qjournal too.
         loose = self.inside and (plain or self.in_place or not self.journaled)
         mix = loose
-        data_ok = sem.guest in (self.old.guest, self.new.guest) or (
-            mix and not bad_sectors(sem.guest, self.old.guest, self.new.guest))
+        data_ok = (sem.guest in (self.old.guest, self.new.guest) or (
+            mix and not bad_sectors(sem.guest, self.old.guest, self.new.guest))) and not self.cut_early(sem)
         hits = []
         for label, s in (("old", self.old), ("new", self.new)):
             if sem.meta() == s.meta() and (sem.guest == s.guest or data_ok and mix):

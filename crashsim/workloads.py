@@ -7,10 +7,10 @@ the seed protocol; several operations in one transaction), plus *negative contro
 that bypass the journal and write through ``img.medium`` in an order known to be unsafe,
 to prove the checker can fail.
 
-A user workload is ``module:function``. The function may carry attributes (set them
-with :func:`workload`): ``crashsim_base`` (the name of a base below, default
-``standard``), ``crashsim_journaled`` (default True) and ``crashsim_expect_failure``
-(default False).
+A user workload is ``path/to/file.py:function`` or ``module:function``; the
+:func:`workload` decorator declares its base image and its allowed outcomes (it sets the
+function's ``crashsim_base``, ``crashsim_journaled``, ``crashsim_whole``,
+``crashsim_relaxed`` and ``crashsim_expect_failure`` attributes).
 
 Each base is made by qemu-img and qemu-io commands in a temporary directory (and, for
 one, a rewrite of cluster 0 in Python); its bytes are cached per process.
@@ -18,10 +18,13 @@ one, a rewrite of cluster 0 in Python); its bytes are cached per process.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shlex
 import subprocess
+import sys
 import tempfile
+from types import ModuleType
 from typing import Callable, Iterable, TypeVar
 
 import attrs
@@ -184,12 +187,30 @@ class Workload:
 
 def workload(base: str = "standard", journaled: bool = True, expect_failure: bool = False,
              whole: bool = False, relaxed: bool = False) -> Callable[[F], F]:
-    """Declare how a user workload (``module:function``) starts and what it expects.
+    """Declare how a user workload starts and which outcomes a crash in it may leave.
 
-    ``journaled``: its changes go through qjournal's journal (else only the plain reader's
-    rules apply); ``whole``: the whole call is one operation rather than one per
-    transaction; ``relaxed``: a guest write, which may set bitmap bits early and write
-    data in place before it returns.
+    A user workload is ``path/to/file.py:function`` or ``module:function`` (the current
+    directory is importable); the function takes an open, writable ``Image``. Without this
+    decorator it is a journaled operation on the ``standard`` base, one operation per
+    transaction, with the strict outcomes below. The outcomes of every crash state:
+
+    - qjournal, after recovery, sees exactly the state before the operation (``old``) or
+      after it (``new``), where the operation is each transaction, or with ``whole=True``
+      the whole call; after the call returned, ``new`` only;
+    - a reader that ignores the journal (and ``qemu-img``) sees ``old``, ``new``, or the
+      bitmaps ``dropped`` through a clear autoclear bit, with leaks allowed only inside the
+      operation; never a corruption, nor a bitmap that claims to be consistent but misses a
+      write of new guest data;
+    - no transaction has fewer barriers than its minimum, and nothing is left unsynced
+      once the image is closed.
+
+    ``base``: the starting image (a name of :data:`BASES`). ``journaled=False``: the
+    workload writes ``img.medium`` itself, so only the plain reader's rules apply.
+    ``whole``: the whole call is one operation. ``relaxed``: a guest write, which may set
+    bitmap bits early (a plain reader then sees a bitmap with more bits than ``old``: extra
+    bytes for a backup, allowed) and write data in place before it returns; without it,
+    such a state is reported as ``plain-not-allowed``. ``expect_failure``: a negative
+    control, which must fail (then the run passes when it does).
     """
     def mark(fn: F) -> F:
         for key, value in (("base", base), ("journaled", journaled), ("expect_failure", expect_failure),
@@ -423,6 +444,26 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
 )}
 
 
+def _load_module(module: str) -> ModuleType:
+    """``path/to/file.py`` (loaded from that file) or a module name (the current directory
+    is importable, as for ``python -m``)."""
+    if module.endswith(".py") or os.sep in module:
+        path = os.path.abspath(module)
+        if not os.path.isfile(path):
+            raise ImportError(f"no file {path}")
+        key = f"crashsim_user_{abs(hash(path)):x}"
+        spec = importlib.util.spec_from_file_location(key, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path} as Python")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod          # pickled by reference when workers run its states
+        spec.loader.exec_module(mod)
+        return mod
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return importlib.import_module(module)
+
+
 def find(name: str) -> Workload:
     """A built-in workload by name, or a user one as ``module:function``."""
     if name in WORKLOADS:
@@ -430,10 +471,10 @@ def find(name: str) -> Workload:
     if ":" not in name:
         raise KeyError(f"no workload named {name!r}; built-in: {', '.join(WORKLOADS)}; "
                        "or give a user workload as module:function")
-    module, _, attr = name.partition(":")
+    module, _, attr = name.rpartition(":")
     try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
+        fn = getattr(_load_module(module), attr)
+    except (ImportError, AttributeError, OSError, SyntaxError) as e:
         raise KeyError(f"cannot load workload {name!r}: {e}") from None
     base = getattr(fn, "crashsim_base", "standard")
     if base not in BASES:

@@ -313,14 +313,18 @@ class RunResult:
 
 
 # -- compact reports: a passing state as one line ------------------------------------
+SHORT_DIGEST = 16       # hex digits of a summarized state's digest (replay compares this prefix)
+
+
 def summarize(s: CrashState, v: Verdict) -> str:
-    """A passing state as ``strategy/n point digest choices seed parent recovery_point
+    """A passing state as ``strategy/n point digest-prefix choices seed parent recovery_point
     duplicates qjournal plain leaks`` (space-separated, "-" for none): enough to list it,
     count it and ``replay`` it; its description and fates are rebuilt by replay."""
     _, strategy, n = s.id.rsplit("/", 2)
     parent = s.parent[len(s.workload) + 1:] if s.parent else None
     opt = [x if x is not None else "-" for x in (s.seed, parent, s.recovery_point)]
-    return " ".join(str(x) for x in (f"{strategy}/{n}", s.point, s.digest, s.choices or "-", *opt, s.duplicates,
+    return " ".join(str(x) for x in (f"{strategy}/{n}", s.point, s.digest[:SHORT_DIGEST], s.choices or "-", *opt,
+                                     s.duplicates,
                                      v.qjournal, v.plain, v.leaks))
 
 

@@ -186,6 +186,15 @@ class TestRules:
         written = Semantic(2048, old.bitmaps, ((0, b"\x01" * 512 + b"\x02" * 512),))
         assert "no dirty bit for guest offset 0x200" in missed_writes(written, old)
 
+    def test_a_reader_of_the_old_size_must_see_the_old_data_past_a_shrink(self) -> None:
+        old = Semantic(4096, (("b", 512, 2, ()),), ((0, b"\x01" * 1024), (2048, b"\x03" * 1024)))
+        new = Semantic(2048, old.bitmaps, ((0, b"\x01" * 1024),))
+        e = Expect(old, new, 0, 0, "", True)
+        tail_gone = Semantic(4096, old.bitmaps, new.guest)      # the old size, the tail already dropped
+        assert e.classify(tail_gone, e.allowed_plain, plain=True) == "other"
+        assert e.classify(old, e.allowed_plain, plain=True) == "old"
+        assert e.classify(new, e.allowed_plain, plain=True) == "new"
+
     def test_dropped_means_no_bitmaps_and_the_same_data(self) -> None:
         e = Expect(self.SEM, self.NEW, 0, 0, "", True)
         assert e.classify(Semantic(1 << 20, (), self.SEM.guest), e.allowed_plain, plain=True) == "dropped"

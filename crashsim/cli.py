@@ -9,7 +9,9 @@
     crashsim mutants [NAME...] [--sample N] [--list] [--markdown]   (see crashsim.mutants)
 
 ``WORKLOAD`` is a built-in name, ``all`` (every built-in workload but the negative
-controls), ``controls`` (the negative controls), or ``module:function``.
+controls and those that fail today), ``controls`` (the negative controls), or a user
+workload as ``path/to/file.py:function`` or ``module:function`` (the current directory
+is importable); :func:`crashsim.workloads.workload` declares its allowed outcomes.
 
 Exit status: 0 when every workload behaved as expected (the summary says PASS): no state
 not allowed, no transaction short of its minimum barriers, nothing unsynced at close, or,
@@ -73,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
                    "(crashsim mutants --help)", add_help=False)
     r = sub.add_parser("run", help="record workloads, crash them everywhere, check every state")
     r.add_argument("workloads", nargs="+", metavar="WORKLOAD",
-                   help="a built-in name, 'all', 'controls', or module:function")
+                   help="a built-in name, 'all', 'controls', path/to/file.py:function or module:function")
     r.add_argument("--strategy", type=_strategies, default=STRATEGIES, metavar="LIST",
                    help=f"comma-separated strategies (default {','.join(STRATEGIES)})")
     r.add_argument("--k", type=_nonneg, default=2, help="above 12 in-flight units: subsets and complements of "

@@ -153,18 +153,24 @@ def _intervals_cover(outer: Any, inner: Any) -> bool:
 
 
 def bits_between(cur: tuple[Bitmap, ...], old: tuple[Bitmap, ...], new: tuple[Bitmap, ...]) -> bool:
-    """The same bitmaps as ``old`` and ``new`` (names, granularities, flags), each with at least
-    the old dirty bits and at most the new ones."""
-    if len(cur) != len(old) or len(cur) != len(new):
+    """The same bitmaps as ``old`` (names, granularities, flags), each with at least the old
+    dirty bits and, when ``new`` has a bitmap of that name and granularity, at most its bits.
+    (A transaction that also adds or removes bitmaps keeps the old directory until its
+    switch: bits set early in the old bitmaps are allowed there too.)"""
+    if len(cur) != len(old):
         return False
-    for x, a, b in zip(cur, old, new):
-        if x[:3] != a[:3] or x[:3] != b[:3]:
+    later = {b[0]: b for b in new}
+    for x, a in zip(cur, old):
+        b = later.get(x[0])
+        if x[:3] != a[:3]:
             return False
-        if "in-use" in (x[3], a[3], b[3]):
-            if not x[3] == a[3] == b[3]:
+        if "in-use" in (x[3], a[3]) or (b is not None and "in-use" == b[3]):
+            if not (x[3] == a[3] and (b is None or b[3] == a[3])):
                 return False
             continue
-        if not (_intervals_cover(x[3], a[3]) and _intervals_cover(b[3], x[3])):
+        if not _intervals_cover(x[3], a[3]):
+            return False
+        if b is not None and b[1] == a[1] and not _intervals_cover(b[3], x[3]):
             return False
     return True
 

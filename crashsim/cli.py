@@ -9,7 +9,7 @@
     crashsim mutants [NAME...] [--sample N] [--list] [--markdown]   (see crashsim.mutants)
 
 ``WORKLOAD`` is a built-in name, ``all`` (every built-in workload but the negative
-controls and those that fail today), ``controls`` (the negative controls), or a user
+controls), ``controls`` (the negative controls), or a user
 workload as ``path/to/file.py:function`` or ``module:function`` (the current directory
 is importable); :func:`crashsim.workloads.workload` declares its allowed outcomes.
 
@@ -114,8 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         width = max(map(len, WORKLOADS))
         bwidth = max(len(w.base.name) for w in WORKLOADS.values())
         for w in WORKLOADS.values():
-            note = f" (fails today: {w.known_failure})" if w.known_failure else ""
-            print(f"{w.name.ljust(width)}  {w.base.name.ljust(bwidth)}  {w.description}{note}")
+            print(f"{w.name.ljust(width)}  {w.base.name.ljust(bwidth)}  {w.description}")
         return 0
     if args.command == "run":
         return _run(p, args)
@@ -127,7 +126,7 @@ def _select(p: argparse.ArgumentParser, names: list[str]) -> list[Workload]:
     for name in names:
         if name in ("all", "controls"):
             want = name == "controls"
-            out += [w for w in WORKLOADS.values() if w.expect_failure == want and not w.known_failure]
+            out += [w for w in WORKLOADS.values() if w.expect_failure == want]
             continue
         try:
             out.append(find(name))

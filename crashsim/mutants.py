@@ -386,8 +386,7 @@ def run_one(m: Mutant, seed: int = 0, jobs: int = 1, timeout: float = 600, root:
         if why:
             return Outcome(m.name, m.klass, "stale", detail=why)
         first = [w for w in m.workloads if w in WORKLOADS]
-        rest = [w for w in WORKLOADS if fallback and w not in first and not WORKLOADS[w].expect_failure
-                and not WORKLOADS[w].known_failure]
+        rest = [w for w in WORKLOADS if fallback and w not in first and not WORKLOADS[w].expect_failure]
         env = dict(os.environ, PYTHONPATH=d, CI=os.environ.get("CI", ""))
         for group in (first, rest):
             if not group:

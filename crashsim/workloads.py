@@ -182,7 +182,6 @@ class Workload:
     minimum: int = 0                    # barriers a bypassing workload's protocol needs (its steps)
     whole: bool = False                 # the whole call is one operation (not one per transaction)
     relaxed: bool = False               # early bitmap bits and in-place data are allowed (see checks)
-    known_failure: str = ""             # fails today for this reason: left out of "all", run by name
 
 
 def workload(base: str = "standard", journaled: bool = True, expect_failure: bool = False,
@@ -641,8 +640,6 @@ WORKLOADS.update({w.name: w for w in (
              _unaligned_new, whole=True, relaxed=True),
     Workload("set-in-use-many", "set in_use on 24 bitmaps (the seed protocol)", _all_in_use, base=MANY_BITMAPS),
     Workload("bitmap-and-write", "bitmap add and a guest write in one transaction", _bitmap_and_write,
-             whole=True, relaxed=True,
-             known_failure="a plain reader sees bits set early in some old bitmaps while the new bitmap is "
-                           "missing: the checker (or the ordering) does not allow it yet (issue 11, point 4)"),
+             whole=True, relaxed=True),
     Workload("check-repair", "check -r leaks on an image with two leaked clusters", _check_repair, base=LEAKY),
 )})

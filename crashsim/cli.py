@@ -6,12 +6,17 @@
                  [--executor dask://HOST:PORT] [--oracle all|sample|none] [--oracle-samples N]
                  [--report out.html|out.json]
     crashsim replay REPORT STATE_ID [-o out.qcow2]
+    crashsim mutants [NAME...] [--sample N] [--list] [--markdown]   (see crashsim.mutants)
 
 ``WORKLOAD`` is a built-in name, ``all`` (every built-in workload but the negative
-controls), ``controls`` (the negative controls), or ``module:function``.
+controls), ``controls`` (the negative controls), or a user
+workload as ``path/to/file.py:function`` or ``module:function`` (the current directory
+is importable); :func:`crashsim.workloads.workload` declares its allowed outcomes.
 
-Exit status: 0 every state allowed, 1 some state not allowed (or a workload could not
-run), 2 bad usage.
+Exit status: 0 when every workload behaved as expected (the summary says PASS): no state
+not allowed, no transaction short of its minimum barriers, nothing unsynced at close, or,
+for a negative control, a failure found; 1 otherwise (FAIL), or when a workload could not
+run; 2 bad usage.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from typing import Sequence
 
 import qjournal
 
-from . import report
+from . import mutants, report
 from .model import SECTOR_SIZES, STRATEGIES, CrashState, Options, RunResult, WorkloadResult
 from .runner import digest, recorded_state, run
 from .workloads import WORKLOADS, Workload, find
@@ -66,9 +71,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"crashsim {qjournal.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the built-in workloads")
+    sub.add_parser("mutants", help="plant bugs in a scratch copy, check that crashsim catches each "
+                   "(crashsim mutants --help)", add_help=False)
     r = sub.add_parser("run", help="record workloads, crash them everywhere, check every state")
     r.add_argument("workloads", nargs="+", metavar="WORKLOAD",
-                   help="a built-in name, 'all', 'controls', or module:function")
+                   help="a built-in name, 'all', 'controls', path/to/file.py:function or module:function")
     r.add_argument("--strategy", type=_strategies, default=STRATEGIES, metavar="LIST",
                    help=f"comma-separated strategies (default {','.join(STRATEGIES)})")
     r.add_argument("--k", type=_nonneg, default=2, help="above 12 in-flight units: subsets and complements of "
@@ -101,12 +108,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mutants"]:
+        return mutants.main(argv[1:])
     p = parser()
     args = p.parse_args(argv)
     if args.command == "list":
         width = max(map(len, WORKLOADS))
+        bwidth = max(len(w.base.name) for w in WORKLOADS.values())
         for w in WORKLOADS.values():
-            print(f"{w.name.ljust(width)}  {w.base.name:15s}  {w.description}")
+            print(f"{w.name.ljust(width)}  {w.base.name.ljust(bwidth)}  {w.description}")
         return 0
     if args.command == "run":
         return _run(p, args)
@@ -138,12 +149,19 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(_summary(w))
     bad = [v for w in result.workloads for v in w.failures]
     errors = [w for w in result.workloads if w.error]
+    deficits = [t for w in result.workloads for t in w.deficits]
+    unsynced = [w for w in result.workloads if w.unsynced]
+    odd = [w.name for w in result.workloads if not w.ok]
+    extra = "".join(f", {n} {what}" for n, what in ((len(deficits), "transaction(s) short of barriers"),
+                                                     (len(unsynced), "workload(s) unsynced at close"),
+                                                     (len(errors), "workload(s) failed to run")) if n)
+    verdict = "PASS" if result.ok else f"FAIL ({', '.join(odd)} did not behave as expected)"
     print(f"crashsim: {len(result.workloads)} workload(s), {result.states} states checked in "
           f"{result.seconds:.1f} s ({result.states / max(result.seconds, 1e-9):.0f}/s): "
-          f"{len(bad)} not allowed{f', {len(errors)} workload(s) failed to run' if errors else ''}")
+          f"{len(bad)} not allowed{extra}: {verdict}")
     if args.report is not None:
         _write_report(result, args.report)
-    return 1 if bad or errors else 0
+    return 0 if result.ok else 1
 
 
 def _summary(w: WorkloadResult) -> str:
@@ -155,8 +173,13 @@ def _summary(w: WorkloadResult) -> str:
              + (f"{len(fails)} NOT ALLOWED" if fails else "all allowed")
              + (" (a negative control: failures expected)" if w.expect_failure else "")]
     for t in w.transactions:
-        if t.barriers != t.minimum:
+        if t.barriers < t.minimum:
+            lines.append(f"  transaction {t.index} ({t.description}): {t.barriers} barriers, minimum {t.minimum} "
+                         f"({t.minimum_reason}): NOT ALLOWED")
+        elif t.barriers != t.minimum:
             lines.append(f"  transaction {t.index} ({t.description}): {t.barriers} barriers, minimum {t.minimum}")
+    if w.unsynced:
+        lines.append(f"  NOT ALLOWED: {w.unsynced}")
     shown = [v for v in fails if v.minimal or v.explanation][:3]
     for v in shown:
         lines.append(f"  {v.state_id} [{v.invariant}]: {v.explanation}")
@@ -166,11 +189,12 @@ def _summary(w: WorkloadResult) -> str:
 
 
 def _write_report(result: RunResult, path: Path) -> None:
+    """The HTML report in full; the JSON with passing states summarized (one line each)."""
     if path.suffix != ".json":
         report.write_report(result, str(path))
-        path.with_suffix(".json").write_text(result.dumps())
+        path.with_suffix(".json").write_text(result.dumps(compact=True))
         return
-    path.write_text(result.dumps())
+    path.write_text(result.dumps(compact=True))
 
 
 def load_report(path: Path) -> RunResult:
@@ -198,7 +222,9 @@ def _replay(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         p.error(str(e.args[0]))
     parent = states.get(state.parent) if state.parent else None
     files = recorded_state(w, result.options, state, parent)
-    out = args.output or Path(state.id.replace("/", "-") + ".qcow2")
+    # No ':' in the default name: qemu-img reads "a:b" as protocol "a" (a user workload is
+    # module:function); for a name of your own with ':', pass qemu-img file.filename=NAME.
+    out = args.output or Path(state.id.replace("/", "-").replace(":", "-") + ".qcow2")
     out.write_bytes(files["image"])
     jpath = Path(str(out) + ".qjournal")
     if files["journal"]:
@@ -206,7 +232,7 @@ def _replay(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     elif jpath.exists():
         os.unlink(jpath)
     verdict = next(v for wr in result.workloads for v in wr.verdicts if v.state_id == state.id)
-    same = digest(files) == state.digest
+    same = digest(files).startswith(state.digest)     # a summarized state keeps a prefix
     print(f"{out}: {state.description}")
     print(f"  journal: {jpath if files['journal'] else '(empty, not written)'}")
     print(f"  verdict: {'allowed' if verdict.ok else 'NOT ALLOWED: ' + verdict.invariant}; "

@@ -53,7 +53,8 @@ def check(workload: Workload, opts: Options = TEST_OPTIONS) -> WorkloadResult:
 
 def problems(w: WorkloadResult, qjournal: Iterable[str] = (), plain: Iterable[str] = ()) -> list[str]:
     """What is wrong with ``w``, one line each ([] when nothing): the workload's error, each
-    state not allowed (its id, where the crash hit, the invariant broken and why), and each
+    state not allowed (its id, where the crash hit, the invariant broken and why), each
+    transaction short of its minimum barriers, writes left unsynced at close, and each
     outcome of ``qjournal`` (after recovery) or ``plain`` (a reader that ignores the journal)
     that no state reached: a sanity check that the states span the operation."""
     if w.error:
@@ -64,6 +65,11 @@ def problems(w: WorkloadResult, qjournal: Iterable[str] = (), plain: Iterable[st
         out.append(f"{v.state_id} ({described.get(v.state_id, '?')}): {v.invariant}: {v.explanation}")
     if len(out) > SHOWN:
         out[SHOWN:] = [f"... and {len(out) - SHOWN} more failing state(s)"]
+    for t in w.deficits:
+        out.append(f"{w.name}: transaction {t.index} ({t.description}): {t.barriers} barriers, minimum "
+                   f"{t.minimum} ({t.minimum_reason})")
+    if w.unsynced:
+        out.append(f"{w.name}: {w.unsynced}")
     for view, wanted, seen in (("qjournal after recovery", qjournal, {v.qjournal for v in w.verdicts}),
                                ("a reader that ignores the journal", plain, {v.plain for v in w.verdicts})):
         missing = sorted(set(wanted) - seen)

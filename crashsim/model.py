@@ -146,6 +146,8 @@ class CrashState:
     parent: str | None = None
     recovery_point: int | None = None
     duplicates: int = 0         # how many more generated candidates had this content
+    choices: str = ""           # the units not at their durable version, "file.page.version[.tearmask]"
+                                # joined by "+" (hex): what ``replay`` rebuilds the state from
 
 
 @attrs.frozen
@@ -221,17 +223,28 @@ class WorkloadResult:
     new: str                    # ... and after it
     seconds: float
     error: str = ""             # the workload itself could not run (then there are no states)
+    unsynced: str = ""          # what was still in flight (written, no barrier) after the image closed
 
     @property
     def failures(self) -> tuple[Verdict, ...]:
         return tuple(v for v in self.verdicts if not v.ok)
 
     @property
+    def deficits(self) -> tuple[TransactionInfo, ...]:
+        """Transactions with fewer barriers than their minimum: a failure, as a state not allowed is."""
+        return tuple(t for t in self.transactions if t.barriers < t.minimum)
+
+    @property
+    def failed(self) -> bool:
+        """A state not allowed, a barrier deficit, or writes left unsynced at close."""
+        return bool(self.failures or self.deficits or self.unsynced)
+
+    @property
     def ok(self) -> bool:
-        """As expected: no failing state (or, for a negative control, at least one)."""
+        """As expected: nothing failed (or, for a negative control, something did)."""
         if self.error:
             return False
-        return bool(self.failures) == self.expect_failure
+        return self.failed == self.expect_failure
 
 
 @attrs.frozen
@@ -264,19 +277,72 @@ class RunResult:
     def ok(self) -> bool:
         return all(w.ok for w in self.workloads)
 
-    def to_json(self) -> dict[str, Any]:
-        return attrs.asdict(self, recurse=True)
+    def to_json(self, compact: bool = False) -> dict[str, Any]:
+        """The run as JSON. ``compact``: states that passed are summarized, one line each (see
+        :func:`summarize`), failures (and the states their recovery crashes came from) in full."""
+        data = attrs.asdict(self, recurse=True)
+        if compact:
+            for w, wd in zip(self.workloads, data["workloads"]):
+                keep = {v.state_id for v in w.verdicts if not v.ok}
+                keep |= {s.parent for s in w.states if s.id in keep and s.parent}
+                wd["summarized"] = [summarize(s, v) for s, v in zip(w.states, w.verdicts) if s.id not in keep]
+                wd["states"] = [d for s, d in zip(w.states, wd["states"]) if s.id in keep]
+                wd["verdicts"] = [d for v, d in zip(w.verdicts, wd["verdicts"]) if v.state_id in keep]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RunResult":
+        for wd in data.get("workloads", []):
+            lines = wd.pop("summarized", None)
+            if lines:
+                full = {d["id"]: (d, v) for d, v in zip(wd["states"], wd["verdicts"])}
+                for line in lines:
+                    s, v = unsummarize(wd["name"], line)
+                    full[s.id] = (attrs.asdict(s), attrs.asdict(v))
+                order = sorted(full, key=_state_order)
+                wd["states"] = [full[i][0] for i in order]
+                wd["verdicts"] = [full[i][1] for i in order]
         return _build(cls, data)
 
-    def dumps(self) -> str:
-        return json.dumps(self.to_json(), indent=1, sort_keys=False)
+    def dumps(self, compact: bool = False) -> str:
+        return json.dumps(self.to_json(compact), indent=None if compact else 1, sort_keys=False,
+                          separators=(",", ":") if compact else None)
 
     @classmethod
     def loads(cls, text: str) -> "RunResult":
         return cls.from_json(json.loads(text))
+
+
+# -- compact reports: a passing state as one line ------------------------------------
+SHORT_DIGEST = 16       # hex digits of a summarized state's digest (replay compares this prefix)
+
+
+def summarize(s: CrashState, v: Verdict) -> str:
+    """A passing state as ``strategy/n point digest-prefix choices seed parent recovery_point
+    duplicates qjournal plain leaks`` (space-separated, "-" for none): enough to list it,
+    count it and ``replay`` it; its description and fates are rebuilt by replay."""
+    _, strategy, n = s.id.rsplit("/", 2)
+    parent = s.parent[len(s.workload) + 1:] if s.parent else None
+    opt = [x if x is not None else "-" for x in (s.seed, parent, s.recovery_point)]
+    return " ".join(str(x) for x in (f"{strategy}/{n}", s.point, s.digest[:SHORT_DIGEST], s.choices or "-", *opt,
+                                     s.duplicates,
+                                     v.qjournal, v.plain, v.leaks))
+
+
+def unsummarize(workload: str, line: str) -> tuple[CrashState, Verdict]:
+    """The state and verdict a :func:`summarize` line stands for (fates and description left out)."""
+    sid, point, dg, choices, seed, parent, rp, dups, qj, plain, leaks = line.split(" ")
+    state_id = f"{workload}/{sid}"
+    s = CrashState(state_id, workload, sid.split("/")[0], int(point), "(summarized: replay rebuilds it)", dg, (),
+                   None if seed == "-" else int(seed), None if parent == "-" else f"{workload}/{parent}",
+                   None if rp == "-" else int(rp), int(dups), "" if choices == "-" else choices)
+    v = Verdict(state_id, qj, plain, int(leaks), 0, True, True, None, (), (), True)
+    return s, v
+
+
+def _state_order(state_id: str) -> tuple[int, int]:
+    _, strategy, n = state_id.rsplit("/", 2)
+    return (STRATEGIES.index(strategy) if strategy in STRATEGIES else len(STRATEGIES), int(n))
 
 
 # -- JSON decoding: attrs classes are rebuilt from their field types ----------------

@@ -19,20 +19,17 @@ fallocate       a resize, when it grows the file
 
 The recording is then the same as in the default mode, and goes through the same state
 generation and checks. A medium whose flush syncs too little now leaves crash states
-without the writes it failed to sync, and :func:`unsynced` lists what was still
-unsynced when the image was closed (nothing may be).
+without the writes it failed to sync, and the writes still unsynced when the image was
+closed fail the run (``WorkloadResult.unsynced``).
 """
 from __future__ import annotations
 
 import mmap
 import os
 
-from qjournal.storage.medium import FileMedium, MmapMedium, System, merge_ranges
+from qjournal.storage.medium import FileMedium, MmapMedium, System
 
 from .recorder import Entry, Recording, call_site
-
-Range = tuple[int, int]
-
 
 class RecordingSystem(System):
     """The real system calls, each also logged into ``rec`` for the file its fd belongs to."""
@@ -99,18 +96,3 @@ class MarkingFileMedium(_Marks, FileMedium):
     def __init__(self, path: str, system: RecordingSystem, file: str) -> None:
         FileMedium.__init__(self, path, True, system=system)
         self._attach(system, file)
-
-
-def unsynced(rec: Recording) -> list[str]:
-    """Writes no later barrier of their file covers: what a power cut after the run could
-    still lose. Each as ``file offset+length (site)``."""
-    later: dict[str, list[Range]] = {}       # per file: ranges some later barrier syncs
-    out = []
-    for e in reversed(rec.entries):
-        if e.kind == "barrier":
-            later[e.file] = merge_ranges(later.get(e.file, []) + list(e.ranges))
-        elif e.kind == "write":
-            end = e.off + len(e.data)
-            if not any(o <= e.off and end <= o + n for o, n in later.get(e.file, ())):
-                out.append(f"{e.file} {e.off:#x}+{len(e.data):#x} ({e.site})")
-    return out[::-1]

@@ -7,10 +7,10 @@ the seed protocol; several operations in one transaction), plus *negative contro
 that bypass the journal and write through ``img.medium`` in an order known to be unsafe,
 to prove the checker can fail.
 
-A user workload is ``module:function``. The function may carry attributes (set them
-with :func:`workload`): ``crashsim_base`` (the name of a base below, default
-``standard``), ``crashsim_journaled`` (default True) and ``crashsim_expect_failure``
-(default False).
+A user workload is ``path/to/file.py:function`` or ``module:function``; the
+:func:`workload` decorator declares its base image and its allowed outcomes (it sets the
+function's ``crashsim_base``, ``crashsim_journaled``, ``crashsim_whole``,
+``crashsim_relaxed`` and ``crashsim_expect_failure`` attributes).
 
 Each base is made by qemu-img and qemu-io commands in a temporary directory (and, for
 one, a rewrite of cluster 0 in Python); its bytes are cached per process.
@@ -18,10 +18,13 @@ one, a rewrite of cluster 0 in Python); its bytes are cached per process.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shlex
 import subprocess
+import sys
 import tempfile
+from types import ModuleType
 from typing import Callable, Iterable, TypeVar
 
 import attrs
@@ -30,6 +33,7 @@ from qjournal.format.bitmaps import EXT_FIELD_OFFSET as BITMAPS_FIELD_OFFSET
 from qjournal.format.extensions import EXT_BITMAPS, EXT_HEADER, Extension, pack_extensions, parse_extensions
 from qjournal.format.geometry import SECTOR
 from qjournal.format.header import AUTOCLEAR_BITMAPS, field_span, pack_field, read_field
+import qjournal
 from qjournal import Image
 
 from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium, bracket_transactions
@@ -182,12 +186,30 @@ class Workload:
 
 def workload(base: str = "standard", journaled: bool = True, expect_failure: bool = False,
              whole: bool = False, relaxed: bool = False) -> Callable[[F], F]:
-    """Declare how a user workload (``module:function``) starts and what it expects.
+    """Declare how a user workload starts and which outcomes a crash in it may leave.
 
-    ``journaled``: its changes go through qjournal's journal (else only the plain reader's
-    rules apply); ``whole``: the whole call is one operation rather than one per
-    transaction; ``relaxed``: a guest write, which may set bitmap bits early and write
-    data in place before it returns.
+    A user workload is ``path/to/file.py:function`` or ``module:function`` (the current
+    directory is importable); the function takes an open, writable ``Image``. Without this
+    decorator it is a journaled operation on the ``standard`` base, one operation per
+    transaction, with the strict outcomes below. The outcomes of every crash state:
+
+    - qjournal, after recovery, sees exactly the state before the operation (``old``) or
+      after it (``new``), where the operation is each transaction, or with ``whole=True``
+      the whole call; after the call returned, ``new`` only;
+    - a reader that ignores the journal (and ``qemu-img``) sees ``old``, ``new``, or the
+      bitmaps ``dropped`` through a clear autoclear bit, with leaks allowed only inside the
+      operation; never a corruption, nor a bitmap that claims to be consistent but misses a
+      write of new guest data;
+    - no transaction has fewer barriers than its minimum, and nothing is left unsynced
+      once the image is closed.
+
+    ``base``: the starting image (a name of :data:`BASES`). ``journaled=False``: the
+    workload writes ``img.medium`` itself, so only the plain reader's rules apply.
+    ``whole``: the whole call is one operation. ``relaxed``: a guest write, which may set
+    bitmap bits early (a plain reader then sees a bitmap with more bits than ``old``: extra
+    bytes for a backup, allowed) and write data in place before it returns; without it,
+    such a state is reported as ``plain-not-allowed``. ``expect_failure``: a negative
+    control, which must fail (then the run passes when it does).
     """
     def mark(fn: F) -> F:
         for key, value in (("base", base), ("journaled", journaled), ("expect_failure", expect_failure),
@@ -421,6 +443,26 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
 )}
 
 
+def _load_module(module: str) -> ModuleType:
+    """``path/to/file.py`` (loaded from that file) or a module name (the current directory
+    is importable, as for ``python -m``)."""
+    if module.endswith(".py") or os.sep in module:
+        path = os.path.abspath(module)
+        if not os.path.isfile(path):
+            raise ImportError(f"no file {path}")
+        key = f"crashsim_user_{abs(hash(path)):x}"
+        spec = importlib.util.spec_from_file_location(key, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path} as Python")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod          # pickled by reference when workers run its states
+        spec.loader.exec_module(mod)
+        return mod
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return importlib.import_module(module)
+
+
 def find(name: str) -> Workload:
     """A built-in workload by name, or a user one as ``module:function``."""
     if name in WORKLOADS:
@@ -428,10 +470,10 @@ def find(name: str) -> Workload:
     if ":" not in name:
         raise KeyError(f"no workload named {name!r}; built-in: {', '.join(WORKLOADS)}; "
                        "or give a user workload as module:function")
-    module, _, attr = name.partition(":")
+    module, _, attr = name.rpartition(":")
     try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
+        fn = getattr(_load_module(module), attr)
+    except (ImportError, AttributeError, OSError, SyntaxError) as e:
         raise KeyError(f"cannot load workload {name!r}: {e}") from None
     base = getattr(fn, "crashsim_base", "standard")
     if base not in BASES:
@@ -500,3 +542,147 @@ def _snapshot_apply(img: Image) -> None:
 WORKLOADS["snapshot-apply"] = Workload(
     "snapshot-apply", "snapshot -a of a qemu-made snapshot after the disk diverged from it",
     _snapshot_apply, base=SNAPSHOT_APPLY_BASE)
+
+
+# -- reach (issue 11): workloads that make planted bugs visible --------------------------------
+# Some of them check their own result against what the workload itself declares (the data it
+# wrote, the data it kept), so that a wrong "new" state computed by the code under test
+# fails the run ("could not run") instead of passing as the new state.
+class WorkloadCheckFailed(AssertionError):
+    """The workload's own check of its result failed: the operation did not do what it declares."""
+
+
+def expect_bytes(img: Image, offset: int, want: bytes, what: str) -> None:
+    """Raise :class:`WorkloadCheckFailed` unless the guest disk holds ``want`` at ``offset``."""
+    got = img.read(offset, len(want))
+    if got != want:
+        bad = next(i for i in range(len(want)) if got[i] != want[i])
+        raise WorkloadCheckFailed(f"{what}: guest byte {offset + bad:#x} is {got[bad]:#04x}, the workload "
+                                  f"wrote or kept {want[bad]:#04x}")
+
+
+def expect_clean(img: Image, what: str) -> None:
+    """Raise :class:`WorkloadCheckFailed` unless qjournal's check finds no corruption and no leak."""
+    res = img.check()
+    if res.corruptions or res.leaks:
+        raise WorkloadCheckFailed(f"{what}: qjournal check finds {res.corruptions} corruption(s) and "
+                                  f"{res.leaks} leaked cluster(s)")
+
+
+# 512-byte clusters and 512-byte granularity (SECTOR): one bitmap data cluster covers
+# 4096 bits, that is 2 MiB of guest disk, so a write across 2 MiB dirties two data clusters.
+FINE_BITMAP = Base("fine-bitmap", (
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", IMG, "4M"),
+    qemu_img_cmd("bitmap", "--add", "-g", "512", IMG, "fine"),
+    qemu_io_cmd("write -P 0x11 0 4k", "write -P 0x22 3M 4k"),
+))
+COMPRESSED = Base("compressed", (
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "src.qcow2", "8M"),
+    ("qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 64k", "-c", "write -P 0x62 1M 64k", "src.qcow2"),
+    qemu_img_cmd("convert", "-q", "-c", "-f", "qcow2", "-O", "qcow2", "-o", "cluster_size=4096",
+                 "src.qcow2", IMG),
+    qemu_img_cmd("bitmap", "--add", "-g", "4096", IMG, "b0"),
+))
+MANY_BITMAPS = Base("many-bitmaps", (
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "16M"),
+    *(qemu_img_cmd("bitmap", "--add", "-g", str(4096 << (i % 5)), IMG, f"bitmap-{i:02d}") for i in range(24)),
+    qemu_io_cmd("write 0 64k", "write 8M 4k"),
+))
+for _b in (FINE_BITMAP, COMPRESSED, MANY_BITMAPS):
+    BASES[_b.name] = _b
+
+
+def _bits_cross(img: Image) -> None:
+    img.write((2 << 20) - 1024, b"\x7e" * 2048)      # 2 bits in bitmap data cluster 0, 2 in cluster 1
+
+
+def _shrink(img: Image) -> None:
+    kept = img.read(0, 64 << 10)
+    img.resize(1 << 19, shrink=True)                 # to 512k: drops 900k-1000k of data, the L2 tables past 512k
+    expect_bytes(img, 0, kept, "resize shrink")
+    expect_clean(img, "resize shrink")
+
+
+def _grow_checked(img: Image) -> None:
+    kept = img.read(0, 64 << 10) + img.read(900 << 10, 100 << 10)
+    img.resize(8 << 20)
+    expect_bytes(img, 0, kept[:64 << 10], "resize grow")
+    expect_bytes(img, 900 << 10, kept[64 << 10:], "resize grow")
+    expect_bytes(img, 1 << 20, bytes(64 << 10), "resize grow (the new area)")
+    expect_clean(img, "resize grow")
+
+
+def _shrink_shifted(img: Image) -> None:
+    img.resize(32 << 20, shrink=True)    # size (sector 0) and the bitmaps extension (sectors 1-2) apart
+
+
+def _grow_shifted(img: Image) -> None:
+    img.resize(128 << 20)
+
+
+def _over_compressed(img: Image) -> None:
+    with img.transaction("unaligned writes over compressed clusters"):
+        img.write(100, b"\xc1" * 50)                         # inside one compressed cluster
+        img.write((1 << 20) + 4000, b"\xc2" * 200)           # across two compressed clusters
+    expect_bytes(img, 0, b"\x61" * 100 + b"\xc1" * 50 + b"\x61" * 3946, "write over a compressed cluster")
+    expect_bytes(img, 1 << 20, b"\x62" * 4000 + b"\xc2" * 200 + b"\x62" * 3992,
+                 "write across two compressed clusters")
+    expect_clean(img, "write over compressed clusters")
+
+
+def _unaligned_new(img: Image) -> None:
+    with img.transaction("unaligned writes into new clusters next to data"):
+        img.write(60 << 10 | 4000, b"\xd1" * 200)           # allocated cluster, then a new one
+        img.write((5 << 20) + 300, b"\xd2" * 5000)          # two new clusters, neither aligned
+    expect_bytes(img, (60 << 10) + 4000, b"\xd1" * 200, "unaligned write")
+    expect_bytes(img, (5 << 20) + 300, b"\xd2" * 5000, "unaligned write into new clusters")
+    expect_bytes(img, 5 << 20, bytes(300), "unaligned write into new clusters (the head)")
+    expect_clean(img, "unaligned writes")
+
+
+def _bitmap_and_write(img: Image) -> None:
+    with img.transaction("add a bitmap and write guest data"):
+        img.bitmaps.add("together", 4096)
+        img.write(6 << 20, b"\xe1" * 8192)
+
+
+def _check_repair(img: Image) -> None:
+    res = img.check(repair="leaks")
+    if res.leaks:
+        raise WorkloadCheckFailed(f"check -r leaks left {res.leaks} leaked cluster(s)")
+
+
+def _leak_clusters(path: str) -> None:
+    """Raise the refcount of two unused clusters past the end of the data (a leak, as a
+    crash of QEMU between its refcount increase and its L2 update leaves)."""
+    with qjournal.open(path, "r+") as img, img.transaction("leak two clusters") as tx:
+        tx.alloc.alloc(2)
+
+
+LEAKY = Base("leaky", (
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "16M"),
+    qemu_img_cmd("bitmap", "--add", IMG, "b0"),
+    qemu_io_cmd("write 0 64k", "write 8M 4k"),
+), post=_leak_clusters, post_description="raise the refcount of two clusters nothing references (two leaks)")
+BASES[LEAKY.name] = LEAKY
+
+WORKLOADS.update({w.name: w for w in (
+    Workload("guest-write-bits-cross", "guest write whose dirty range crosses a bitmap data cluster "
+             "(512 B clusters and granularity)", _bits_cross, base=FINE_BITMAP, relaxed=True),
+    Workload("resize-shrink", "resize 1M -> 512k with a bitmap, tail data and L2 tables dropped "
+             "(checks the kept data)", _shrink, base=RESIZE_BASE),
+    Workload("resize-grow-checked", "resize 1M -> 8M with a bitmap (checks the kept data and zeros)",
+             _grow_checked, base=RESIZE_BASE),
+    Workload("resize-shrink-split-header", "resize shrink where the size field and the bitmaps extension "
+             "sit in different sectors", _shrink_shifted, base=SHIFTED),
+    Workload("resize-grow-split-header", "resize grow where the size field and the bitmaps extension "
+             "sit in different sectors", _grow_shifted, base=SHIFTED),
+    Workload("guest-write-compressed", "unaligned guest writes over compressed clusters (checks the data)",
+             _over_compressed, base=COMPRESSED, whole=True, relaxed=True),
+    Workload("guest-write-unaligned", "unaligned guest writes into new clusters beside data (checks the data)",
+             _unaligned_new, whole=True, relaxed=True),
+    Workload("set-in-use-many", "set in_use on 24 bitmaps (the seed protocol)", _all_in_use, base=MANY_BITMAPS),
+    Workload("bitmap-and-write", "bitmap add and a guest write in one transaction", _bitmap_and_write,
+             whole=True, relaxed=True),
+    Workload("check-repair", "check -r leaks on an image with two leaked clusters", _check_repair, base=LEAKY),
+)})

@@ -1,0 +1,217 @@
+"""Compare the guest contents of two images, as ``qemu-img compare`` does (qemu-img.c ``img_compare``).
+
+Each side is read through qjournal's guest reader (a qcow2 image with its backing
+chain) or as a raw file. The common length is walked in chunks of :data:`CHUNK`; in
+each, both sides say what their ranges are (:func:`Side.status`): data, a zero
+cluster, or nothing allocated anywhere in the chain. A range both sides know to read
+as zeros is skipped unread; a range one side knows to be zero is read on the other
+side only and checked for zeros; the rest is read on both sides and compared.
+
+Outcomes, as qemu-img's (exit code of ``qjournal compare``):
+
+=======  ============================================================================
+0        ``Images are identical.``
+1        ``Content mismatch at offset N!`` (N: the first differing 512-byte sector),
+         or, with ``strict``, ``Strict mode: Image size mismatch!`` /
+         ``Strict mode: Offset N block status mismatch!``
+2        an error (an image that cannot be opened or read)
+=======  ============================================================================
+
+Images of different sizes: ``Warning: Image size mismatch!``, then the longer image's
+tail must read as zeros (unless ``strict``, where the sizes alone are a mismatch).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import attrs
+import numpy as np
+
+from ..core.image import Image
+from ..errors import UsageError
+from ..format.geometry import SECTOR
+from ..format.header import MAGIC
+from ..read.guest import COMPRESSED, DATA, UNALLOCATED, ZERO, GuestReader, Layer, RawFile
+from ..read.mapping import extents
+
+CHUNK = 8 << 20
+"""Bytes compared per step: both buffers together stay under 2 * CHUNK."""
+
+# What a range of one side is (the ``status`` of :meth:`Side.status`).
+S_DATA = 0          # allocated data somewhere in the chain: must be read
+S_ZERO = 1          # allocated, reads as zeros (a zero cluster, a hole of a raw file)
+S_NONE = 2          # allocated nowhere in the chain: reads as zeros
+
+Extent = tuple[int, int, int]
+"""``(offset, length, status)``."""
+
+
+def probe(path: str, fmt: str | None) -> str:
+    """The format of ``path``: ``fmt`` if given (qcow2 or raw), else qcow2 by its magic, raw otherwise."""
+    if fmt is not None:
+        if fmt not in ("qcow2", "raw"):
+            raise UsageError(f"{path}: format {fmt!r} is not supported: qjournal reads qcow2 and raw images")
+        return fmt
+    if not path:
+        raise UsageError("the image name is empty: name a qcow2 or raw file")
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(len(MAGIC)) == MAGIC else "raw"
+
+
+@attrs.define
+class Side:
+    """One image being compared: a guest reader over a qcow2 image, or a raw file."""
+
+    path: str
+    layer: Layer
+    image: Image | None = None
+
+    @classmethod
+    def open(cls, path: str, fmt: str | None = None, force_share: bool = False) -> "Side":
+        """Open ``path`` read-only (``force_share``: without the image locks, as ``-U``)."""
+        if probe(path, fmt) == "raw":
+            return cls(path, RawFile(path))
+        img = Image(path, "r", take_locks=not force_share)
+        return cls(path, GuestReader(img), img)
+
+    @property
+    def size(self) -> int:
+        return self.layer.size
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        self.layer.readinto(offset, view)
+
+    def status(self, start: int, end: int) -> Iterator[Extent]:
+        """``[start, end)`` as extents of :data:`S_DATA`, :data:`S_ZERO` or :data:`S_NONE`."""
+        return _status(self.layer, start, end)
+
+    def close(self) -> None:
+        self.layer.close()
+        if self.image is not None:
+            self.image.close()
+
+
+def _status(layer: Layer, start: int, end: int) -> Iterator[Extent]:
+    if isinstance(layer, RawFile):
+        for off, n, data in extents(layer.fd, layer.file_size, start, end):
+            yield off, n, S_DATA if data else S_ZERO
+        return
+    assert isinstance(layer, GuestReader)
+    for g, n, kind, _ in layer.runs(start, end):
+        if kind in (DATA, COMPRESSED):
+            yield g, n, S_DATA
+        elif kind == ZERO:
+            yield g, n, S_ZERO
+        else:
+            assert kind == UNALLOCATED
+            backing = layer.backing
+            below = min(g + n, backing.size) if backing is not None else g
+            if below > g:
+                assert backing is not None
+                for off, m, st in _status(backing, g, below):
+                    # Allocated in a lower layer: allocated for the chain, as bdrv_block_status_above.
+                    yield off, m, st
+            if below < g + n:
+                yield max(g, below), g + n - max(g, below), S_NONE
+
+
+@attrs.frozen
+class Result:
+    """The outcome: ``code`` (0, 1) and the lines qemu-img prints."""
+
+    code: int
+    lines: tuple[str, ...]
+
+
+def _merged(a: Iterator[Extent], b: Iterator[Extent]) -> Iterator[tuple[int, int, int, int]]:
+    """``(offset, length, status_a, status_b)`` over two extent lists of one range."""
+    ea, eb = next(a, None), next(b, None)
+    while ea is not None and eb is not None:
+        end = min(ea[0] + ea[1], eb[0] + eb[1])
+        yield max(ea[0], eb[0]), end - max(ea[0], eb[0]), ea[2], eb[2]
+        if ea[0] + ea[1] == end:
+            ea = next(a, None)
+        if eb[0] + eb[1] == end:
+            eb = next(b, None)
+
+
+def _first_difference(a: bytes | bytearray, b: bytes | bytearray | None) -> int:
+    """The offset of the first differing 512-byte sector (``b`` None: the first non-zero one)."""
+    x = np.frombuffer(a, dtype=np.uint8)
+    diff = x != 0 if b is None else x != np.frombuffer(b, dtype=np.uint8)
+    return int(np.argmax(diff)) // SECTOR * SECTOR
+
+
+def _zeros_tail(side: Side, start: int, end: int, progress: Callable[[int], None] | None) -> int | None:
+    """The first non-zero sector of ``side`` in ``[start, end)``, or None."""
+    for off in range(start, end, CHUNK):
+        stop = min(end, off + CHUNK)
+        for g, n, st in side.status(off, stop):
+            if st != S_DATA:
+                continue
+            buf = bytearray(n)
+            side.readinto(g, memoryview(buf))
+            if buf.count(0) != n:
+                return g + _first_difference(buf, None)
+        if progress is not None:
+            progress(stop)
+    return None
+
+
+def compare(a: Side, b: Side, strict: bool = False, progress: Callable[[int], None] | None = None) -> Result:
+    """Compare the guest contents of ``a`` and ``b`` as ``qemu-img compare [-s]`` does.
+
+    Cost: one pass over the common length in :data:`CHUNK` steps; ranges both sides
+    know to be zero are not read. ``progress(offset)`` is called after each step.
+    """
+    lines: list[str] = []
+    size_a, size_b = a.size, b.size
+    if size_a != size_b:
+        if strict:
+            return Result(1, ("Strict mode: Image size mismatch!",))
+        lines.append("Warning: Image size mismatch!")
+    common = min(size_a, size_b)
+    for off in range(0, common, CHUNK):
+        stop = min(common, off + CHUNK)
+        for g, n, sa, sb in _merged(a.status(off, stop), b.status(off, stop)):
+            if strict and sa != sb:
+                return Result(1, tuple(lines) + (f"Strict mode: Offset {g} block status mismatch!",))
+            if sa != S_DATA and sb != S_DATA:
+                continue
+            buf_a = bytearray(n) if sa == S_DATA else None
+            buf_b = bytearray(n) if sb == S_DATA else None
+            if buf_a is not None:
+                a.readinto(g, memoryview(buf_a))
+            if buf_b is not None:
+                b.readinto(g, memoryview(buf_b))
+            if buf_a is not None and buf_b is not None:
+                if buf_a != buf_b:
+                    return Result(1, tuple(lines) + (f"Content mismatch at offset {g + _first_difference(buf_a, buf_b)}!",))
+            else:
+                only = buf_a if buf_a is not None else buf_b
+                assert only is not None
+                if only.count(0) != n:
+                    return Result(1, tuple(lines) + (f"Content mismatch at offset {g + _first_difference(only, None)}!",))
+        if progress is not None:
+            progress(stop)
+    if size_a != size_b:
+        longer = a if size_a > size_b else b
+        bad = _zeros_tail(longer, common, longer.size, progress)
+        if bad is not None:
+            return Result(1, tuple(lines) + (f"Content mismatch at offset {bad}!",))
+    return Result(0, tuple(lines) + ("Images are identical.",))
+
+
+def compare_files(path_a: str, path_b: str, fmt_a: str | None = None, fmt_b: str | None = None,
+                  strict: bool = False, force_share: bool = False) -> Result:
+    """Open both images read-only and :func:`compare` them."""
+    a = Side.open(path_a, fmt_a, force_share)
+    try:
+        b = Side.open(path_b, fmt_b, force_share)
+        try:
+            return compare(a, b, strict)
+        finally:
+            b.close()
+    finally:
+        a.close()
+

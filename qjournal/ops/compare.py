@@ -1,11 +1,11 @@
 """Compare the guest contents of two images, as ``qemu-img compare`` does (qemu-img.c ``img_compare``).
 
 Each side is read through qjournal's guest reader (a qcow2 image with its backing
-chain) or as a raw file. The common length is walked in chunks of :data:`CHUNK`; in
-each, both sides say what their ranges are (:func:`Side.status`): data, a zero
-cluster, or nothing allocated anywhere in the chain. A range both sides know to read
-as zeros is skipped unread; a range one side knows to be zero is read on the other
-side only and checked for zeros; the rest is read on both sides and compared.
+chain) or as a raw file. Both sides say what their ranges are (:meth:`Side.status`, a
+walk of the allocation map): data, a zero cluster, or nothing allocated anywhere in
+the chain. A range both sides know to read as zeros is skipped unread; a range one
+side knows to be zero is read on the other side only and checked for zeros; the rest
+is read on both sides, in :data:`CHUNK` pieces, and compared.
 
 Outcomes, as qemu-img's (exit code of ``qjournal compare``):
 
@@ -35,7 +35,7 @@ from ..read.guest import COMPRESSED, DATA, UNALLOCATED, ZERO, GuestReader, Layer
 from ..read.mapping import extents
 
 CHUNK = 8 << 20
-"""Bytes compared per step: both buffers together stay under 2 * CHUNK."""
+"""Bytes read per side at a time: memory stays under 2 * CHUNK."""
 
 # What a range of one side is (the ``status`` of :meth:`Side.status`).
 S_DATA = 0          # allocated data somewhere in the chain: must be read
@@ -142,27 +142,34 @@ def _first_difference(a: bytes | bytearray, b: bytes | bytearray | None) -> int:
     return int(np.argmax(diff)) // SECTOR * SECTOR
 
 
-def _zeros_tail(side: Side, start: int, end: int, progress: Callable[[int], None] | None) -> int | None:
-    """The first non-zero sector of ``side`` in ``[start, end)``, or None."""
-    for off in range(start, end, CHUNK):
-        stop = min(end, off + CHUNK)
-        for g, n, st in side.status(off, stop):
-            if st != S_DATA:
-                continue
-            buf = bytearray(n)
-            side.readinto(g, memoryview(buf))
-            if buf.count(0) != n:
-                return g + _first_difference(buf, None)
-        if progress is not None:
-            progress(stop)
+def _mismatch(a: Side | None, b: Side | None, g: int, n: int) -> int | None:
+    """The first differing sector in ``[g, g + n)``, reading in :data:`CHUNK` pieces; a side
+    given as None is known to read as zeros there."""
+    for off in range(g, g + n, CHUNK):
+        m = min(CHUNK, g + n - off)
+        buf_a = bytearray(m) if a is not None else None
+        buf_b = bytearray(m) if b is not None else None
+        if a is not None and buf_a is not None:
+            a.readinto(off, memoryview(buf_a))
+        if b is not None and buf_b is not None:
+            b.readinto(off, memoryview(buf_b))
+        if buf_a is not None and buf_b is not None:
+            if buf_a != buf_b:
+                return off + _first_difference(buf_a, buf_b)
+        else:
+            only = buf_a if buf_a is not None else buf_b
+            assert only is not None
+            if only.count(0) != m:
+                return off + _first_difference(only, None)
     return None
 
 
 def compare(a: Side, b: Side, strict: bool = False, progress: Callable[[int], None] | None = None) -> Result:
     """Compare the guest contents of ``a`` and ``b`` as ``qemu-img compare [-s]`` does.
 
-    Cost: one pass over the common length in :data:`CHUNK` steps; ranges both sides
-    know to be zero are not read. ``progress(offset)`` is called after each step.
+    Cost: one walk of both allocation maps (O(L2 entries)), and reads of what is not
+    known to be zero on both sides, in :data:`CHUNK` pieces. ``progress(offset)`` is
+    called after each extent.
     """
     lines: list[str] = []
     size_a, size_b = a.size, b.size
@@ -171,34 +178,24 @@ def compare(a: Side, b: Side, strict: bool = False, progress: Callable[[int], No
             return Result(1, ("Strict mode: Image size mismatch!",))
         lines.append("Warning: Image size mismatch!")
     common = min(size_a, size_b)
-    for off in range(0, common, CHUNK):
-        stop = min(common, off + CHUNK)
-        for g, n, sa, sb in _merged(a.status(off, stop), b.status(off, stop)):
-            if strict and sa != sb:
-                return Result(1, tuple(lines) + (f"Strict mode: Offset {g} block status mismatch!",))
-            if sa != S_DATA and sb != S_DATA:
-                continue
-            buf_a = bytearray(n) if sa == S_DATA else None
-            buf_b = bytearray(n) if sb == S_DATA else None
-            if buf_a is not None:
-                a.readinto(g, memoryview(buf_a))
-            if buf_b is not None:
-                b.readinto(g, memoryview(buf_b))
-            if buf_a is not None and buf_b is not None:
-                if buf_a != buf_b:
-                    return Result(1, tuple(lines) + (f"Content mismatch at offset {g + _first_difference(buf_a, buf_b)}!",))
-            else:
-                only = buf_a if buf_a is not None else buf_b
-                assert only is not None
-                if only.count(0) != n:
-                    return Result(1, tuple(lines) + (f"Content mismatch at offset {g + _first_difference(only, None)}!",))
+    for g, n, sa, sb in _merged(a.status(0, common), b.status(0, common)):
+        if strict and sa != sb:
+            return Result(1, tuple(lines) + (f"Strict mode: Offset {g} block status mismatch!",))
+        if sa == S_DATA or sb == S_DATA:
+            bad = _mismatch(a if sa == S_DATA else None, b if sb == S_DATA else None, g, n)
+            if bad is not None:
+                return Result(1, tuple(lines) + (f"Content mismatch at offset {bad}!",))
         if progress is not None:
-            progress(stop)
+            progress(g + n)
     if size_a != size_b:
         longer = a if size_a > size_b else b
-        bad = _zeros_tail(longer, common, longer.size, progress)
-        if bad is not None:
-            return Result(1, tuple(lines) + (f"Content mismatch at offset {bad}!",))
+        for g, n, st in longer.status(common, longer.size):
+            if st == S_DATA:
+                bad = _mismatch(longer, None, g, n)
+                if bad is not None:
+                    return Result(1, tuple(lines) + (f"Content mismatch at offset {bad}!",))
+            if progress is not None:
+                progress(g + n)
     return Result(0, tuple(lines) + ("Images are identical.",))
 
 

@@ -22,6 +22,7 @@ tail must read as zeros (unless ``strict``, where the sizes alone are a mismatch
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import attrs
@@ -135,32 +136,47 @@ def _merged(a: Iterator[Extent], b: Iterator[Extent]) -> Iterator[tuple[int, int
             eb = next(b, None)
 
 
-def _first_difference(a: bytes | bytearray, b: bytes | bytearray | None) -> int:
-    """The offset of the first differing 512-byte sector (``b`` None: the first non-zero one)."""
-    x = np.frombuffer(a, dtype=np.uint8)
-    diff = x != 0 if b is None else x != np.frombuffer(b, dtype=np.uint8)
+def _first_difference(a: memoryview, b: memoryview) -> int:
+    """The offset of the first differing 512-byte sector of two equal-length buffers."""
+    diff = np.frombuffer(a, dtype=np.uint8) != np.frombuffer(b, dtype=np.uint8)
     return int(np.argmax(diff)) // SECTOR * SECTOR
 
 
-def _mismatch(a: Side | None, b: Side | None, g: int, n: int) -> int | None:
+class _Buffers:
+    """Two read buffers of :data:`CHUNK` bytes, made once per comparison: fresh buffers
+    for every chunk cost a page fault per page (a 1 GiB comparison took 2.4 s, not 0.6)."""
+
+    def __init__(self) -> None:
+        self.a = bytearray(CHUNK)
+        self.b = bytearray(CHUNK)
+        self.zeros = bytes(CHUNK)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="qjournal-compare")
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+def _mismatch(bufs: _Buffers, a: Side | None, b: Side | None, g: int, n: int) -> int | None:
     """The first differing sector in ``[g, g + n)``, reading in :data:`CHUNK` pieces; a side
     given as None is known to read as zeros there."""
     for off in range(g, g + n, CHUNK):
         m = min(CHUNK, g + n - off)
-        buf_a = bytearray(m) if a is not None else None
-        buf_b = bytearray(m) if b is not None else None
-        if a is not None and buf_a is not None:
-            a.readinto(off, memoryview(buf_a))
-        if b is not None and buf_b is not None:
-            b.readinto(off, memoryview(buf_b))
-        if buf_a is not None and buf_b is not None:
-            if buf_a != buf_b:
-                return off + _first_difference(buf_a, buf_b)
-        else:
-            only = buf_a if buf_a is not None else buf_b
-            assert only is not None
-            if only.count(0) != m:
-                return off + _first_difference(only, None)
+        x = memoryview(bufs.a)[:m] if a is not None else memoryview(bufs.zeros)[:m]
+        y = memoryview(bufs.b)[:m] if b is not None else memoryview(bufs.zeros)[:m]
+        if a is not None and b is not None:
+            # Both sides at once: preadv releases the GIL, so the copies overlap.
+            fut = bufs.pool.submit(a.readinto, off, x)
+            b.readinto(off, y)
+            fut.result()
+        elif a is not None:
+            a.readinto(off, x)
+        elif b is not None:
+            b.readinto(off, y)
+        # bytes and bytearray compare with memcmp; a memoryview compares item by item.
+        same = (bufs.a if a is not None else bufs.zeros) == (bufs.b if b is not None else bufs.zeros) \
+            if m == CHUNK else x.tobytes() == y.tobytes()
+        if not same:
+            return off + _first_difference(x, y)
     return None
 
 
@@ -178,11 +194,12 @@ def compare(a: Side, b: Side, strict: bool = False, progress: Callable[[int], No
             return Result(1, ("Strict mode: Image size mismatch!",))
         lines.append("Warning: Image size mismatch!")
     common = min(size_a, size_b)
+    bufs = _Buffers()
     for g, n, sa, sb in _merged(a.status(0, common), b.status(0, common)):
         if strict and sa != sb:
             return Result(1, tuple(lines) + (f"Strict mode: Offset {g} block status mismatch!",))
         if sa == S_DATA or sb == S_DATA:
-            bad = _mismatch(a if sa == S_DATA else None, b if sb == S_DATA else None, g, n)
+            bad = _mismatch(bufs, a if sa == S_DATA else None, b if sb == S_DATA else None, g, n)
             if bad is not None:
                 return Result(1, tuple(lines) + (f"Content mismatch at offset {bad}!",))
         if progress is not None:
@@ -191,7 +208,7 @@ def compare(a: Side, b: Side, strict: bool = False, progress: Callable[[int], No
         longer = a if size_a > size_b else b
         for g, n, st in longer.status(common, longer.size):
             if st == S_DATA:
-                bad = _mismatch(longer, None, g, n)
+                bad = _mismatch(bufs, longer, None, g, n)
                 if bad is not None:
                     return Result(1, tuple(lines) + (f"Content mismatch at offset {bad}!",))
             if progress is not None:

@@ -81,7 +81,8 @@ class Commit256M(Benchmark):
         _point(self.link, image)
         with qjournal.open(self.overlay) as top:
             path, fmt = commit.find_base(top, None)
-            with qjournal.open(path, "r+") as base:
+            # The real path, so that each base copy gets its own journal beside it.
+            with qjournal.open(os.path.realpath(path), "r+") as base:
                 commit.commit(top, commit.Target(image=base), path, drop=True, grow=base.resize)
 
     def peer(self, image: Path) -> list[str]:

@@ -491,7 +491,7 @@ import atexit  # noqa: E402 - appended section
 import shutil  # noqa: E402
 
 import qjournal  # noqa: E402
-from qjournal.ops import commit as commit_op, rebase as rebase_op  # noqa: E402
+from qjournal.ops import amend as amend_op, commit as commit_op, rebase as rebase_op  # noqa: E402
 
 _SCRATCH: list[str] = []
 
@@ -554,3 +554,13 @@ WORKLOADS["commit-empty"] = Workload(
 WORKLOADS["rebase"] = Workload(
     "rebase", "rebase -u onto a backing file, then a safe rebase onto none (its data copied in)",
     _rebase_remove)
+
+
+# -- amend (qjournal/ops/amend.py) ---------------------------------------------------------
+def _amend_lazy(img: Image) -> None:
+    amend_op.amend(img, "lazy_refcounts=on")     # one header field: the header switch
+
+
+WORKLOADS["amend-lazy-refcounts"] = Workload(
+    "amend-lazy-refcounts", "amend -o lazy_refcounts=on: the compatible feature bit in one header write",
+    _amend_lazy)

@@ -78,6 +78,7 @@ COMMANDS = {
     "measure": ["measure", "IMG"],
     "commit": ["commit", "IMG"],                 # IMG made with a backing file (see BACKED)
     "rebase": ["rebase", "-u", "-b", "", "IMG"],
+    "amend": ["amend", "-o", "lazy_refcounts=on", "IMG"],
     "recover": ["recover", "IMG"],
     "journal": ["journal", "IMG"],
 }

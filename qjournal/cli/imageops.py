@@ -1,9 +1,10 @@
-"""``qjournal compare``, ``measure``, ``commit`` and ``rebase`` (qemu-img's image operations).
+"""``qjournal compare``, ``measure``, ``commit``, ``rebase`` and ``amend`` (qemu-img's image operations).
 
     qjournal compare [-f FMT] [-F FMT] [-s] [-U] [-q] A B
     qjournal measure [--output=human|json] [-O raw|qcow2] [-o OPTIONS] (--size N | [-f FMT] [-U] FILE)
     qjournal commit [-f qcow2] [-b BASE] [-d] [-p] [-q] FILE
     qjournal rebase [-f qcow2] [-u] -b BACKING [-F FMT] [-p] [-q] FILE
+    qjournal amend [-f qcow2] -o OPTIONS FILE
 
 ``compare`` exits as qemu-img compare does: 0 identical, 1 different, 2 an error.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 from ..api import Image
 from ..errors import QcowError
+from ..ops import amend as amend_op
 from ..ops import commit as commit_op
 from ..ops import compare as compare_op
 from ..ops import measure as measure_op
@@ -87,6 +89,18 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("-q", dest="quiet", action="store_true", help="accepted for qemu-img compatibility")
     r.add_argument("filename", metavar="FILE")
     r.set_defaults(func=cmd_rebase)
+
+    a = add_command(sub, "amend", "change creation options of an image in place (qemu-img amend)",
+                    "Change options of FILE as qemu-img amend does, in one journaled header write: "
+                    "lazy_refcounts=on|off. compat and refcount_bits are accepted when they do not change; "
+                    "a downgrade to compat=0.10 is refused with the reason (extended L2, persistent bitmaps).",
+                    ["qjournal amend -o lazy_refcounts=on disk.qcow2"])
+    add_format(a)
+    a.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="options to change (lazy_refcounts, compat, refcount_bits)")
+    a.add_argument("-q", dest="quiet", action="store_true", help="accepted for qemu-img compatibility")
+    a.add_argument("filename", metavar="FILE")
+    a.set_defaults(func=cmd_amend)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -168,4 +182,11 @@ def cmd_rebase(args: argparse.Namespace) -> int:
                 bar.update(done - last[0])
                 last[0] = done
             rebase_op.rebase(img, args.backing, args.backing_fmt, args.unsafe, step)
+    return 0
+
+
+def cmd_amend(args: argparse.Namespace) -> int:
+    path = qcow2_path(args.filename, args.format)
+    with Image(path, "r+") as img:
+        amend_op.amend(img, ",".join(o for o in args.options if o))
     return 0

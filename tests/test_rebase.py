@@ -108,3 +108,21 @@ def test_every_crash_leaves_old_or_new() -> None:
     """Each crash point of the two rebases: qjournal after recovery sees the old state or
     the new one; QEMU (qemu-img check and info) no corruption."""
     harness.assert_passes(harness.check(WORKLOADS["rebase"]))
+
+
+def test_a_new_name_of_the_same_length_across_a_sector_boundary(tmp_path: Path) -> None:
+    """The new name is written beside the old one and the header switches to it in one
+    sector write; written in place it would tear across two sectors (the planner refuses
+    that), so this rebase only works because the name moves."""
+    old_name, new_name = ("o" * 100 + "/") * 6 + "b.qcow2", ("n" * 100 + "/") * 6 + "b.qcow2"
+    for name in (old_name, new_name):
+        (tmp_path / name).parent.mkdir(parents=True)
+        qemu.create(tmp_path / name, "4M")
+    img = tmp_path / "img.qcow2"
+    qemu.qemu_img("create", "-q", "-f", "qcow2", "-b", old_name, "-F", "qcow2", str(img))
+    raw = img.read_bytes()
+    at = raw.index(old_name.encode())
+    assert at // 512 != (at + len(old_name) - 1) // 512       # the name straddles two sectors
+    assert main(["rebase", "-u", "-b", new_name, "-F", "qcow2", str(img)]) == 0
+    qemu.assert_clean(img)
+    assert backing(img) == (new_name, "qcow2")

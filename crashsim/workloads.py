@@ -17,9 +17,11 @@ one, a rewrite of cluster 0 in Python); its bytes are cached per process.
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.util
 import os
+import shutil
 import shlex
 import subprocess
 import sys
@@ -35,6 +37,7 @@ from qjournal.format.geometry import SECTOR
 from qjournal.format.header import AUTOCLEAR_BITMAPS, field_span, pack_field, read_field
 import qjournal
 from qjournal import Image
+from qjournal.ops import amend as amend_op, commit as commit_op, rebase as rebase_op
 
 from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium, bracket_transactions
 
@@ -686,3 +689,79 @@ WORKLOADS.update({w.name: w for w in (
              whole=True, relaxed=True),
     Workload("check-repair", "check -r leaks on an image with two leaked clusters", _check_repair, base=LEAKY),
 )})
+
+
+
+# -- commit and rebase (qjournal/ops/commit.py, qjournal/ops/rebase.py) ----------------------
+
+_SCRATCH: list[str] = []
+
+
+def _scratch() -> str:
+    """A folder for the files a workload makes beside its image (an overlay, a backing
+    file), kept until the process exits: the judge may open them after the workload."""
+    if not _SCRATCH:
+        _SCRATCH.append(tempfile.mkdtemp(prefix="crashsim-imageops-"))
+        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+    return _SCRATCH[0]
+
+
+def _commit_into(img: Image) -> None:
+    # An overlay of the recorded image: data over clusters the image has (in place, under
+    # enabled bitmaps), data into new clusters, and a zero cluster; committed with -d.
+    path = os.path.join(_scratch(), "commit-top.qcow2")
+    with qjournal.create(path, img.header.size, cluster_size=4096) as top:
+        top.write(0, b"\xc1" * 8192)
+        top.write(5 << 20, b"\xc2" * 12288)
+        top.write_zeroes(10 << 20, 4096)
+    with qjournal.open(path) as top:
+        commit_op.commit(top, commit_op.Target(image=img), img.path, drop=True)
+
+
+# Emptying an overlay changes no guest byte (its backing file holds the same data by then),
+# so it sets no bitmap bits, as QEMU's qcow2_make_empty; crashsim sees the image alone, so
+# its base has no enabled bitmap to miss them.
+COMMIT_EMPTY_BASE = Base("commit-empty", (
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "8M"),
+    qemu_io_cmd("write -P 0x11 0 256k", "write -c -P 0x22 1M 64k", "write -z 3M 64k"),
+    qemu_img_cmd("snapshot", "-c", "s0", IMG),
+    qemu_io_cmd("write -P 0x33 0 64k", "write -P 0x44 2M 64k"),
+))
+BASES[COMMIT_EMPTY_BASE.name] = COMMIT_EMPTY_BASE
+
+
+def _commit_empty(img: Image) -> None:
+    commit_op.empty(img)     # L1 entries cleared, then what only they referenced freed
+
+
+def _rebase_remove(img: Image) -> None:
+    # rebase -u onto a backing file with data (a header switch only), then a safe rebase
+    # onto nothing: the backing file's data is copied in and the name removed, in one
+    # transaction.
+    old = os.path.join(_scratch(), "rebase-old.qcow2")
+    with qjournal.create(old, img.header.size, cluster_size=4096) as b:
+        b.write(0, b"\xb1" * 4096)           # under the image's own data: not copied
+        b.write(40 << 20, b"\xb2" * 8192)    # where the image has none: copied
+    rebase_op.rebase(img, old, "qcow2", unsafe=True)
+    rebase_op.rebase(img, "", None)
+
+
+WORKLOADS["commit"] = Workload(
+    "commit", "commit -d of an overlay into this image: in place under enabled bitmaps, new clusters, zeroes",
+    _commit_into, whole=True, relaxed=True)
+WORKLOADS["commit-empty"] = Workload(
+    "commit-empty", "commit's emptying of the overlay: L1 cleared, L2 tables and data freed (a snapshot "
+    "shares some)", _commit_empty, base=COMMIT_EMPTY_BASE)
+WORKLOADS["rebase"] = Workload(
+    "rebase", "rebase -u onto a backing file, then a safe rebase onto none (its data copied in)",
+    _rebase_remove)
+
+
+# -- amend (qjournal/ops/amend.py) ---------------------------------------------------------
+def _amend_lazy(img: Image) -> None:
+    amend_op.amend(img, "lazy_refcounts=on")     # one header field: the header switch
+
+
+WORKLOADS["amend-lazy-refcounts"] = Workload(
+    "amend-lazy-refcounts", "amend -o lazy_refcounts=on: the compatible feature bit in one header write",
+    _amend_lazy)

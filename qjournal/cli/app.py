@@ -1,7 +1,8 @@
 """The ``qjournal`` command, modelled on qemu-img: the parser and the dispatch.
 
 Each command family has its module (image: create, info, check, map; bitmap; guest:
-read, write, zero, discard; resize; journal: journal, recover); what they parse alike
+read, write, zero, discard; resize; snapshot; imageops: compare, measure, commit,
+rebase; journal: journal, recover); what they parse alike
 is in :mod:`qjournal.cli.options`.
 
 Every error is one line on stderr (``qjournal: ...``) and a non-zero exit, never a
@@ -18,7 +19,7 @@ from typing import Any, Sequence
 
 from .. import __version__
 from ..errors import QcowError, StaleJournalWarning
-from . import bitmap, convert, guest, image, journal, resize, snapshot
+from . import bitmap, convert, guest, image, imageops, journal, resize, snapshot
 from .options import Parser
 
 EXIT_BROKEN_PIPE = 128 + 13
@@ -30,7 +31,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
                "'qjournal COMMAND --help' describes each command, with examples.")
     p.add_argument("--version", action="version", version=f"qjournal {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for family in (image, bitmap, guest, resize, snapshot, journal, convert):
+    for family in (image, bitmap, guest, resize, snapshot, imageops, journal, convert):
         family.add_parsers(sub)
     return p, dict(sub.choices)
 

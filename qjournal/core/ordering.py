@@ -63,7 +63,7 @@ import attrs
 
 from ..errors import UsageError
 from ..format import bitmaps as bm
-from ..format.extensions import EXT_BITMAPS, Extension
+from ..format.extensions import EXT_BACKING_FORMAT, EXT_BITMAPS, Extension
 from ..format.header import AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, FIELD_OFFSET, Header
 from .allocator import Allocator
 from .cluster0 import Cluster0, plan as plan_cluster0, unsafe_boundary
@@ -126,6 +126,7 @@ class Declaration(Protocol):
     alloc: Allocator
     entries: list[bm.DirectoryEntry]
     header_fields: dict[str, int]
+    backing: tuple[bytes | None, str | None] | None
     incompatible_cleared: int
     in_place_directory: bool
 
@@ -140,6 +141,18 @@ def plan(img: ImageState, tx: Declaration) -> list[Step]:
     declared = tx.declared()
     old_c0 = img.cluster0
     exts = [e for e in img.extensions if e.type != EXT_BITMAPS]
+    backing_name, backing_span = old_c0.backing_name, img.backing_span
+    if tx.backing is not None:
+        # A new backing file (rebase): the name and the backing format extension change
+        # with the header. A name that differs is never overwritten in place: it is
+        # placed after the old one (told to place() as an empty span at the old name's
+        # end), so the header's offset and size switch to it in one sector-0 write.
+        backing_name, fmt = tx.backing
+        exts = [e for e in exts if e.type != EXT_BACKING_FORMAT]
+        if fmt is not None:
+            exts.append(Extension(EXT_BACKING_FORMAT, fmt.encode()))
+        if backing_span is not None and backing_name != old_c0.backing_name:
+            backing_span = (backing_span[0] + backing_span[1], 0)
     old_ext = next((e for e in img.extensions if e.type == EXT_BITMAPS), None)
     bitmaps_changed = tx.entries != img.entries or img.stale_bitmaps_ext or tx.in_place_directory
     seed: list[Step] = []
@@ -209,7 +222,7 @@ def plan(img: ImageState, tx: Declaration) -> list[Step]:
     # Extensions keep their order; a new bitmaps extension goes last, where QEMU puts it.
     order = {x.type: i for i, x in enumerate(img.extensions)}
     ordered = tuple(sorted(exts, key=lambda e: order.get(e.type, len(order))))
-    new_c0 = Cluster0(header, ordered, old_c0.backing_name, old_c0.header_tail).place(img.backing_span)
+    new_c0 = Cluster0(header, ordered, backing_name, old_c0.header_tail).place(backing_span)
     if not seed or new_c0.header != cur_c0.header.replace(autoclear_features=ac):
         if seed:
             cur_bytes = cur_bytes[:AUTOCLEAR] + ac.to_bytes(8, "big") + cur_bytes[AUTOCLEAR + 8:]
@@ -222,8 +235,8 @@ def plan(img: ImageState, tx: Declaration) -> list[Step]:
             # intact. Keep it in place instead, declared stale by the clear
             # autoclear bit: QEMU ignores it (and drops it at its next writable
             # open), we treat it as absent.
-            new_c0 = Cluster0(header, img.extensions, old_c0.backing_name,
-                              old_c0.header_tail).place(img.backing_span)
+            new_c0 = Cluster0(header, img.extensions, backing_name,
+                              old_c0.header_tail).place(backing_span)
             hsteps = plan_cluster0(cur_bytes, cur_c0, new_c0, guard_bitmaps=bitmaps_changed)
             why = unsafe_boundary(cur_bytes, cur_c0, new_c0, hsteps)
         if why:
@@ -241,6 +254,6 @@ def _in_place_possible(img: ImageState, tx: Declaration) -> bool:
     """Only flags changed: the directory can be rewritten in place under the seed protocol."""
     if not img.bitmaps_ext or img.stale_bitmaps_ext or len(tx.entries) != len(img.entries):
         return False
-    if len(tx.alloc.changes()[0]) or tx.header_fields:
+    if len(tx.alloc.changes()[0]) or tx.header_fields or tx.backing is not None:
         return False
     return all(attrs.evolve(a, flags=0) == attrs.evolve(b, flags=0) for a, b in zip(tx.entries, img.entries))

@@ -16,6 +16,8 @@ What a transaction holds, and who fills it:
 ``stage``           metadata writes of one declared phase (L2/L1 entries, bitmap
                     bits, COPIED flags, the tail of a shrink)
 ``set_header``      header fields the header switch changes (size, L1 table, ...)
+``set_backing``     a new backing file name and format (or none), switched with the
+                    header (rebase)
 ``clear_incompatible``  incompatible feature bits the commit clears (dirty, corrupt)
 ``rewrite_directory_in_place``  ask for the seed protocol even if nothing else changed
 ``guest``           the staged guest mapping, set by the write layer (or None)
@@ -53,6 +55,7 @@ class Transaction:
         self.descriptions = [description]
         self.new_writes: list[tuple[int, Any]] = []   # (offset, bytes or uint8 array)
         self.header_fields: dict[str, int] = {}
+        self.backing: tuple[bytes | None, str | None] | None = None
         self.incompatible_cleared = 0
         self.in_place_directory = False
         self.guest: Any = None
@@ -91,6 +94,13 @@ class Transaction:
     def set_header(self, **fields: int) -> None:
         """Header fields (names of :class:`~qjournal.format.header.Header`) the commit switches."""
         self.header_fields.update(fields)
+
+    def set_backing(self, name: bytes | None, fmt: str | None) -> None:
+        """A new backing file name and format (None: no backing file, or no format
+        extension), switched in by the header write (see :func:`qjournal.core.ordering.plan`)."""
+        if name is None and fmt is not None:
+            raise ValueError("a backing format without a backing file")
+        self.backing = (name, fmt)
 
     def clear_incompatible(self, bits: int) -> None:
         """Incompatible feature bits (dirty, corrupt) the header switch clears."""

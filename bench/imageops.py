@@ -1,0 +1,105 @@
+"""compare and commit: ``qjournal compare``/``commit`` against ``qemu-img compare``/``commit``.
+
+* ``compare-1G``: two 1 GiB images of seeded random data in 64 KiB clusters (io.py's
+  ``random-1G-64k``, and a copy whose last cluster differs), so that both sides read
+  both disks whole. Ours is :func:`qjournal.ops.compare.compare_files`; the peer is
+  ``qemu-img compare A B`` (in ``sh -c`` so that its exit status 1, "different", is the
+  expected one). Goal: at most 1.0x.
+* ``commit-256M``: an overlay holding 256 MiB of seeded random data (64 KiB clusters) is
+  committed into a fresh copy of an empty 1 GiB base each round, with ``-d`` on both
+  sides (the overlay template is shared). The overlay names its backing file through a
+  symlink that each side points at its own base copy just before it runs. Ours is what
+  ``qjournal commit -d`` runs (open both, :func:`qjournal.ops.commit.commit`); the peer
+  is ``qemu-img commit -d``. Goal: at most 1.0x.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from .harness import Benchmark, Fixtures, benchmark, qemu_img
+from .io import build, seeded_bytes
+
+COMMIT_DATA = 256 << 20
+
+
+def _last_cluster_differs(template: Path, path: Path) -> None:
+    qemu_img("convert", "-O", "qcow2", "-o", "cluster_size=64k", template, path)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a {(1 << 30) - 65536} 65536", str(path)],
+                   check=True, capture_output=True)
+
+
+@benchmark("compare-1G", goal=1.0)
+class Compare1G(Benchmark):
+    """compare of two 1 GiB images (64 KiB clusters, all allocated) that differ in the last cluster"""
+
+    other: Path | None = None
+
+    def template(self, fx: Fixtures) -> Path:
+        a = fx.image("random-1G-64k", lambda p: build(p, "64k"))
+        type(self).other = fx.image("random-1G-64k-last-differs", lambda p: _last_cluster_differs(a, p))
+        return a
+
+    def ours(self, image: Path) -> None:
+        from qjournal.ops.compare import compare_files
+        assert self.other is not None
+        result = compare_files(str(image), str(self.other))
+        assert result.code == 1 and result.lines == (f"Content mismatch at offset {(1 << 30) - 65536}!",), result
+
+    def peer(self, image: Path) -> list[str]:
+        return ["sh", "-c", 'qemu-img compare "$1" "$2" >/dev/null; test $? -eq 1', "sh", str(image), str(self.other)]
+
+
+def _point(link: Path, target: Path) -> None:
+    tmp = link.with_suffix(".tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+@benchmark("commit-256M", goal=1.0)
+class Commit256M(Benchmark):
+    """commit -d of an overlay holding 256 MiB (64 KiB clusters) into an empty 1 GiB base"""
+
+    overlay: Path | None = None
+    link: Path | None = None
+
+    def template(self, fx: Fixtures) -> Path:
+        base = fx.image("empty-1G", lambda p: qemu_img("create", "-q", "-f", "qcow2", p, "1G"))
+        link = base.parent / "commit-base.qcow2"
+        _point(link, base)
+        type(self).link = link
+        type(self).overlay = fx.image("overlay-256M", lambda p: _fill_overlay(p, link))
+        return base
+
+    def ours(self, image: Path) -> None:
+        import qjournal
+        from qjournal.ops import commit
+        assert self.link is not None and self.overlay is not None
+        _point(self.link, image)
+        with qjournal.open(self.overlay) as top:
+            path, fmt = commit.find_base(top, None)
+            # The real path, so that each base copy gets its own journal beside it.
+            with qjournal.open(os.path.realpath(path), "r+") as base:
+                commit.commit(top, commit.Target(image=base), path, drop=True, grow=base.resize)
+
+    def peer(self, image: Path) -> list[str]:
+        assert self.link is not None and self.overlay is not None
+        _point(self.link, image)
+        return ["qemu-img", "commit", "-d", "-q", str(self.overlay)]
+
+    def verify(self, ours_image: Path, peer_image: Path) -> None:
+        qemu_img("compare", "-f", "qcow2", "-F", "qcow2", ours_image, peer_image)  # raises on a difference
+        qemu_img("check", ours_image)
+
+
+def _fill_overlay(path: Path, link: Path) -> None:
+    """The overlay: 256 MiB of seeded random data at the start of a 1 GiB disk over ``link``."""
+    rng = seeded_bytes()
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", "-b", str(link), "-F", "qcow2", path, "1G")
+    import qjournal
+    with qjournal.open(path, "r+") as img, img.disk() as disk:
+        for _ in range(COMMIT_DATA // (16 << 20)):
+            disk.write(rng.bytes(16 << 20))

@@ -256,6 +256,13 @@ def _guest_extended_l2(img: Image) -> None:
         img.write((34 << 10) + 10, b"\x66" * 10)         # into one of them: mapped on disk, so in place
 
 
+def _guest_atomic(img: Image) -> None:
+    with img.transaction("overwrite allocated clusters, all or nothing"):
+        img.write(0, b"\x5a" * (64 << 10))               # 16 allocated clusters: into 16 new ones
+        img.write((10 << 20) + 100, b"\xa5" * 5000)      # two, partly: copied, then switched
+        img.write((20 << 20) + 4096, b"\x3c" * 10)       # one of b2's clusters (512 B granularity)
+
+
 def _two_transactions(img: Image) -> None:
     img.bitmaps.add("first", 4096)
     img.bitmaps.disable("first")
@@ -404,6 +411,9 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              _guest_batch, whole=True, relaxed=True),
     Workload("guest-extended-l2", "subcluster writes and zeroes (extended L2) in one transaction",
              _guest_extended_l2, base=EXTENDED_L2, whole=True, relaxed=True),
+    Workload("guest-atomic", "overwrites of allocated clusters in one explicit transaction, under enabled "
+             "bitmaps: copied into new clusters, switched by the commit (all or nothing)", _guest_atomic,
+             relaxed=True),
     Workload("guest-write-grows-reftable", "guest write that outgrows the refcount table (512 B clusters)",
              _grow_reftable, base=SMALL_REFTABLE, relaxed=True),
     Workload("set-in-use-two-pages", "set in_use on every bitmap, directory of two pages (seed protocol)",

@@ -78,6 +78,13 @@ def _compare(a: Path, b: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def _same_bytes(got: bytes, want: bytes, what: str) -> None:
+    """Assert byte equality with a short message (pytest's diff of megabytes takes minutes)."""
+    if got != want:
+        at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        raise AssertionError(f"{what}: {len(got)} bytes, expected {len(want)}; first difference at {at:#x}")
+
+
 class Boom(Exception):
     """Raised inside the block: the transaction must leave nothing behind."""
 
@@ -96,7 +103,7 @@ def test_an_exception_leaves_the_image_byte_identical(tmp_path: Path, name: str)
                 assert q.read(0, 2) == b"\x22\x11"          # the block sees its writes
                 raise Boom
         assert q.read(0, 2) == b"\x11\x11"
-    assert img.read_bytes() == before.read_bytes()
+    _same_bytes(img.read_bytes(), before.read_bytes(), "the image after the exception")
     _compare(img, before)
     qemu.assert_clean(img)
 
@@ -159,7 +166,7 @@ def test_a_guest_disk_inside_a_transaction_joins_it(tmp_path: Path) -> None:
                 disk.write(b"\x22" * (300 * KiB))
                 disk.flush()                    # joins the open transaction: commits nothing
                 raise Boom
-    assert img.read_bytes() == before
+    _same_bytes(img.read_bytes(), before, "the image after the exception")
 
 
 @pytest.mark.parametrize("raw", [False, True])
@@ -175,7 +182,8 @@ def test_an_external_data_file_is_left_untouched_too(tmp_path: Path, raw: bool) 
                 q.write(100, b"\x22" * (200 * KiB))
                 assert q.read(99, 2) == b"\x11\x22"
                 raise Boom
-    assert (img.read_bytes(), data.read_bytes()) == (before, data_before)
+    _same_bytes(img.read_bytes(), before, "the image after the exception")
+    _same_bytes(data.read_bytes(), data_before, "the data file after the exception")
     with qjournal.open(img, "r+") as q, q.transaction("kept"):
         q.write(100, b"\x22" * (200 * KiB))
     qemu.qemu_io(img, "read -P 0x11 0 100", f"read -P 0x22 100 {200 * KiB}")

@@ -1,4 +1,4 @@
-"""Guest reads: a sequential read of 1 GiB of allocated data.
+"""Guest I/O: a sequential read of 1 GiB of allocated data, and writes and overwrites of 1 GiB.
 
 The image holds 1 GiB of seeded random bytes, every cluster allocated, made by
 ``qemu-img convert -f raw -O qcow2`` (64 KiB clusters, and 4 KiB clusters for the
@@ -17,6 +17,13 @@ Peers, each a whole process:
   faster (at most 0.1x).
 
 ``verify`` hashes what ours reads and compares it with the seeded bytes.
+
+Writes, each in 1 MiB writes from the library against ``qemu-io write -P 0xab 0 1G``:
+``io-write`` into a fresh image through ``img.disk()``; ``io-overwrite`` over the 1 GiB
+of random data through ``img.disk()`` (in place, as QEMU overwrites); ``io-overwrite-tx``
+the same overwrite inside one ``with img.transaction():``, where every cluster is copied
+into a new one that the commit switches in (all or nothing). ``verify`` compares both
+results with ``qemu-img compare`` and checks ours with ``qemu-img check``.
 """
 from __future__ import annotations
 
@@ -148,3 +155,45 @@ class IoWrite(Benchmark):
     def verify(self, ours_image: Path, peer_image: Path) -> None:
         qemu_img("compare", "-f", "qcow2", "-F", "qcow2", ours_image, peer_image)  # raises on a difference
         qemu_img("check", ours_image)
+
+
+class _Overwrite(Benchmark):
+    """Overwrite every byte of the 1 GiB random image (64 KiB clusters, all allocated) in
+    1 MiB writes; the peer is ``qemu-io write -P 0xab 0 1G`` (in place) on the same image."""
+
+    def template(self, fx: Fixtures) -> Path:
+        return fx.image("random-1G-64k", lambda p: build(p, "64k"))
+
+    def peer(self, image: Path) -> list[str]:
+        return ["qemu-io", "-f", "qcow2", "-c", f"write -P 0xab 0 {SIZE}", str(image)]
+
+    def verify(self, ours_image: Path, peer_image: Path) -> None:
+        qemu_img("compare", "-f", "qcow2", "-F", "qcow2", ours_image, peer_image)  # raises on a difference
+        qemu_img("check", ours_image)
+
+
+@benchmark("io-overwrite")
+class IoOverwrite(_Overwrite):
+    """overwrite of 1 GiB of allocated data in 1 MiB writes through img.disk() (in place), vs qemu-io"""
+
+    def ours(self, image: Path) -> None:
+        import qjournal
+        block = b"\xab" * (1 << 20)
+        with qjournal.open(image, "r+") as img, img.disk() as disk:
+            for _ in range(SIZE // len(block)):
+                disk.write(block)
+
+
+@benchmark("io-overwrite-tx")
+class IoOverwriteTx(_Overwrite):
+    """overwrite of 1 GiB of allocated data in 1 MiB writes inside one img.transaction(), vs qemu-io
+
+    Copied into new clusters and switched by the commit: all or nothing.
+    """
+
+    def ours(self, image: Path) -> None:
+        import qjournal
+        block = b"\xab" * (1 << 20)
+        with qjournal.open(image, "r+") as img, img.transaction("overwrite 1 GiB"):
+            for off in range(0, SIZE, len(block)):
+                img.write(off, block)

@@ -264,21 +264,28 @@ def _grow_reftable(img: Image) -> None:
 
 def _guest_batch(img: Image) -> None:
     with img.transaction("several guest writes"):         # one commit for all of them
-        img.write(4 << 10, b"\x11" * (8 << 10))          # in place: after the bits
+        img.write(4 << 10, b"\x11" * (8 << 10))          # over allocated clusters: copied into new ones
         img.write(5 << 20, b"\x22" * (12 << 10))         # new clusters
         img.write((5 << 20) + 100, b"\x33" * 100)        # into a cluster this transaction allocated
         img.write_zeroes(10 << 20, 16 << 10)             # zero clusters, data freed
-        img.write(20 << 20, b"\x44" * 100)               # in place (waits for the bits) ...
-        img.write_zeroes(20 << 20, 4 << 10)              # ... then zeroed: the waiting data is dropped
+        img.write(20 << 20, b"\x44" * 100)               # copied into a new cluster ...
+        img.write_zeroes(20 << 20, 4 << 10)              # ... then zeroed: the new cluster is freed
         img.write((20 << 20) + 50, b"\x55" * 10)         # ... then a new cluster around zeros
 
 
 def _guest_extended_l2(img: Image) -> None:
     with img.transaction("subcluster writes"):
         img.write((1 << 20) + 5000, b"\x44" * 3000)      # two subclusters of a cluster with no host cluster
-        img.write(3000, b"\x55" * 6000)                  # in place, and into unallocated subclusters
+        img.write(3000, b"\x55" * 6000)                  # over allocated and unallocated subclusters: copied
         img.write_zeroes(32 << 10, 8 << 10)              # four whole subclusters read as zeros
-        img.write((34 << 10) + 10, b"\x66" * 10)         # into one of them: mapped on disk, so in place
+        img.write((34 << 10) + 10, b"\x66" * 10)         # into one of them, in the cluster copied above
+
+
+def _guest_atomic(img: Image) -> None:
+    with img.transaction("overwrite allocated clusters, all or nothing"):
+        img.write(0, b"\x5a" * (64 << 10))               # 16 allocated clusters: into 16 new ones
+        img.write((10 << 20) + 100, b"\xa5" * 5000)      # two, partly: copied, then switched
+        img.write((20 << 20) + 4096, b"\x3c" * 10)       # one of b2's clusters (512 B granularity)
 
 
 def _two_transactions(img: Image) -> None:
@@ -425,10 +432,13 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              whole=True, relaxed=True),
     Workload("guest-zero", "write zeroes: whole clusters become zero clusters, their data freed",
              _guest_zero, relaxed=True),
-    Workload("guest-batch", "several guest writes, in place, new and zero, in one transaction",
+    Workload("guest-batch", "several guest writes, copied, new and zero, in one transaction",
              _guest_batch, whole=True, relaxed=True),
     Workload("guest-extended-l2", "subcluster writes and zeroes (extended L2) in one transaction",
              _guest_extended_l2, base=EXTENDED_L2, whole=True, relaxed=True),
+    Workload("guest-atomic", "overwrites of allocated clusters in one explicit transaction, under enabled "
+             "bitmaps: copied into new clusters, switched by the commit (all or nothing)", _guest_atomic,
+             relaxed=True),
     Workload("guest-write-grows-reftable", "guest write that outgrows the refcount table (512 B clusters)",
              _grow_reftable, base=SMALL_REFTABLE, relaxed=True),
     Workload("set-in-use-two-pages", "set in_use on every bitmap, directory of two pages (seed protocol)",

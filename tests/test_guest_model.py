@@ -45,7 +45,8 @@ CONFIGS: dict[str, tuple[int, tuple[str, ...], int | None, bool]] = {
     "refcount-1-bit": (8 * MiB, ("cluster_size=4096", "refcount_bits=1"), None, False),
     "extended-l2": (40 * MiB, ("cluster_size=16384", "extended_l2=on"), None, False),
     "backing": (8 * MiB, ("cluster_size=4096",), 0x3C, False),
-    # In-place data waits for the commit that sets the bitmap's bits first.
+    # In-place data (outside an atomic transaction) waits for the commit that sets the
+    # bitmap's bits first.
     "bitmap": (8 * MiB, ("cluster_size=4096",), None, True),
 }
 OPS = st.tuples(st.sampled_from(["write", "zero", "discard"]),
@@ -108,14 +109,35 @@ class GuestMachine(RuleBasedStateMachine):
             bad = next(i for i in range(hi - lo) if got[i] != self.model[lo + i])
             raise AssertionError(f"guest byte {lo + bad:#x} reads {got[bad]:#x}, the model has {self.model[lo + bad]:#x}")
 
-    @rule(ops=st.lists(OPS, min_size=1, max_size=4))
-    def transaction(self, ops: list[tuple[str, int, int, int]]) -> None:
+    @rule(ops=st.lists(OPS, min_size=1, max_size=4), atomic=st.booleans())
+    def transaction(self, ops: list[tuple[str, int, int, int]], atomic: bool) -> None:
+        """``atomic``: a user's transaction (overwrites copied into new clusters); else one
+        with the in-place semantics of a single write or a GuestDisk batch."""
         with qjournal.open(self.path, "r+") as img:
             with img.transaction("model step") as tx:
+                tx.atomic_data = atomic
                 for op in ops:
                     off, n = self._apply(img, op)
                     check_staged(tx)
                     self._same(img, off, n)
+
+    @rule(ops=st.lists(OPS, min_size=1, max_size=4))
+    def abort(self, ops: list[tuple[str, int, int, int]]) -> None:
+        """A user's transaction that raises: the block saw its writes, the image keeps none of
+        them (the invariant reads the whole disk against the model) and keeps its size."""
+        model, written, size = bytearray(self.model), list(self.written), self.path.stat().st_size
+        with qjournal.open(self.path, "r+") as img:
+            try:
+                with img.transaction("model step, aborted") as tx:
+                    for op in ops:
+                        off, n = self._apply(img, op)
+                        check_staged(tx)
+                        self._same(img, off, n)
+                    raise _Abort
+            except _Abort:
+                pass
+        self.model, self.written = model, written
+        assert self.path.stat().st_size == size, "an aborted transaction changed the file's size"
 
     @precondition(lambda self: self.refcount_bits > 1 and self.snapshots < 2)
     @rule()
@@ -127,7 +149,7 @@ class GuestMachine(RuleBasedStateMachine):
     @invariant()
     def agrees_with_model(self) -> None:
         with qjournal.open(self.path) as img:
-            assert img.read(0, self.size) == bytes(self.model)
+            self._same(img, 0, self.size)
         self.steps += 1
         if self.steps % 4 == 0:
             qemu.assert_clean(self.path)

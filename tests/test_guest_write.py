@@ -183,7 +183,7 @@ class TestBatches:
             commit = q.journal.commit
             q.journal.commit = lambda tx: (commits.append(tx.description), commit(tx))[1]  # type: ignore[method-assign]
             with q.transaction("batch"):
-                q.write(8 * KiB, b"\x22" * 5000)            # in place: waits for the bits
+                q.write(8 * KiB, b"\x22" * 5000)            # over allocated clusters: copied
                 q.write(2 * MiB, b"\x33" * 70000)           # new clusters
                 q.write(2 * MiB + 100, b"\x44" * 10)        # again, into a cluster the batch allocated
                 q.write_zeroes(4 * MiB, 64 * KiB)
@@ -200,13 +200,16 @@ class TestBatches:
                                                      (4 * MiB, 64 * KiB)]
 
     def test_waiting_in_place_data_dies_with_its_cluster(self, tmp_path: Path) -> None:
-        """In-place data that waits for the bitmap bits, then zeroed, then rewritten around."""
+        """In-place data that waits for the bitmap bits, then zeroed, then rewritten around
+        (in a transaction with the in-place semantics of a GuestDisk batch)."""
         img = qemu.create(tmp_path / "t.qcow2", "16M")
         qemu.qemu_io(img, "write -P 0x11 0 1M")
         qemu.qemu_img("bitmap", "--add", str(img), "b0")
         with qjournal.open(img, "r+") as q:
-            with q.transaction("batch"):
+            with q.transaction("batch") as tx:
+                tx.atomic_data = False
                 q.write(0, b"\x22" * 4096)             # waits for the commit (the bits first)
+                assert tx.guest.deferred_bytes == 4096
                 q.write_zeroes(0, 64 * KiB)            # the cluster becomes a zero cluster
                 q.write(100, b"\x33")                  # a new cluster: zeros around the byte
                 assert q.read(0, 200) == bytes(100) + b"\x33" + bytes(99)

@@ -21,6 +21,10 @@ What a transaction holds, and who fills it:
 ``clear_incompatible``  incompatible feature bits the commit clears (dirty, corrupt)
 ``rewrite_directory_in_place``  ask for the seed protocol even if nothing else changed
 ``guest``           the staged guest mapping, set by the write layer (or None)
+``atomic_data``     True (the default, a user's ``with img.transaction():``): guest
+                    data is all-or-nothing too, overwrites go into new clusters.
+                    False for the write layer's own transaction of one write or of
+                    a ``GuestDisk`` batch: overwrites go in place, as in QEMU
 ==================  =================================================================
 
 An exception inside the ``with`` block commits nothing: the image keeps its old
@@ -59,6 +63,7 @@ class Transaction:
         self.incompatible_cleared = 0
         self.in_place_directory = False
         self.guest: Any = None
+        self.atomic_data = True
         self.committed = False
         self._declared: dict[Phase, list[Write]] = {}
 

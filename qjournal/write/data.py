@@ -13,11 +13,21 @@ requests may share one transaction), and the commit orders them:
    ``l2-updated`` leaves leaked clusters and, at worst, extra dirty bits; after it,
    the data is there because it was synced first.
 3. Data over clusters the image already maps and owns alone (COPIED) is written in
-   place: at once when no enabled bitmap records writes, otherwise after the commit,
-   so that the bits reach the disk before the data. A crash after the bits leaves
-   extra dirty bits, which only cost a backup some bytes; the reverse order would
-   leave a consistent bitmap that misses a write, which is silent data loss for
-   incremental backups.
+   place, as QEMU does, by a single write and by a :class:`~qjournal.write.disk.GuestDisk`
+   batch (their transaction has ``atomic_data`` False): at once when no enabled
+   bitmap records writes, otherwise after the commit, so that the bits reach the disk
+   before the data. A crash after the bits leaves extra dirty bits, which only cost a
+   backup some bytes; the reverse order would leave a consistent bitmap that misses a
+   write, which is silent data loss for incremental backups.
+4. Inside a user's ``with img.transaction():`` (``atomic_data`` True) nothing is
+   written in place: an overwrite of such a cluster goes, copy-on-write, into a new
+   cluster (step 1), which the commit's ``l2-updated`` step maps and whose old
+   cluster ``clusters-freed`` gives back. An exception before the commit maps
+   nothing, and a crash leaves, after recovery, all of the block or none of it; a
+   reader that ignores the journal sees each cluster old or new. An external data
+   file cannot take a cluster elsewhere (a cluster lives at its guest offset there):
+   its overwrites wait in memory and are written after the commit, so an exception
+   still undoes them, but a crash after the commit may leave part of them.
 
 :func:`write_zeroes` turns whole clusters (whole subclusters with extended L2) into
 zero clusters and frees what they held, in a transaction of the same shape.
@@ -28,7 +38,8 @@ must stay a raw image of the disk, so zeroes are written as data there.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -40,6 +51,7 @@ from .guestmap import GuestMap
 
 if TYPE_CHECKING:
     from ..core.image import Image
+    from ..core.transaction import Transaction
 
 Write = tuple[int, bytes]
 
@@ -70,10 +82,21 @@ def write(img: "Image", offset: int, data: bytes | bytearray | memoryview) -> No
     _check_request(img, offset, len(view))
     if not len(view):
         return
-    with img.transaction("guest write"):
+    with in_place_transaction(img, "guest write"):
         gm = stage(img)
         _validate(img, gm, offset, offset + len(view))
         _write(img, gm, offset, view)
+
+
+@contextlib.contextmanager
+def in_place_transaction(img: "Image", description: str) -> Iterator["Transaction"]:
+    """The write layer's own transaction: joins the open one (and its ``atomic_data``), or
+    opens one that keeps QEMU's in-place semantics for overwrites (``atomic_data`` False)."""
+    new = img.staged is None
+    with img.transaction(description) as tx:
+        if new:
+            tx.atomic_data = False
+        yield tx
 
 
 def _validate(img: "Image", gm: GuestMap, start: int, end: int) -> None:
@@ -133,7 +156,9 @@ def _write(img: "Image", gm: GuestMap, offset: int, data: memoryview) -> None:
             # The data file is laid out as the disk (QEMU maps every cluster there).
             host = (e & L2E_OFFSET_MASK) if gm.host_allocated(e) else gc * cs
         elif gm.host_allocated(e) and (((e & L2E_OFFSET_MASK) // cs) in gm.fresh or (
-                e & OFLAG_COPIED and gm.owned(gc // gm.per_l2))) and not (not gm.extended and e & OFLAG_ZERO):
+                e & OFLAG_COPIED and gm.owned(gc // gm.per_l2) and not gm.tx.atomic_data)) and not (
+                not gm.extended and e & OFLAG_ZERO):
+            # A cluster this transaction wrote, or (not atomic) one the image owns: in place.
             host = e & L2E_OFFSET_MASK
         elif gm.extended and not gm.host_allocated(e) and not e & OFLAG_COMPRESSED and (
                 offset > gc * cs or end < (gc + 1) * cs):
@@ -249,7 +274,7 @@ def write_zeroes(img: "Image", offset: int, length: int) -> None:
     if length == 0:
         return
     cs = img.header.cluster_size
-    with img.transaction("guest write zeroes"):
+    with in_place_transaction(img, "guest write zeroes"):
         gm = stage(img)
         _validate(img, gm, offset, offset + length)
         h = img.header

@@ -13,8 +13,10 @@ refused. Closing the disk leaves the image open.
 Writes are cached as a write-back disk cache is: they share one transaction, which
 commits (one journal sync for all of them) at :meth:`GuestDisk.flush`, at close, and
 every :data:`BATCH_BYTES` written. A crash before the commit loses the writes since
-the last one and nothing else; the image is never half-mapped. Reads see the writes
-at once. A write that fails commits what came before it (the failed write may be
+the last one and nothing else; the image is never half-mapped. Overwrites of clusters
+the image owns go in place, as in QEMU (a crash may leave part of them), unless the
+disk is written inside a user's ``with img.transaction():``: its writes then join that
+transaction and are all-or-nothing with it. Reads see the writes at once. A write that fails commits what came before it (the failed write may be
 partly there, as on a disk that reports a write error) and raises.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ..read import guest
-from .data import write
+from .data import in_place_transaction, write
 
 if TYPE_CHECKING:
     from ..core.image import Image
@@ -125,7 +127,7 @@ class GuestDisk(io.RawIOBase):
             raise OSError(errno.ENOSPC, f"write of {len(data)} bytes at {self._pos:#x} runs past the end of "
                                         f"the {self.size}-byte guest disk")
         if self._batch is None:
-            self._batch = self.img.transaction("guest disk writes")
+            self._batch = in_place_transaction(self.img, "guest disk writes")
             self._batch.__enter__()
             self._batched = 0
         try:

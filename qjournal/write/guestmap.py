@@ -80,8 +80,11 @@ class GuestMap:
             self._data_file = reader(img).data_file
             assert self._data_file is not None
             self.target = FileMedium(self._data_file.path, True)
-        # In-place data must wait for the commit when an enabled bitmap records writes.
-        self.ordered = any(e.auto and not e.in_use and e.table_size for e in tx.entries)
+        # In-place data must wait for the commit when an enabled bitmap records writes,
+        # and in an atomic transaction (only a data file's clusters are written in place
+        # there: an exception before the commit must leave them untouched).
+        self.ordered = any(e.auto and not e.in_use and e.table_size for e in tx.entries) or (
+            tx.atomic_data and self.has_data_file)
 
     # -- the staged tables -------------------------------------------------------
     def table(self, l1i: int) -> StagedTable | None:

@@ -356,7 +356,7 @@ class Image:
             bitmaps = tuple(BitmapInfo(e.name, e.granularity,
                                        tuple(f for f, on in (("in-use", e.in_use), ("auto", e.auto)) if on))
                             for e in self.entries)
-        backing = self.backing_name.decode("utf-8", "replace") if self.backing_name is not None else None
+        backing = self.backing_name.split(b"\0", 1)[0].decode("utf-8", "replace") if self.backing_name is not None else None
         full = None
         if backing is not None:
             full = backing if os.path.isabs(backing) or ":" in backing.split("/")[0] else \
@@ -531,4 +531,5 @@ class Image:
 
 def _text(exts: dict[int, Extension], etype: int) -> str | None:
     e = exts.get(etype)
-    return e.data.decode("utf-8", "replace") if e is not None else None
+    # QEMU reads the name as a C string: it ends at the first NUL byte.
+    return e.data.split(b"\0", 1)[0].decode("utf-8", "replace") if e is not None else None

@@ -101,3 +101,26 @@ class TestRegressions:
         assert json.loads(out)["backing-filename"] == "base.qcow2"
         assert qj("read", "-P", "9", img, 0, 65536)[0] == 0
         assert img.read_bytes() == raw
+
+    def test_refcount_block_that_is_a_bitmap_table_refuses_writes(self, tmp_path: Path) -> None:
+        # Fuzz case 760: the refcount table's entry 0 names the cluster of a bitmap table.
+        # The garbage "refcounts" called clusters free that guest data used; a write put its
+        # data there, then its commit was refused: a refused write had changed the image.
+        img = qemu.create(tmp_path / "s.qcow2", "16M", "cluster_size=4096", "refcount_bits=8")
+        qemu.qemu_img("bitmap", "--add", "-g", "4096", str(img), "b0")
+        qemu.qemu_io(img, "write -P 6 0 64k")
+        raw = bytearray(img.read_bytes())
+        rt_offset, = struct.unpack_from(">Q", raw, 48)
+        ext = 112  # qemu-made v3 header_length: the bitmaps extension comes first
+        assert struct.unpack_from(">I", raw, ext)[0] == fuzz.EXT_BITMAPS
+        dir_offset, = struct.unpack_from(">Q", raw, ext + 8 + 16)
+        table_offset, = struct.unpack_from(">Q", raw, dir_offset)
+        struct.pack_into(">Q", raw, rt_offset, table_offset)
+        img.write_bytes(raw)
+        for args in (("write", img, 12 << 20, "-P", "0x5a", 65536), ("bitmap", "--add", img, "x")):
+            code, _, err = qj(*args)
+            assert code == 1 and err.count("\n") == 1, err
+            assert img.read_bytes() == raw, f"{args[0]} changed the image"
+            if args[0] == "write":
+                assert "is both the bitmap table of 'b0' and the refcount block" in err, err
+        assert qj("read", "-P", "6", img, 0, 65536)[0] == 0

@@ -485,6 +485,9 @@ class Image:
                 overlap = self.overlap_map()
                 for off, data in tx.new_writes:
                     overlap.check_write(off, len(data), "new cluster")
+                for name, writes in steps:
+                    for off, data in writes:
+                        overlap.check_shared(off, len(data), f"{name} write")
                 for off, data in tx.new_writes:
                     self.medium.write(off, data)
                 if tx.new_writes:

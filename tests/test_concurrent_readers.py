@@ -1,9 +1,9 @@
 """Readers that share the image (``-U``) while a writer commits transactions.
 
 The writer (a separate process) runs ``TRANSACTIONS`` transactions; transaction ``k``
-writes the byte ``k`` over guest clusters 0 and 1 (an overwrite of allocated
-clusters, which an explicit transaction redirects into new clusters) and replaces the
-bitmap ``t{k-1}`` by ``t{k}``. So every state that a commit leaves says which
+writes the byte ``k`` over guest clusters 0 and 1 (an overwrite of allocated clusters:
+under an enabled bitmap it goes in place after the commit's steps, write/data.py) and
+replaces the bitmap ``t{k-1}`` by ``t{k}``. So every state that a commit leaves says which
 transaction made it, and a mix is visible.
 
 Readers, each run in a loop while the writer runs:
@@ -26,7 +26,11 @@ by the ordering rule (README, "Tests"), and that is what is asserted:
 2. a qjournal reader lists exactly one bitmap ``t{k}``; a reader that ignores the
    journal (``qemu-img info -U``) lists one, or none while the autoclear bit is clear;
 3. no reader fails with anything but a one-line error, and the final state is the
-   last transaction's, clean for ``qemu-img check``.
+   last transaction's, clean for ``qemu-img check``;
+4. bits before data (the ordering rule for a guest write under an enabled bitmap): a
+   bitmap listing made after a read saw data of transaction ``k`` lists ``t{j}`` with
+   ``j >= k`` (or, for QEMU, none). Data of a transaction never shows before the
+   bitmap change of the same transaction.
 
 The test counts the reads that saw two transactions at once (the clusters or the
 bitmap and the data from different transactions, or a torn cluster) and prints them.
@@ -106,13 +110,19 @@ def test_force_share_readers_see_what_the_ordering_rule_allows(tmp_path: Path) -
                 names = list(r.bitmaps)
                 data = ks(r.read(0, 2 * CLUSTER))
             mixed["api"] += data != {one_bitmap(names)}
+            # Rule 4: bits before data. A bitmap listing opened after a read saw data k shows t{j}, j >= k.
+            with Image(img, "r", take_locks=False) as r:
+                after = one_bitmap(list(r.bitmaps))
+            assert after is not None and after >= max(data), f"data of {sorted(data)} before its bitmap t{after}"
             code, _, err = qj("read", "-U", "--output-file", out, img, 0, 2 * CLUSTER)
             assert (code, err) == (0, "")
-            mixed["cli read"] += len(ks(out.read_bytes())) > 1
+            data = ks(out.read_bytes())
+            mixed["cli read"] += len(data) > 1
             if rounds % 2:
                 code, text, err = qj("info", "-U", "--output=json", img)
                 assert (code, err) == (0, ""), err
-                one_bitmap([b["name"] for b in json.loads(text)["format-specific"]["data"].get("bitmaps", [])])
+                after = one_bitmap([b["name"] for b in json.loads(text)["format-specific"]["data"].get("bitmaps", [])])
+                assert after is not None and after >= max(data), f"data of {sorted(data)} before its bitmap t{after}"
             if rounds % 3 == 0:
                 code, _, err = qj("bitmap", "--dump", "-U", img, names[0])
                 # the bitmap may be gone by now (a later transaction replaced it): one line, exit 1
@@ -120,13 +130,16 @@ def test_force_share_readers_see_what_the_ordering_rule_allows(tmp_path: Path) -
             if rounds % 4 == 0:
                 res = subprocess.run(["qemu-io", "-f", "qcow2", "-r", "-U", "-c", f"read -v 0 {2 * CLUSTER}",
                                       str(img)], capture_output=True, text=True)
+                data = set()
                 if res.returncode == 0 and "error" not in res.stdout.lower():
-                    mixed["qemu-io"] += len(ks(_hexdump(res.stdout))) > 1
+                    data = ks(_hexdump(res.stdout))
+                    mixed["qemu-io"] += len(data) > 1
                 res = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(img)],
                                      capture_output=True, text=True)
                 if res.returncode == 0:
                     bms = json.loads(res.stdout)["format-specific"]["data"].get("bitmaps", [])
-                    one_bitmap([b["name"] for b in bms], may_drop=True)
+                    after = one_bitmap([b["name"] for b in bms], may_drop=True)
+                    assert after is None or after >= max(data, default=0), (sorted(data), after)
     except QcowError as e:
         raise AssertionError(f"a -U reader failed: {e}") from e
     finally:

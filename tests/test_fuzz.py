@@ -17,6 +17,8 @@ import struct
 import subprocess
 from pathlib import Path
 
+import pytest
+
 import fuzz
 import qemu
 from qjournal.cli import main
@@ -124,3 +126,36 @@ class TestRegressions:
             if args[0] == "write":
                 assert "is both the bitmap table of 'b0' and the refcount block" in err, err
         assert qj("read", "-P", "6", img, 0, 65536)[0] == 0
+
+    def test_repair_never_writes_a_snapshot_l1_table_over_the_header(self, tmp_path: Path) -> None:
+        # Fuzz case 2590: a snapshot's L1 table offset set to 0. check -r all "repaired" the
+        # entries of that L1 table, which are the header's bytes: the image lost its magic.
+        img = qemu.create(tmp_path / "s.qcow2", "4M", "compat=0.10", "cluster_size=512")
+        qemu.qemu_io(img, "write -P 1 0 8k")
+        qemu.qemu_img("snapshot", "-c", "s1", str(img))
+        qemu.qemu_io(img, "write -P 2 0 4k")
+        raw = bytearray(img.read_bytes())
+        snapshots_offset, = struct.unpack_from(">Q", raw, 64)
+        struct.pack_into(">Q", raw, snapshots_offset, 0)
+        img.write_bytes(raw)
+        code, _, err = qj("check", "-r", "all", img)
+        assert code == 1 and err.count("\n") == 1, err
+        assert "is both the header cluster and the L1 table of snapshot 's1'" in err, err
+        assert img.read_bytes() == raw
+        assert qj("read", "-P", "2", img, 0, 4096)[0] == 0
+
+    @pytest.mark.parametrize("name, index", [("datafile-raw", 2561), ("64k-zlib", 49)])
+    def test_refused_refcount_rebuild_leaves_the_file_as_it_was(self, tmp_path: Path, name: str,
+                                                                index: int) -> None:
+        # Fuzz cases 2561 and 49 replayed: check -r all wrote its new refcount structure past
+        # the end of the file, then its switch was refused; the file stayed longer.
+        (tmp_path / "c").mkdir()
+        (tmp_path / "w").mkdir()
+        spec = [s for s in fuzz.SPECS if s[0] == name]
+        saved = fuzz.SPECS[:]
+        try:
+            fuzz.SPECS[:] = spec
+            base, = fuzz.build_corpus(tmp_path / "c")
+        finally:
+            fuzz.SPECS[:] = saved
+        fuzz.case(base, fuzz.SEED, index, tmp_path / "w", memory=False)

@@ -485,11 +485,15 @@ class Image:
                 overlap = self.overlap_map()
                 for off, data in tx.new_writes:
                     overlap.check_write(off, len(data), "new cluster")
-                # A write into a cluster two structures claim corrupts one of them, unless the
-                # commit switches the refcount table away from a bogus refcount block (check -r all).
-                for name, writes in steps if "refcount_table_offset" not in tx.header_fields else ():
+                # A write into a cluster two structures claim corrupts one of them. A repair
+                # (check -r) writes there to drop the bad claim; still never over the header,
+                # unless the other claim is a refcount block that the repair's new table drops.
+                repair = tx.descriptions[0].startswith("check -r")
+                new_refcounts = "refcount_table_offset" in tx.header_fields
+                for name, writes in steps:
                     for off, data in writes:
-                        overlap.check_shared(off, len(data), f"{name} write")
+                        overlap.check_shared(off, len(data), f"{name} write", only_header=repair,
+                                             but_refcount_blocks=new_refcounts)
                 for off, data in tx.new_writes:
                     self.medium.write(off, data)
                 if tx.new_writes:

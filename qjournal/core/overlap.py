@@ -99,12 +99,19 @@ class OverlapMap:
             raise FormatError(what, c * self.cs, f"cluster {c * self.cs:#x} is both the {a} and the {b}; "
                               "refusing to write (qjournal check explains the damage, check -r all repairs it)")
 
-    def check_shared(self, offset: int, length: int, what: str) -> None:
+    def check_shared(self, offset: int, length: int, what: str, only_header: bool = False,
+                     but_refcount_blocks: bool = False) -> None:
         """Refuse a write of ``what`` into a cluster that two kinds of structure claim (a
-        refcount block that is also a bitmap table, say): writing one corrupts the other."""
+        refcount block that is also a bitmap table, say): writing one corrupts the other.
+        ``only_header``: refuse only where the header cluster is one of them (a repair
+        writes into the others to drop the bad claim). ``but_refcount_blocks``: the commit
+        switches to a new refcount table, so a claim by an old refcount block does not count."""
         for c in range(offset // self.cs, (offset + max(length, 1) - 1) // self.cs + 1):
             if c in self.shared:
                 a, b = self.shared[c]
+                if (only_header and "header cluster" not in (a, b)) or \
+                        (but_refcount_blocks and "refcount block" in (a, b)):
+                    continue
                 raise FormatError(what, offset, f"cluster {c * self.cs:#x} is both the {a} and the {b}; "
                                   "refusing to write (qjournal check explains the damage, check -r all "
                                   "repairs it)")

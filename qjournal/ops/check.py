@@ -680,14 +680,22 @@ def _rebuild(img: Image, final: np.ndarray, referenced: np.ndarray, scan: _Scan,
     # structure in clusters past the end of the file, which nothing references, made
     # durable before the commit that points the header at it. A crash here leaves a
     # longer file whose extra clusters no reader looks at.
+    size = img.medium.size
     img.medium.write(start * cs, blob)
     img.medium.flush([(start * cs, len(blob))])
     # Step 2: one transaction switches the header to the new table (one sector), with
     # the entries it drops and the COPIED flags around it. Its allocator counts with
     # the new table.
-    with img.transaction("check -r all: rebuild the refcount structure",
-                         refcount_table=((start + len(blocks)) * cs, rt_clusters)) as tx:
-        # The old structure and everything referenced now stay untouched until the switch.
-        tx.alloc.reserve(np.nonzero(referenced)[0].tolist())
-        _stage_entries(tx, flag_fixes, scan.l1_writes, scan.l2_writes)
-        tx.clear_incompatible(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
+    try:
+        with img.transaction("check -r all: rebuild the refcount structure",
+                             refcount_table=((start + len(blocks)) * cs, rt_clusters)) as tx:
+            # The old structure and everything referenced now stay untouched until the switch.
+            tx.alloc.reserve(np.nonzero(referenced)[0].tolist())
+            _stage_entries(tx, flag_fixes, scan.l1_writes, scan.l2_writes)
+            tx.clear_incompatible(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
+    except BaseException:
+        # A refused switch leaves the file as it was: drop the new structure past its end.
+        if img.medium.size > size and not img.journal.pending():
+            img.medium.resize(size)
+        raise
+

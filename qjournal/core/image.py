@@ -360,7 +360,7 @@ class Image:
             bitmaps = tuple(BitmapInfo(e.name, e.granularity,
                                        tuple(f for f, on in (("in-use", e.in_use), ("auto", e.auto)) if on))
                             for e in self.entries)
-        backing = self.backing_name.decode("utf-8", "replace") if self.backing_name is not None else None
+        backing = self.backing_name.split(b"\0", 1)[0].decode("utf-8", "replace") if self.backing_name is not None else None
         full = None
         if backing is not None:
             full = backing if os.path.isabs(backing) or ":" in backing.split("/")[0] else \
@@ -489,6 +489,15 @@ class Image:
                 overlap = self.overlap_map()
                 for off, data in tx.new_writes:
                     overlap.check_write(off, len(data), "new cluster")
+                # A write into a cluster two structures claim corrupts one of them. A repair
+                # (check -r) writes there to drop the bad claim; still never over the header,
+                # unless the other claim is a refcount block that the repair's new table drops.
+                repair = tx.repairing
+                new_refcounts = "refcount_table_offset" in tx.header_fields
+                for name, writes in steps:
+                    for off, data in writes:
+                        overlap.check_shared(off, len(data), f"{name} write", only_header=repair,
+                                             but_refcount_blocks=new_refcounts)
                 if tx.new_writes:
                     self.medium.event("cluster_alloc")  # for fault injection: the new clusters follow
                 for off, data in tx.new_writes:
@@ -537,4 +546,5 @@ class Image:
 
 def _text(exts: dict[int, Extension], etype: int) -> str | None:
     e = exts.get(etype)
-    return e.data.decode("utf-8", "replace") if e is not None else None
+    # QEMU reads the name as a C string: it ends at the first NUL byte.
+    return e.data.split(b"\0", 1)[0].decode("utf-8", "replace") if e is not None else None

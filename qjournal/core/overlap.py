@@ -43,6 +43,12 @@ class OverlapMap:
             np.zeros(0, np.int64)
         order = np.argsort(clusters, kind="stable")
         self.clusters, self.names = clusters[order], names[order]
+        # Clusters that two kinds of structure claim (L2 tables a snapshot shares are one kind).
+        kinds = np.array([sorted(set(k.split(" of ")[0] for k in self.labels)).index(k.split(" of ")[0])
+                          for k in self.labels] or [0], dtype=np.int64)[self.names] if len(self.names) else self.names
+        same = (self.clusters[1:] == self.clusters[:-1]) & (kinds[1:] != kinds[:-1])
+        self.shared = {int(self.clusters[i]): (self.labels[int(self.names[i])], self.labels[int(self.names[i + 1])])
+                       for i in np.nonzero(same)[0]}
 
     @classmethod
     def build(cls, medium: Medium, cluster_size: int, ranges: list[Range],
@@ -82,6 +88,33 @@ class OverlapMap:
             return None
         k = int(hit[0])
         return k, int(c[k]), self.labels[int(self.names[idx[k]])]
+
+    def check_unshared(self, what: str) -> None:
+        """Refuse ``what`` (a guest write) on an image where two kinds of structure share
+        a cluster: when a refcount block doubles as another structure its refcounts are
+        not counts, and the allocator would hand out clusters that are in use."""
+        if self.shared:
+            c = min(self.shared)
+            a, b = self.shared[c]
+            raise FormatError(what, c * self.cs, f"cluster {c * self.cs:#x} is both the {a} and the {b}; "
+                              "refusing to write (qjournal check explains the damage, check -r all repairs it)")
+
+    def check_shared(self, offset: int, length: int, what: str, only_header: bool = False,
+                     but_refcount_blocks: bool = False) -> None:
+        """Refuse a write of ``what`` into a cluster that two kinds of structure claim (a
+        refcount block that is also a bitmap table, say): writing one corrupts the other.
+        ``only_header``: refuse only where the header cluster is one of them (a repair
+        writes into the others to drop the bad claim). ``but_refcount_blocks``: the commit
+        switches to a new refcount table, so a claim by an old refcount block does not count."""
+        for c in range(offset // self.cs, (offset + max(length, 1) - 1) // self.cs + 1):
+            if c in self.shared:
+                a, b = self.shared[c]
+                if (only_header and "header cluster" not in (a, b)) or \
+                        (but_refcount_blocks and "refcount block" in (a, b)):
+                    continue
+                raise FormatError(what, offset, f"cluster {c * self.cs:#x} is both the {a} and the {b}; "
+                                  "refusing to write (qjournal check explains the damage, check -r all "
+                                  "repairs it)")
 
     def check_write(self, offset: int, length: int, what: str) -> None:
         """Refuse a write of ``what`` over a structure in use (before anything is written)."""

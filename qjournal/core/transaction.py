@@ -65,6 +65,7 @@ class Transaction:
         self.guest: Any = None
         self.atomic_data = True
         self.committed = False
+        self.repairing = False      # check -r: may write where a damaged structure makes a bogus claim
         self._declared: dict[Phase, list[Write]] = {}
 
     def __repr__(self) -> str:

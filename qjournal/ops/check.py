@@ -594,7 +594,8 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
     if rebuild:
         _rebuild(img, final, expected, scan, flag_fixes)
         if in_use:
-            with img.transaction("check -r all: bitmaps in use"):
+            with img.transaction("check -r all: bitmaps in use") as tx:
+                tx.repairing = True
                 for e in list(img.entries):
                     if e.in_use:
                         Bitmaps(img).repair(e.name)
@@ -624,6 +625,7 @@ def _complete_snapshot_table(img: Image) -> None:
     blob = b"".join(completed(s, h.size).pack() for s in img.snapshots)
     n = -(-len(blob) // cs)
     with img.transaction("check -r all: complete the snapshot table") as tx:
+        tx.repairing = True
         off = tx.alloc.alloc(n)
         tx.write_new(off, blob + bytes(n * cs - len(blob)))
         tx.set_header(snapshots_offset=off)
@@ -724,6 +726,7 @@ def _repair_in_place(img: Image, repair: str, final: np.ndarray, ondisk: np.ndar
                      flag_fixes: list[tuple[int, bytes]], l1_writes: dict[int, bytes],
                      l2_writes: dict[int, bytes], reserve: np.ndarray) -> None:
     with img.transaction(f"check -r {repair}") as tx:
+        tx.repairing = True
         alloc = tx.alloc
         # Clusters something references are not free, whatever their refcount says.
         alloc.reserve(np.nonzero(reserve)[0].tolist())
@@ -774,14 +777,23 @@ def _rebuild(img: Image, final: np.ndarray, referenced: np.ndarray, scan: _Scan,
     # structure in clusters past the end of the file, which nothing references, made
     # durable before the commit that points the header at it. A crash here leaves a
     # longer file whose extra clusters no reader looks at.
+    size = img.medium.size
     img.medium.write(start * cs, blob)
     img.medium.flush([(start * cs, len(blob))])
     # Step 2: one transaction switches the header to the new table (one sector), with
     # the entries it drops and the COPIED flags around it. Its allocator counts with
     # the new table.
-    with img.transaction("check -r all: rebuild the refcount structure",
-                         refcount_table=((start + len(blocks)) * cs, rt_clusters)) as tx:
-        # The old structure and everything referenced now stay untouched until the switch.
-        tx.alloc.reserve(np.nonzero(referenced)[0].tolist())
-        _stage_entries(tx, flag_fixes, scan.l1_writes, scan.l2_writes)
-        tx.clear_incompatible(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
+    try:
+        with img.transaction("check -r all: rebuild the refcount structure",
+                             refcount_table=((start + len(blocks)) * cs, rt_clusters)) as tx:
+            tx.repairing = True
+            # The old structure and everything referenced now stay untouched until the switch.
+            tx.alloc.reserve(np.nonzero(referenced)[0].tolist())
+            _stage_entries(tx, flag_fixes, scan.l1_writes, scan.l2_writes)
+            tx.clear_incompatible(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
+    except BaseException:
+        # A refused switch leaves the file as it was: drop the new structure past its end.
+        if img.medium.size > size and not img.journal.pending():
+            img.medium.resize(size)
+        raise
+

@@ -293,7 +293,7 @@ class GuestReader:
         img = self.img
         if img.backing_name is None:
             return None
-        name = img.backing_name.decode("utf-8", "surrogateescape")
+        name = img.backing_name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         path = resolve(img.path, name)
         fmt = img.backing_format
         if fmt is None:

@@ -71,6 +71,9 @@ def stage(img: "Image") -> GuestMap:
     """The staged guest mapping of the open transaction (made on first use)."""
     tx = img.require_transaction()
     if tx.guest is None:
+        # Guest data goes into the clusters the refcounts call free, at once: they must be
+        # counts, not a refcount block that doubles as another structure (fuzz case 760).
+        img.overlap_map().check_unshared("guest write")
         tx.guest = GuestMap(img, tx)
     gm: GuestMap = tx.guest
     return gm

@@ -70,9 +70,14 @@ def _quiet_stdout() -> None:
     os.close(devnull)
 
 
+def _one_line(message: str) -> str:
+    """An error on one line, whatever it quotes (a file name may hold a newline)."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                       file: Any = None, line: str | None = None) -> None:
-    print(f"qjournal: warning: {message}", file=sys.stderr)
+    print(f"qjournal: warning: {_one_line(str(message))}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,10 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_stdout()
         return EXIT_BROKEN_PIPE
     except QcowError as e:
-        print(f"qjournal: {e}", file=sys.stderr)
+        print(f"qjournal: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except OSError as e:
-        print(f"qjournal: {_os_error(e)}", file=sys.stderr)
+        print(f"qjournal: {_one_line(_os_error(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -44,9 +44,14 @@ class Snapshot:
     icount: int | None
     extra: bytes
     offset: int
+    # The id and name as the table holds them: written back unchanged even where they
+    # are not UTF-8 (``id`` and ``name`` show them with replacement characters).
+    raw_id: bytes | None = None
+    raw_name: bytes | None = None
 
     def pack(self) -> bytes:
-        idb, nameb = self.id.encode(), self.name.encode()
+        idb = self.raw_id if self.raw_id is not None else self.id.encode()
+        nameb = self.raw_name if self.raw_name is not None else self.name.encode()
         raw = struct.pack(">QIHHIIQII", self.l1_table_offset, self.l1_size, len(idb), len(nameb),
                           self.date_sec, self.date_nsec, self.vm_clock_nsec, self.vm_state_size,
                           len(self.extra)) + self.extra + idb + nameb
@@ -94,8 +99,8 @@ def parse_snapshots(buf: bytes, offset: int, nb: int, cluster_size: int, file_si
         disk_size = struct.unpack_from(">Q", extra, 8)[0] if extrasz >= 16 else None
         icount = struct.unpack_from(">Q", extra, 16)[0] if extrasz >= 24 else None
         p = pos + FIXED + extrasz
-        sid = bytes(buf[p:p + idsz]).decode("utf-8", "replace")
-        name = bytes(buf[p + idsz:p + idsz + namesz]).decode("utf-8", "replace")
-        out.append(Snapshot(l1off, l1size, sid, name, dsec, dnsec, vmclk, vmsz, disk_size, icount, extra, at))
+        raw_id, raw_name = bytes(buf[p:p + idsz]), bytes(buf[p + idsz:p + idsz + namesz])
+        out.append(Snapshot(l1off, l1size, raw_id.decode("utf-8", "replace"), raw_name.decode("utf-8", "replace"),
+                            dsec, dnsec, vmclk, vmsz, disk_size, icount, extra, at, raw_id, raw_name))
         pos = (end + 7) & ~7
     return tuple(out)

@@ -169,7 +169,7 @@ class RawFile:
         try:
             self.fd = os.open(path, os.O_RDONLY)
         except OSError as e:
-            raise UsageError(f"{path}: cannot open: {e.strerror}") from None
+            raise UsageError(f"{path!r}: cannot open: {e.strerror}", path=path) from None
         self.file_size = os.lseek(self.fd, 0, os.SEEK_END)  # a block device's too
 
     @property

@@ -23,23 +23,17 @@ import qemu
 import qjournal
 from crashsim import harness
 from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium
-from crashsim.workloads import IMG, WORKLOADS, Base, Workload, qemu_img_cmd, qemu_io_cmd
+from crashsim.workloads import IMG, STANDARD, WORKLOADS, Base, Workload, qemu_img_cmd, qemu_io_cmd
 from qjournal import Image
 
 MiB = 1 << 20
 
-BASE = Base("test-recover", (
-    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "64M"),
-    qemu_img_cmd("bitmap", "--add", IMG, "stale"),
-    qemu_io_cmd("write 30M 4k", "abort"),              # leaves "stale" in use, as a crashed QEMU does
-    qemu_img_cmd("bitmap", "--add", IMG, "b0"),
-    qemu_img_cmd("bitmap", "--add", "-g", "4096", IMG, "b1"),
-    qemu_io_cmd("write 0 64k", "write 10M 1M", "write 63M 4k"),
-    qemu_img_cmd("bitmap", "--disable", IMG, "b1"),
-    qemu_img_cmd("bitmap", "--add", "-g", "512", IMG, "b2"),
-    qemu_io_cmd("write 20M 8k"),
-    qemu_img_cmd("bitmap", "--add", IMG, "fresh"),
-), may_fail=frozenset({2}))
+# crashsim's standard base with a 1 MiB write at 10M (one whole L2 table's worth of 4 KiB clusters).
+BASE = attrs.evolve(STANDARD, name="test-recover", commands=tuple(
+    qemu_io_cmd("write 0 64k", "write 10M 1M", "write 63M 4k") if c == qemu_io_cmd("write 0 64k", "write 10M 64k",
+                                                                                    "write 63M 4k") else c
+    for c in STANDARD.commands))
+assert BASE.commands != STANDARD.commands
 
 
 @pytest.fixture(scope="module")

@@ -263,8 +263,10 @@ class _Scan:
         if active:
             self.copied.add(pos, ent, ~drop)
         # L2 tables a chunk at a time: memory stays bounded on a large image, and a
-        # terminal shows how far the check is.
-        chunk = max(1, L2_CHUNK_BYTES // cs)
+        # terminal shows how far the check is. A chunk is also at most a quarter of the
+        # file: a damaged L1 table may name one table thousands of times, and what a
+        # chunk decodes must stay within the image's own size.
+        chunk = max(1, min(L2_CHUNK_BYTES, self.fsize // 4) // cs)
         with Progress(len(l2off), "check", "L2 table", minimum=chunk) as bar:
             for i in range(0, len(l2off), chunk):
                 self._walk_l2(l2off[i:i + chunk], drop[i:i + chunk], active)

@@ -7,7 +7,11 @@ Two readers look at the files a crash left (DESIGN.md, "Outcomes a crash may lea
   point); a second recovery on its result must change neither file. Its outcome must be
   exactly the old or the new state (for a workload that bypasses the journal, the plain
   reader's rules apply instead), and ``qjournal.check`` must find no corruption and no
-  more leaks than that state had.
+  more leaks than that state had. When recovery wrote, two more rules hold: when the open
+  returns, everything recovery wrote is durable and its checkpoint too, so nothing is
+  pending (a power loss right after recovery must not bring the transaction back); and
+  on the same files with one piece the pending transaction writes changed by someone
+  else (QEMU opened the image after the crash), recovery refuses and writes nothing.
 - **plain**, a reader that ignores the journal: qjournal opened read-only without it,
   and, as an independent oracle, ``qemu-img check`` and ``qemu-img info``. Its outcome
   may be old, new, or the bitmaps dropped through a clear autoclear bit; leaks are
@@ -39,16 +43,18 @@ import numpy as np
 
 from qjournal.read import guest
 from qjournal.ops.check import check
-from qjournal.errors import QcowError
+from qjournal.errors import JournalError, QcowError
 from qjournal.format.bitmaps import FLAG_AUTO, FLAG_IN_USE
 from qjournal.format.geometry import SECTOR
 from qjournal.format.tables import L1E_OFFSET_MASK
 from qjournal import Image
 from qjournal.journal import Journal
+from qjournal.journal.crc32c import crc32c
 from qjournal.storage.medium import MemoryMedium
 
 from .model import OracleResult
 from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium
+from .states import SIZE, Timeline
 
 Bitmap = tuple[str, int, int, Any]       # name, granularity, flags, dirty extents (or "in-use")
 Guest = tuple[tuple[int, bytes], ...]     # (guest offset, cluster content) of every cluster not all zeros
@@ -387,6 +393,7 @@ def recover(files: dict[str, bytes], look: bool = False) -> Recovered:
     view = None
     try:
         with Image("crashed.qcow2", "r+", medium=im, journal_medium=jm) as img:
+            rec.mark(RECOVERED)
             if look:
                 try:
                     res = check(img)
@@ -398,6 +405,69 @@ def recover(files: dict[str, bytes], look: bool = False) -> Recovered:
         return Recovered(files[IMAGE], files[JOURNAL], None, False, f"{type(e).__name__}: {e}")
     wrote = any(e.kind in ("write", "resize") for e in rec.entries)
     return Recovered(bytes(im.buf), bytes(jm.buf), rec, wrote, view=view)
+
+
+RECOVERED = "recovered"          # the mark where the writable open (so recovery) returned
+
+
+def recovery_leftovers(rec: Recording) -> str:
+    """What recovery left undone when the open returned: units still in flight (a power
+    loss right then would lose them) or a transaction still pending ("" when nothing)."""
+    at = next(i for i, e in enumerate(rec.entries) if e.kind == "mark" and e.name == RECOVERED)
+    tl = Timeline(rec)
+    left = sorted(tl.snapshots[at].inflight)
+    if left:
+        where = ", ".join(f"{tl.files[f]} {'size' if page == SIZE else hex(page)}" for f, page in left[:4])
+        return f"when recovery returned, {len(left)} unit(s) it wrote were not yet durable ({where})"
+    if pending(rec.state(at)[JOURNAL]):
+        return "when recovery returned, the journal still held a pending transaction (no durable checkpoint)"
+    return ""
+
+
+def changed_by_another(files: dict[str, bytes]) -> tuple[bytes, int] | None:
+    """The image as if someone else (QEMU) had written after the crash: one 512-byte piece
+    that the first pending transaction writes, set to bytes that are neither its
+    before-image nor any after-image of it. None when there is no such piece."""
+    image = files[IMAGE]
+    try:
+        pend = Journal(MemoryMedium(image), MemoryMedium(files[JOURNAL])).pending()
+    except QcowError:
+        return None
+    if not pend:
+        return None
+    t = pend[0]
+    for si, step in enumerate(t.steps):
+        for wi, (off, data) in enumerate(step.writes):
+            if off + SECTOR > len(image) or len(data) < SECTOR:
+                continue
+            afters = {d[off - o:off - o + SECTOR] for s in t.steps for o, d in s.writes if o <= off < o + len(d)}
+            cur = image[off:off + SECTOR]
+            for x in (0x5A, 0xA5, 0x3C):
+                piece = bytes(b ^ x for b in cur)
+                if piece not in afters and crc32c(piece) != t.checksums[si][wi][0]:
+                    return image[:off] + piece + image[off + SECTOR:], off
+    return None
+
+
+def recovery_ignores_change(files: dict[str, bytes]) -> str:
+    """Check (d): with the image changed by someone else after the crash, recovery must
+    refuse and write nothing ("" when it does)."""
+    changed = changed_by_another(files)
+    if changed is None:
+        return ""
+    image, off = changed
+    im, jm = MemoryMedium(image), MemoryMedium(files[JOURNAL])
+    try:
+        with Image("changed.qcow2", "r+", medium=im, journal_medium=jm):
+            pass
+    except JournalError:
+        if im.buf != image or jm.buf != files[JOURNAL]:
+            return f"recovery refused an image changed at {off:#x} by someone else, but wrote to it"
+        return ""
+    except QcowError as e:
+        return f"recovery of an image changed at {off:#x} by someone else failed without the binding check: {e}"
+    return (f"recovery replayed the journal over an image someone else changed after the crash (the "
+            f"512-byte piece at {off:#x}) instead of refusing")
 
 
 @attrs.define
@@ -534,6 +604,12 @@ def judge(files: dict[str, bytes], expect: Expect, oracle_path: str | None = Non
             if again:
                 idempotent = False
                 problems.append(("recovery-not-idempotent", again))
+            left = recovery_leftovers(rec.recording)
+            if left:
+                problems.append(("recovery-not-durable", left))
+            ignored = recovery_ignores_change(files)
+            if ignored:
+                problems.append(("recovery-ignores-change", ignored))
         qview = rec.view if rec.view is not None else plain
         if qview.semantic is not None:
             qview = attrs.evolve(qview, outcome=expect.classify(qview.semantic, aq, False))

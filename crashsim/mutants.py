@@ -93,7 +93,6 @@ OVERLAP_MISS = ("the allocator skips clusters the overlap map holds, so only an 
                 "failure of every state; it needs a rule for damage the base already had")
 MASKED = ("masked by the other defence: a record of an older generation is refused by its salt and by the "
           "chained checksum, so breaking one alone changes no outcome")
-RECOVERY_MISS = "needs recovery crash-tested with reordering and a changed image (issue 11 point 2)"
 
 MUTANTS: tuple[Mutant, ...] = (
     # -- step order: phases swapped in the ordering table's plan ------------------------------
@@ -223,20 +222,19 @@ MUTANTS: tuple[Mutant, ...] = (
       "            self._apply(t, self.resume_step(t))\n",
       "            for step in t.steps[self.resume_step(t):]:\n"
       "                for off, data in step.writes:\n"
-      "                    self.image.write(off, data)\n", ("add", "remove", "resize-shrink", "set-in-use"),
-      known_miss=RECOVERY_MISS),
+      "                    self.image.write(off, data)\n", ("add", "remove", "resize-shrink", "set-in-use")),
     M("recovery-no-checkpoint", "recovery", JOURNAL, "Journal.recover (checkpoint record)",
       "recovery writes no checkpoint: the transaction stays pending, and the next commit refuses",
       "            self._checkpoint(t.txid)\n        self.jmedium.flush()\n",
-      "        self.jmedium.flush()\n", ("add", "merge"), known_miss=RECOVERY_MISS),
+      "        self.jmedium.flush()\n", ("add", "merge")),
     M("recovery-no-sync", "recovery", JOURNAL, "Journal.recover (journal sync of the checkpoint)",
       "recovery's checkpoint is never synced",
       "        self.jmedium.flush()\n        self._unsynced = False\n        return len(pend)\n",
-      "        return len(pend)\n", ("add", "merge"), known_miss=RECOVERY_MISS),
+      "        return len(pend)\n", ("add", "merge")),
     M("recovery-skips-binding", "recovery", JOURNAL, "Journal.recover (binding check)",
       "recovery replays a journal that no longer belongs to the image (QEMU changed it after the crash)",
       "        self.check_binding()\n        assert self.jmedium is not None\n",
-      "        assert self.jmedium is not None\n", ("add", "merge"), known_miss=RECOVERY_MISS),
+      "        assert self.jmedium is not None\n", ("add", "merge")),
     M("recovery-from-step-0", "recovery", JOURNAL, "Journal.recover (resume_step ignored)",
       "recovery replays every step from the first, taking the image back through earlier states",
       "            self._apply(t, self.resume_step(t))\n", "            self._apply(t, 0)\n",
@@ -251,9 +249,7 @@ MUTANTS: tuple[Mutant, ...] = (
       "                self._unsynced = False\n            self.jmedium.close()\n", ("add", "set-in-use")),
     M("checkpoint-not-written", "close and checkpoint", JOURNAL, "Journal._checkpoint",
       "no checkpoint record reaches the journal: every transaction stays pending on disk",
-      "        self.jmedium.write(log.end, rec)\n", "", ("add", "two-transactions"),
-      known_miss="a lost checkpoint only makes recovery replay after-images the image holds; it matters once "
-                 "someone changes the image (issue 11 point 2, check d)"),
+      "        self.jmedium.write(log.end, rec)\n", "", ("add", "two-transactions")),
     # -- bitmap bits ----------------------------------------------------------------------------
     M("bits-first-data-cluster-only", "bitmap bits", BITS, "bits_steps (ranges across bitmap data clusters)",
       "a guest write whose dirty range crosses into the next bitmap data cluster sets only the bits of "

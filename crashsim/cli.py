@@ -4,7 +4,7 @@
     crashsim run WORKLOAD... [--strategy prefix,barrier,subset,versions,torn,recovery] [--k 2]
                  [--samples N] [--seed S] [--sector-size 512] [--max-tears N] [--jobs N]
                  [--executor dask://HOST:PORT] [--oracle all|sample|none] [--oracle-samples N]
-                 [--report out.html|out.json]
+                 [--recovery-depth 2] [--recovery-states 16] [--report out.html|out.json]
     crashsim replay REPORT STATE_ID [-o out.qcow2]
     crashsim mutants [NAME...] [--sample N] [--list] [--markdown]   (see crashsim.mutants)
 
@@ -87,6 +87,11 @@ def parser() -> argparse.ArgumentParser:
                    help=f"the unit a write cannot tear (default {SECTOR_SIZES[0]})")
     r.add_argument("--max-tears", type=_nonneg, default=32, metavar="N",
                    help="tears enumerated per page and epoch before sampling (default 32)")
+    r.add_argument("--recovery-depth", type=_nonneg, default=2, metavar="N",
+                   help="crash recovery too, and the recovery of that crash, N levels deep (default 2)")
+    r.add_argument("--recovery-states", type=_nonneg, default=16, metavar="N",
+                   help="per recovery: every in-order prefix and a seeded sample of N of its other crash "
+                        "states (default 16)")
     r.add_argument("--jobs", type=_nonneg, default=0, metavar="N", help="worker processes (default: CPUs; 1: none)")
     r.add_argument("--executor", type=_executor, default="", metavar="EXECUTOR",
                    help="process (default), inline, or dask://HOST:PORT")
@@ -142,7 +147,8 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     workloads = _select(p, args.workloads)
     opts = Options(strategies=args.strategy, k=args.k, samples=args.samples, seed=args.seed, medium=args.medium,
                    sector_size=args.sector_size, max_tears=args.max_tears, oracle=args.oracle,
-                   oracle_samples=args.oracle_samples, jobs=args.jobs, executor=args.executor)
+                   oracle_samples=args.oracle_samples, jobs=args.jobs, executor=args.executor,
+                   recovery_depth=args.recovery_depth, recovery_states=args.recovery_states)
     result = run(workloads, opts, progress=True)
     if not args.quiet:
         for w in result.workloads:

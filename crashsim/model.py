@@ -128,9 +128,10 @@ class CrashState:
 
     ``point`` is the crash point T. ``fates`` lists every unit in flight at T (persisted,
     dropped or torn); units not listed hold their durable content. For the ``recovery``
-    strategy, ``parent`` is the id of the state whose recovery was interrupted,
-    ``recovery_point`` the number of entries of that recovery's own recording that were
-    issued (landed in order), and ``point`` and ``fates`` are the parent's (the first crash).
+    strategy, ``parent`` is the id of the state whose recovery was interrupted, ``recovery``
+    the path of crash states of the recoveries, one per level, as ``strategy:point:choices:seed``
+    joined by ``/`` (see ``crashsim.runner.encode_path``), and ``point`` and ``fates`` are
+    those of the first crash.
     ``seed`` is set when the state came from seeded random sampling (subset samples, tear
     samples): the run's seed, so ``crashsim run --seed`` replays it; ``replay`` rebuilds it.
     """
@@ -144,7 +145,7 @@ class CrashState:
     fates: tuple[Fate, ...] = ()
     seed: int | None = None
     parent: str | None = None
-    recovery_point: int | None = None
+    recovery: str = ""
     duplicates: int = 0         # how many more generated candidates had this content
     choices: str = ""           # the units not at their durable version, "file.page.version[.tearmask]"
                                 # joined by "+" (hex): what ``replay`` rebuilds the state from
@@ -260,6 +261,8 @@ class Options:
     jobs: int = 0               # 0: os.cpu_count()
     executor: str = ""          # "" (process pool) | "dask://HOST:PORT" | "inline"
     medium: str = "memory"      # memory (a recording medium) | real (the real media on files, see realmedium)
+    recovery_depth: int = 2     # crashes during recovery, nested this deep
+    recovery_states: int = 16   # per recovery: besides its prefixes, at most this many sampled crash states
 
 
 @attrs.frozen
@@ -318,12 +321,12 @@ SHORT_DIGEST = 16       # hex digits of a summarized state's digest (replay comp
 
 
 def summarize(s: CrashState, v: Verdict) -> str:
-    """A passing state as ``strategy/n point digest-prefix choices seed parent recovery_point
+    """A passing state as ``strategy/n point digest-prefix choices seed parent recovery
     duplicates qjournal plain leaks`` (space-separated, "-" for none): enough to list it,
     count it and ``replay`` it; its description and fates are rebuilt by replay."""
     _, strategy, n = s.id.rsplit("/", 2)
     parent = s.parent[len(s.workload) + 1:] if s.parent else None
-    opt = [x if x is not None else "-" for x in (s.seed, parent, s.recovery_point)]
+    opt = [x if x is not None and x != "" else "-" for x in (s.seed, parent, s.recovery)]
     return " ".join(str(x) for x in (f"{strategy}/{n}", s.point, s.digest[:SHORT_DIGEST], s.choices or "-", *opt,
                                      s.duplicates,
                                      v.qjournal, v.plain, v.leaks))
@@ -335,7 +338,7 @@ def unsummarize(workload: str, line: str) -> tuple[CrashState, Verdict]:
     state_id = f"{workload}/{sid}"
     s = CrashState(state_id, workload, sid.split("/")[0], int(point), "(summarized: replay rebuilds it)", dg, (),
                    None if seed == "-" else int(seed), None if parent == "-" else f"{workload}/{parent}",
-                   None if rp == "-" else int(rp), int(dups), "" if choices == "-" else choices)
+                   "" if rp == "-" else rp, int(dups), "" if choices == "-" else choices)
     v = Verdict(state_id, qj, plain, int(leaks), 0, True, True, None, (), (), True)
     return s, v
 

@@ -232,7 +232,7 @@ def _failure(w: WorkloadResult, s: CrashState, v: Verdict, entries: dict[int, En
     ]
     if s.parent is not None:
         facts.append(f"<b>recovery interrupted</b> of {_link(state_anchor(s.parent), s.parent)} "
-                     f"after {s.recovery_point} of its entries")
+                     f"at level {s.recovery.count('/') + 1}: <code>{escape(s.recovery)}</code>")
     oracle = "not run"
     if v.oracle is not None:
         r = v.oracle

@@ -12,9 +12,14 @@ Per workload:
 3. **Check** them in batches on any ``concurrent.futures.Executor`` (a process pool, a
    Dask cluster, or :class:`InlineExecutor`). A batch carries the recording; a worker
    rebuilds the model once per recording and materializes each state in memory.
-4. **Recovery**: every state whose recovery wrote something sent back the content digests
-   of its recovery's prefixes; the new ones are checked too, in a second wave, with the
-   rule that recovery must still reach the outcome it reached without the second crash.
+4. **Recovery** is crash-tested like the operation. A worker records the recovery of each
+   state it judged; when recovery wrote something, it generates that recording's own
+   crash states with the same strategies (every in-order prefix, and a seeded sample of
+   at most ``recovery_states`` of the others: barriers, subsets, older versions, tears)
+   and sends back their content digests. The new ones are checked in a second wave, with
+   the rule that recovery must still reach the outcome it reached without the second
+   crash; their recoveries are crashed in turn, down to ``recovery_depth`` levels. A state
+   at level ``n`` is its first crash's spec plus a *path* of ``n`` specs, one per recovery.
 5. **Explain** failures: a few are minimized (in-flight writes put back to their durable
    version one at a time while the state still fails), and described by the writes that
    matter, the header fields that came from old and new, and what each reader saw.
@@ -45,7 +50,7 @@ from .checks import Caches, Expect, Judged, Semantic, judge, recover, semantic
 from .model import (STRATEGIES, CrashState, EntryInfo, Fate, Options, RunResult, StrategyCount, TransactionInfo,
                     Verdict, WorkloadResult)
 from .realmedium import MarkingFileMedium, MarkingMmapMedium, RecordingSystem
-from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium, apply_entry, bracket_transactions
+from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium, bracket_transactions
 from .states import SIZE, Choice, Generator, Spec, Timeline
 from .workloads import Workload
 
@@ -166,6 +171,43 @@ def phases(r: Recorded, journaled: bool, relaxed: bool = False, in_place: bool =
 
 # -- work for the executor -------------------------------------------------------------------
 @attrs.frozen
+class RecoveryStates:
+    """How the crash states of a recorded recovery are generated (from :class:`Options`)."""
+
+    workload: str
+    strategies: tuple[str, ...]
+    k: int
+    samples: int
+    seed: int
+    max_tears: int
+    depth: int
+    cap: int
+
+    @classmethod
+    def of(cls, workload: str, opts: Options) -> "RecoveryStates":
+        return cls(workload, tuple(x for x in opts.strategies if x != "recovery"), opts.k, opts.samples, opts.seed,
+                   opts.max_tears, opts.recovery_depth if "recovery" in opts.strategies else 0, opts.recovery_states)
+
+    def specs(self, tl: Timeline, parent: str) -> list[Spec]:
+        """The distinct crash states of recovery recording ``tl``: every in-order prefix, then a
+        sample (seeded by the run's seed and the parent's digest) of at most ``cap`` others."""
+        gen = Generator(tl, f"{self.workload}:recovery:{parent}", self.k, self.samples, self.seed, self.max_tears)
+        seen: set[Any] = set()
+        prefixes: list[Spec] = []
+        others: list[Spec] = []
+        for strategy in ("prefix",) + tuple(x for x in self.strategies if x != "prefix"):
+            for spec in gen.generate(strategy):
+                key = tl.key(spec)
+                if key not in seen:
+                    seen.add(key)
+                    (prefixes if strategy == "prefix" else others).append(spec)
+        if len(others) > self.cap:
+            rng = random.Random(f"{self.seed}:{self.workload}:recovery:{parent}")
+            others = [others[i] for i in sorted(rng.sample(range(len(others)), self.cap))]
+        return prefixes + others
+
+
+@attrs.frozen
 class Context:
     """What a worker needs to check the states of one workload (sent with every batch)."""
 
@@ -174,6 +216,7 @@ class Context:
     sector_size: int
     expects: tuple[Expect, ...]
     of_point: tuple[int, ...]
+    gen: RecoveryStates
 
 
 @attrs.frozen
@@ -181,7 +224,7 @@ class Task:
     index: int
     spec: Spec
     oracle: bool
-    recovery_point: int | None = None   # check this prefix of the recovery of spec's state
+    path: tuple[Spec, ...] = ()         # crashes during recovery: each a state of the recovery before it
     require: str | None = None          # the qjournal outcome the parent's recovery reached
 
 
@@ -196,10 +239,11 @@ class Done:
     index: int
     digest: str
     judged: Judged                      # without its recovery recording
-    children: tuple[tuple[int, str], ...] = ()   # (recovery point, digest) of the recovery's prefixes
+    children: tuple[tuple[Spec, str], ...] = ()  # (spec, digest) of the crash states of the recovery
 
 
 _TIMELINES: dict[str, Timeline] = {}
+_RECOVERIES: dict[str, Timeline] = {}   # digest of a state -> the timeline of its recovery (per worker)
 
 
 def _timeline(ctx: Context) -> Timeline:
@@ -220,23 +264,28 @@ def digest(files: dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
-def state_files(tl: Timeline, spec: Spec, recovery_point: int | None) -> dict[str, bytes]:
+def recovery_timeline(files: dict[str, bytes], sector_size: int, rec: Recording | None = None) -> Timeline:
+    """The timeline of the recovery of ``files`` (recorded now unless ``rec`` is given),
+    cached per worker by the files' digest: a batch holds many children of one parent."""
+    key = f"{digest(files)}:{sector_size}"
+    tl = _RECOVERIES.get(key)
+    if tl is None:
+        if rec is None:
+            rec = recover(files).recording
+            assert rec is not None, "the parent's recovery failed, so it has no crash states"
+        if len(_RECOVERIES) > 64:
+            _RECOVERIES.clear()
+        tl = _RECOVERIES[key] = Timeline(rec, sector_size)
+    return tl
+
+
+def state_files(tl: Timeline, spec: Spec, path: Sequence[Spec] = ()) -> dict[str, bytes]:
+    """The files of a state: ``spec`` of the workload's timeline, then each spec of ``path``
+    applied to the recovery of the state before it."""
     files = tl.materialize(spec)
-    if recovery_point is not None:
-        rec = recover(files).recording
-        assert rec is not None, "the parent's recovery failed, so it has no prefixes"
-        files = rec.state(recovery_point)
+    for step in path:
+        files = recovery_timeline(files, tl.sector_size).materialize(step)
     return files
-
-
-def _prefix_digests(rec: Recording) -> tuple[tuple[int, str], ...]:
-    files = {k: bytearray(v) for k, v in rec.initial.items()}
-    out = []
-    for i, e in enumerate(rec.entries):
-        if e.kind in ("write", "resize"):
-            apply_entry(files, e)
-            out.append((i + 1, digest({k: bytes(v) for k, v in files.items()})))
-    return tuple(out)
 
 
 def check_batch(batch: Batch) -> list[Done]:
@@ -248,10 +297,14 @@ def check_batch(batch: Batch) -> list[Done]:
     oracle = any(t.oracle for t in batch.tasks)
     with tempfile.TemporaryDirectory(prefix="crashsim-") if oracle else contextlib.nullcontext("") as d:
         for task in batch.tasks:
-            files = state_files(tl, task.spec, task.recovery_point)
+            files = state_files(tl, task.spec, task.path)
             expect = ctx.expects[ctx.of_point[task.spec.point]]
             j = judge(files, expect, os.path.join(d, "state.qcow2") if task.oracle else None, task.require, caches)
-            children = _prefix_digests(j.recovery) if j.recovery is not None and task.recovery_point is None else ()
+            children: tuple[tuple[Spec, str], ...] = ()
+            if j.recovery is not None and len(task.path) < ctx.gen.depth:
+                dg = digest(files)
+                rtl = recovery_timeline(files, tl.sector_size, j.recovery)
+                children = tuple((s, digest(rtl.materialize(s))) for s in ctx.gen.specs(rtl, dg[:16]))
             out.append(Done(task.index, digest(files), attrs.evolve(j, recovery=None), children))
     return out
 
@@ -274,7 +327,7 @@ class Candidate:
     index: int
     spec: Spec
     phase: int
-    recovery_point: int | None = None
+    path: tuple[Spec, ...] = ()
     parent: int | None = None
     require: str | None = None
     duplicates: int = 0
@@ -326,7 +379,7 @@ def prepare(w: Workload, opts: Options) -> Prepared:
     tl = Timeline(r.rec, opts.sector_size)
     gen = Generator(tl, w.name, opts.k, opts.samples, opts.seed, opts.max_tears)
     key = f"{w.name}:{digest(r.rec.state(len(r.rec.entries)))}:{len(r.rec.entries)}:{opts.sector_size}"
-    ctx = Context(key, r.rec, opts.sector_size, ph.expects, ph.of_point)
+    ctx = Context(key, r.rec, opts.sector_size, ph.expects, ph.of_point, RecoveryStates.of(w.name, opts))
     seen: dict[Any, Candidate] = {}
     cands: list[Candidate] = []
     generated: dict[str, int] = {}
@@ -364,7 +417,7 @@ def _submit(p: Prepared, ex: cf.Executor, cands: Sequence[Candidate], jobs: int)
     size = max(4, math.ceil(len(cands) / (3 * max(1, jobs))))
     futs = []
     for i in range(0, len(cands), size):
-        tasks = tuple(Task(c.index, c.spec, c.oracle, c.recovery_point, c.require) for c in cands[i:i + size])
+        tasks = tuple(Task(c.index, c.spec, c.oracle, c.path, c.require) for c in cands[i:i + size])
         futs.append(ex.submit(check_batch, Batch(p.ctx, tasks)))
     return futs
 
@@ -376,25 +429,26 @@ def _collect(p: Prepared, futs: list[cf.Future[list[Done]]], tick: Callable[[int
         tick(1)
 
 
-def _wave2(p: Prepared, opts: Options) -> list[Candidate]:
-    """Candidates for a second crash during recovery: prefixes of each recovery not yet seen."""
+def _next_wave(p: Prepared, opts: Options, level: int) -> list[Candidate]:
+    """Candidates for a crash during the recovery of the states at ``level - 1`` (0: the
+    workload's own): the crash states of each recovery not yet seen."""
     seen = {(c.done.digest, c.phase) for c in p.cands if c.done is not None}
     out: list[Candidate] = []
     generated = 0
     for c in list(p.cands):
-        if c.done is None or not c.done.children:
+        if c.done is None or not c.done.children or len(c.path) != level - 1:
             continue
         req = c.done.judged.qjournal if c.done.judged.ok else None
-        for point, dg in c.done.children:
+        for spec, dg in c.done.children:
             generated += 1
             if (dg, c.phase) in seen:
                 continue
             seen.add((dg, c.phase))
-            child = Candidate(len(p.cands), attrs.evolve(c.spec, strategy="recovery"), c.phase, point, c.index, req)
+            child = Candidate(len(p.cands), c.spec, c.phase, c.path + (spec,), c.index, req)
             p.cands.append(child)
             out.append(child)
-    p.generated["recovery"] = generated
-    _choose_oracle(out, opts, p.w.name, "wave2")
+    p.generated["recovery"] = p.generated.get("recovery", 0) + generated
+    _choose_oracle(out, opts, p.w.name, f"wave{level + 1}")
     return out
 
 
@@ -441,10 +495,9 @@ def describe(p: Prepared, c: Candidate, ids: dict[int, str]) -> str:
     at = (f"before entry {t} ({nxt.kind} on the {nxt.file}, {nxt.site})" if nxt is not None
           else "after the last entry")
     units = len(p.tl.snapshots[t].inflight)
-    if c.recovery_point is not None:
+    if c.path:
         parent = ids.get(c.parent, "?") if c.parent is not None else "?"
-        return (f"a second crash during the recovery of state {parent}: {c.recovery_point} entries of "
-                f"that recovery issued and landed in order")
+        return f"a crash during the recovery of state {parent} (level {len(c.path)}): {_recovery_text(c.path[-1])}"
     if spec.strategy == "prefix":
         return f"entries 0..{t - 1} issued and landed in order" if t else "nothing issued yet"
     if spec.strategy == "barrier":
@@ -459,6 +512,21 @@ def describe(p: Prepared, c: Candidate, ids: dict[int, str]) -> str:
     torn = [u for u, ch in spec.choices if not isinstance(ch, int)]
     return (f"{at}: {p.tl.files[torn[0][0]]} page {torn[0][1]:#x} torn at {p.tl.sector_size}-byte sectors, "
             f"{persisted} other unit(s) of {units} in flight reached the disk")
+
+
+def _recovery_text(spec: Spec) -> str:
+    """What a crash state of a recovery's recording kept (its entries are not in the report)."""
+    t, n = spec.point, len(spec.choices)
+    persisted = sum(1 for _, ch in spec.choices if isinstance(ch, int))
+    if spec.strategy == "prefix":
+        return f"its entries 0..{t - 1} issued and landed in order" if t else "nothing of it issued"
+    if spec.strategy == "barrier":
+        return f"right after its barrier {t - 1}, nothing in flight reached the disk"
+    if spec.strategy == "subset":
+        return f"before its entry {t}, {persisted} in-flight unit(s) reached the disk, the others did not"
+    if spec.strategy == "versions":
+        return f"before its entry {t}, a page holds an older version written in the same epoch"
+    return f"before its entry {t}, a page torn at sector granularity ({n - 1} other unit(s) in flight landed)"
 
 
 def _minimize(p: Prepared, c: Candidate) -> tuple[Spec, Judged]:
@@ -479,15 +547,15 @@ def _explain(p: Prepared, c: Candidate, opts: Options, oracle_dir: str) -> tuple
     assert c.done is not None
     done = c.done
     j = done.judged
-    if c.recovery_point is not None:
+    if c.path:
         parent = p.cands[c.parent] if c.parent is not None else None
-        rec = recover(p.tl.materialize(c.spec)).recording
-        assert rec is not None
-        done_steps = [e.name for e in rec.entries[:c.recovery_point] if e.kind == "mark"]
-        todo = [e.name for e in rec.entries[c.recovery_point:] if e.kind == "mark"]
-        where = (f"recovery had issued {c.recovery_point} of its {len(rec.entries)} entries, in the replay of step "
-                 f"{todo[0] if todo else '(none: checkpointing)'} (steps replayed before it: "
-                 f"{', '.join(done_steps) or 'none'})")
+        rec = recovery_timeline(state_files(p.tl, c.spec, c.path[:-1]), p.tl.sector_size).rec
+        point = c.path[-1].point
+        done_steps = [e.name for e in rec.entries[:point] if e.kind == "mark"]
+        todo = [e.name for e in rec.entries[point:] if e.kind == "mark"]
+        where = (f"recovery had issued {point} of its {len(rec.entries)} entries ({_recovery_text(c.path[-1])}), "
+                 f"in the replay of step {todo[0] if todo else '(none: checkpointing)'} (steps replayed before "
+                 f"it: {', '.join(done_steps) or 'none'})")
         expect = p.ph.expects[c.phase]
         when = ("the operation had returned, so everything it wrote was durable, but its checkpoint record "
                 "was not: recovery replays the whole transaction over the applied image, and its earlier "
@@ -554,7 +622,7 @@ def finish(p: Prepared, opts: Options) -> WorkloadResult:
     for c in p.cands:
         if c.done is None:
             continue
-        strategy = "recovery" if c.recovery_point is not None else c.spec.strategy
+        strategy = "recovery" if c.path else c.spec.strategy
         cnt = counts.setdefault(strategy, _Count())
         sid = ids[c.index] = f"{w.name}/{strategy}/{cnt.unique}"
         done = c.done
@@ -564,7 +632,7 @@ def finish(p: Prepared, opts: Options) -> WorkloadResult:
         j = done.judged
         states.append(CrashState(sid, w.name, strategy, c.spec.point, describe(p, c, ids), done.digest,
                                  fates(p.tl, c.spec, entries), c.spec.seed,
-                                 ids.get(c.parent) if c.parent is not None else None, c.recovery_point,
+                                 ids.get(c.parent) if c.parent is not None else None, encode_path(c.path),
                                  c.duplicates, encode_choices(c.spec.choices)))
         v = Verdict(sid, j.qjournal, j.plain, j.leaks, j.corruptions, j.recovered, j.idempotent, j.oracle,
                     j.allowed_qjournal, j.allowed_plain, j.ok, j.invariant, explanation, minimal)
@@ -660,11 +728,12 @@ def run(workloads: Sequence[Workload], opts: Options, executor: cf.Executor | No
             p.futures = _submit(p, executor, p.cands, jobs)
             bar.add(len(p.futures))
             prepared.append(p)
-        for item in prepared:
-            if isinstance(item, Prepared):
-                _collect(item, item.futures, bar.update)
-                if "recovery" in opts.strategies:
-                    item.futures = _submit(item, executor, _wave2(item, opts), jobs)
+        depth = opts.recovery_depth if "recovery" in opts.strategies else 0
+        for level in range(1, depth + 1):
+            for item in prepared:
+                if isinstance(item, Prepared):
+                    _collect(item, item.futures, bar.update)
+                    item.futures = _submit(item, executor, _next_wave(item, opts, level), jobs)
                     bar.add(len(item.futures))
         results: list[WorkloadResult] = []
         for item in prepared:
@@ -693,6 +762,21 @@ def encode_choices(choices: Sequence[tuple[tuple[int, int], Choice]]) -> str:
     return "+".join(out)
 
 
+def encode_path(path: Sequence[Spec]) -> str:
+    """A recovery path as text: ``strategy:point:choices:seed`` per level, joined by ``/``."""
+    return "/".join(f"{s.strategy}:{s.point}:{encode_choices(s.choices) or '-'}:{'-' if s.seed is None else s.seed}"
+                    for s in path)
+
+
+def decode_path(text: str) -> tuple[Spec, ...]:
+    out = []
+    for part in filter(None, text.split("/")):
+        strategy, point, choices, seed = part.split(":")
+        out.append(Spec(strategy, int(point), decode_choices("" if choices == "-" else choices),
+                        None if seed == "-" else int(seed)))
+    return tuple(out)
+
+
 def decode_choices(text: str) -> tuple[tuple[tuple[int, int], Choice], ...]:
     out: list[tuple[tuple[int, int], Choice]] = []
     for part in filter(None, text.split("+")):
@@ -708,9 +792,8 @@ def recorded_state(w: Workload, opts: Options, state: CrashState,
     r = record(w, opts.seed, opts.medium)
     tl = Timeline(r.rec, opts.sector_size)
     if state.choices or not state.fates:
-        spec = Spec(state.strategy if state.strategy != "recovery" else "recovery", state.point,
-                    decode_choices(state.choices), state.seed)
-        return state_files(tl, spec, state.recovery_point if state.strategy == "recovery" else None)
+        spec = Spec(state.strategy, state.point, decode_choices(state.choices), state.seed)
+        return state_files(tl, spec, decode_path(state.recovery))
     base = parent if state.strategy == "recovery" and parent is not None else state
     snap = tl.snapshots[base.point]
     choices: list[tuple[tuple[int, int], Choice]] = []
@@ -731,4 +814,4 @@ def recorded_state(w: Workload, opts: Options, state: CrashState,
         else:
             choices.append((u, (v, sum(1 << s for s in fate.new_sectors))))
     spec = Spec(base.strategy, base.point, tuple(choices), base.seed)
-    return state_files(tl, spec, state.recovery_point if state.strategy == "recovery" else None)
+    return state_files(tl, spec, decode_path(state.recovery))

@@ -18,14 +18,16 @@ import pytest
 
 import qemu
 from crashsim import harness
-from crashsim.checks import Expect, Semantic, bad_sectors, bits_between, missed_writes
+from crashsim.checks import (Expect, Semantic, bad_sectors, bits_between, changed_by_another, missed_writes, pending,
+                             recover, recovery_ignores_change, recovery_leftovers)
 from crashsim.cli import main
 from crashsim.model import STRATEGIES, Options, RunResult, WorkloadResult
 from crashsim.recorder import IMAGE, JOURNAL, Recording, RecordingMedium
-from crashsim.runner import InlineExecutor, record, run, seeded_salts
+from crashsim.runner import InlineExecutor, decode_path, digest, record, run, seeded_salts
 from crashsim.workloads import IMG, STANDARD, WORKLOADS, Base, Workload, find, qemu_img_cmd, workload
 from qjournal import Image
 from qjournal.errors import JournalError
+from qjournal.format.header import read_field
 from qjournal.journal import Journal, Transaction
 from qjournal.storage.medium import MemoryMedium
 
@@ -557,3 +559,50 @@ class TestReportSize:
         starts = {len(line) - len(line[line.index("  ") + 2:].lstrip()) for line in lines}
         descs = {line.index(w.description) for line, w in zip(lines, WORKLOADS.values())}
         assert len(starts) == 1 and len(descs) == 1
+
+
+class TestCrashesDuringRecovery:
+    """Recovery is crash-tested like any operation: its own writes and barriers are recorded
+    and cut by every strategy, two levels deep, and each state is judged."""
+
+    @staticmethod
+    def committed_not_applied() -> dict[str, bytes]:
+        """The files of the ``add`` workload right after its transaction reached the journal."""
+        rec = record(find("add"), 0).rec
+        t = next(t for t in range(len(rec.entries) + 1) if pending(rec.state(t)[JOURNAL]))
+        return rec.state(t)
+
+    def test_recovery_states_reorder_within_barriers_and_nest_two_levels(self) -> None:
+        w = run_one("two-transactions")
+        paths = [decode_path(s.recovery) for s in w.states if s.strategy == "recovery"]
+        assert "subset" in {p[-1].strategy for p in paths}      # a reordering inside recovery
+        assert {len(p) for p in paths} == {1, 2}
+        assert w.ok
+
+    def test_a_nested_recovery_state_replays_to_the_same_bytes(self, tmp_path: Path) -> None:
+        report = tmp_path / "r.json"
+        assert main(["run", "two-transactions", "--oracle", "none", "--jobs", "1", "-q",
+                     "--report", str(report)]) == 0
+        w = RunResult.loads(report.read_text()).workloads[0]
+        state = next(s for s in w.states if "/" in s.recovery)
+        image = tmp_path / "s.qcow2"
+        assert main(["replay", str(report), state.id, "-o", str(image)]) == 0
+        files = {IMAGE: image.read_bytes(), JOURNAL: (tmp_path / "s.qcow2.qjournal").read_bytes()}
+        assert digest(files).startswith(state.digest)
+
+    def test_recovery_leaves_nothing_in_flight_or_pending(self) -> None:
+        rec = recover(self.committed_not_applied()).recording
+        assert rec is not None and recovery_leftovers(rec) == ""
+        last_sync = max(i for i, e in enumerate(rec.entries) if e.kind == "barrier" and e.file == JOURNAL)
+        unsynced = Recording(rec.initial, rec.entries[:last_sync] + rec.entries[last_sync + 1:])
+        assert "not yet durable (journal" in recovery_leftovers(unsynced)
+
+    def test_recovery_refuses_an_image_someone_else_changed(self) -> None:
+        files = self.committed_not_applied()
+        changed = changed_by_another(files)
+        assert changed is not None
+        image, off = changed
+        assert off >= 1 << read_field(image, "cluster_bits") and image != files[IMAGE]
+        with pytest.raises(JournalError, match="changed after the crash"):
+            Image("x.qcow2", "r+", medium=MemoryMedium(image), journal_medium=MemoryMedium(files[JOURNAL]))
+        assert recovery_ignores_change(files) == ""

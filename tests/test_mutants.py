@@ -83,3 +83,12 @@ def test_the_command_lists_every_mutant(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     assert all(f"{m.name}  [{m.klass}]" in out for m in MUTANTS)
     assert mutants.main(["no-such-mutant"]) == 2
+
+
+@pytest.mark.parametrize("name", ["recovery-no-barriers", "recovery-no-checkpoint", "recovery-no-sync",
+                                  "recovery-skips-binding", "checkpoint-not-written"])
+def test_recovery_bugs_are_caught_by_crashing_recovery(name: str) -> None:
+    o = run_one(mutants.find(name), jobs=2, fallback=False)
+    assert o.status == "caught", o
+    assert o.caught_by.split(": ")[1] in ("recovery-not-durable", "recovery-ignores-change",
+                                          "recovery-changed-its-mind"), o

@@ -85,6 +85,24 @@ class Semantic:
         return "; ".join(bitmap_text(b) for b in self.bitmaps) + f"; {data}"
 
 
+def semantic_diff(want: Semantic, got: Semantic) -> str:
+    """How ``got`` differs from ``want`` in size, bitmaps and guest data ("" when it does not;
+    internal snapshots are left out: their dates differ between any two runs)."""
+    out = []
+    if want.virtual_size != got.virtual_size:
+        out.append(f"disk size {got.virtual_size}, not {want.virtual_size}")
+    theirs, ours = {b[0]: b for b in want.bitmaps}, {b[0]: b for b in got.bitmaps}
+    for name in theirs.keys() | ours.keys():
+        if theirs.get(name) != ours.get(name):
+            out.append(f"bitmap {name!r}: {bitmap_text(ours[name]) if name in ours else 'missing'}, not "
+                       f"{bitmap_text(theirs[name]) if name in theirs else 'absent'}")
+    if want.guest != got.guest:
+        a, b = dict(want.guest), dict(got.guest)
+        bad = sorted(o for o in a.keys() | b.keys() if a.get(o) != b.get(o))
+        out.append(f"guest data differs in {len(bad)} cluster(s), the first at {bad[0]:#x}")
+    return "; ".join(out)
+
+
 def bitmap_text(b: Bitmap) -> str:
     n, g, f, bits = b
     flags = ",".join(flag_names(f)) or "-"

@@ -313,6 +313,22 @@ MUTANTS: tuple[Mutant, ...] = (
       "            parts.append(((data[data != 0] // _U(cs)).astype(np.int64), f\"bitmap data of {whose}\"))\n",
       "            pass\n", ("check-repair", "add"),
       known_miss=OVERLAP_MISS),
+    # -- the operation's result: wrong, yet reached atomically (the independent "new") -----------
+    M("seed-in-use-not-set", "operation result", "qjournal/ops/bitmaps.py", "Bitmaps.set_in_use (the new flags)",
+      "the seed protocol leaves the bitmap without in_use: QEMU then trusts bits that guest writes no "
+      "longer keep up to date",
+      "            flags = (e.flags | bm.FLAG_IN_USE) if in_use else (e.flags & ~bm.FLAG_IN_USE)\n",
+      "            flags = e.flags if in_use else (e.flags & ~bm.FLAG_IN_USE)\n", ("set-in-use", "set-in-use-many")),
+    M("merge-not-or", "operation result", "qjournal/ops/bitmaps.py",
+      "Bitmaps.merge (bit by bit, different granularities)",
+      "a merge replaces the target's bits by the source's instead of adding them: bits the target had "
+      "are lost, and a backup misses those writes",
+      "            merged = dst_bits | _resample(src_bits, src_e.granularity, dst_e.granularity, img.header.size)\n",
+      "            merged = _resample(src_bits, src_e.granularity, dst_e.granularity, img.header.size)\n",
+      ("merge-into-dirty", "merge")),
+    M("add-wrong-granularity", "operation result", "qjournal/ops/bitmaps.py", "Bitmaps.add (the granularity)",
+      "bitmap add records a granularity twice the one asked for",
+      "    return g.bit_length() - 1\n", "    return g.bit_length()\n", ("add",)),
 )
 
 

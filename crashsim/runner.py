@@ -46,13 +46,13 @@ from qjournal.storage.medium import Medium, MemoryMedium
 from qjournal.progress import Progress
 
 from . import explain
-from .checks import Caches, Expect, Judged, Semantic, judge, recover, semantic
+from .checks import Caches, Expect, Judged, Semantic, judge, recover, semantic, semantic_diff
 from .model import (STRATEGIES, CrashState, EntryInfo, Fate, Options, RunResult, StrategyCount, TransactionInfo,
                     Verdict, WorkloadResult)
 from .realmedium import MarkingFileMedium, MarkingMmapMedium, RecordingSystem
 from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium, bracket_transactions
 from .states import SIZE, Choice, Generator, Spec, Timeline
-from .workloads import Workload
+from .workloads import Workload, WorkloadCheckFailed, qemu_result
 
 MINIMIZE = 4            # failing states minimized and explained per workload
 
@@ -376,6 +376,9 @@ def prepare(w: Workload, opts: Options) -> Prepared:
     t0 = time.perf_counter()
     r = record(w, opts.seed, opts.medium)
     ph = phases(r, w.journaled, w.relaxed, w.whole and w.journaled)
+    complaint = independent_new(w, ph.semantics[0], ph.semantics[-1])
+    if complaint:
+        raise WorkloadCheckFailed(complaint)
     tl = Timeline(r.rec, opts.sector_size)
     gen = Generator(tl, w.name, opts.k, opts.samples, opts.seed, opts.max_tears)
     key = f"{w.name}:{digest(r.rec.state(len(r.rec.entries)))}:{len(r.rec.entries)}:{opts.sector_size}"
@@ -399,6 +402,23 @@ def prepare(w: Workload, opts: Options) -> Prepared:
         generated[strategy] = n
     _choose_oracle(cands, opts, w.name, "wave1")
     return Prepared(w, r, ph, tl, ctx, _entry_infos(r.rec), _steps_of(r.rec), cands, generated, t0)
+
+
+def independent_new(w: Workload, old: Semantic, new: Semantic) -> str:
+    """Check the new state qjournal reached against the workload's independent one: what
+    QEMU leaves for the same operation, and the workload's declared check ("" when both
+    agree or the workload declares neither)."""
+    if w.qemu:
+        theirs, _ = _open_semantic({IMAGE: qemu_result(w), JOURNAL: b""})
+        diff = semantic_diff(theirs, new)
+        if diff:
+            cmds = "; ".join(" ".join(c[1:]) for c in w.qemu)
+            return f"the new state is not what QEMU leaves for the same operation ({cmds}): {diff}"
+    if w.expect is not None:
+        complaint = w.expect(old, new)
+        if complaint:
+            return f"the new state is not the one the workload declares: {complaint}"
+    return ""
 
 
 def _choose_oracle(cands: Sequence[Candidate], opts: Options, name: str, wave: str) -> None:

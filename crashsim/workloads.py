@@ -31,7 +31,7 @@ from typing import Callable, Iterable, TypeVar
 
 import attrs
 
-from qjournal.format.bitmaps import EXT_FIELD_OFFSET as BITMAPS_FIELD_OFFSET
+from qjournal.format.bitmaps import EXT_FIELD_OFFSET as BITMAPS_FIELD_OFFSET, FLAG_IN_USE
 from qjournal.format.extensions import EXT_BITMAPS, EXT_HEADER, Extension, pack_extensions, parse_extensions
 from qjournal.format.geometry import SECTOR
 from qjournal.format.header import AUTOCLEAR_BITMAPS, field_span, pack_field, read_field
@@ -39,6 +39,7 @@ import qjournal
 from qjournal import Image
 from qjournal.ops import amend as amend_op, commit as commit_op, rebase as rebase_op
 
+from .checks import Semantic, flag_names
 from .recorder import IMAGE, JOURNAL, Recording, RecordingMedium, bracket_transactions
 
 Write = tuple[int, bytes]
@@ -185,10 +186,38 @@ class Workload:
     minimum: int = 0                    # barriers a bypassing workload's protocol needs (its steps)
     whole: bool = False                 # the whole call is one operation (not one per transaction)
     relaxed: bool = False               # early bitmap bits and in-place data are allowed (see checks)
+    # The independent "new": the same operation done by QEMU on the base (qemu-img or qemu-io
+    # commands on IMG), whose result the recorded new state must equal, and a declared check
+    # of the new state against the old (its complaint, "" when the new state is right).
+    qemu: tuple[tuple[str, ...], ...] = ()
+    expect: Callable[[Semantic, Semantic], str] | None = None
+
+
+def qemu_result(w: Workload) -> bytes:
+    """The base of ``w`` after QEMU did ``w.qemu`` to it (once per process)."""
+    key = (w.base, w.qemu)
+    cached = _QEMU_RESULTS.get(key)
+    if cached is None:
+        with tempfile.TemporaryDirectory(prefix="crashsim-qemu-") as d:
+            path = os.path.join(d, IMG)
+            with open(path, "wb") as f:
+                f.write(w.base.build())
+            for cmd in w.qemu:
+                res = subprocess.run(cmd, cwd=d, capture_output=True, text=True)
+                if res.returncode:
+                    raise RuntimeError(f"{w.name}: QEMU's own operation: {' '.join(cmd)}: exit {res.returncode}: "
+                                       f"{res.stderr.strip()}")
+            with open(path, "rb") as f:
+                cached = _QEMU_RESULTS[key] = f.read()
+    return cached
+
+
+_QEMU_RESULTS: dict[tuple[Base, tuple[tuple[str, ...], ...]], bytes] = {}
 
 
 def workload(base: str = "standard", journaled: bool = True, expect_failure: bool = False,
-             whole: bool = False, relaxed: bool = False) -> Callable[[F], F]:
+             whole: bool = False, relaxed: bool = False, qemu: Iterable[str] = (),
+             expect: Callable[[Semantic, Semantic], str] | None = None) -> Callable[[F], F]:
     """Declare how a user workload starts and which outcomes a crash in it may leave.
 
     A user workload is ``path/to/file.py:function`` or ``module:function`` (the current
@@ -213,10 +242,19 @@ def workload(base: str = "standard", journaled: bool = True, expect_failure: boo
     bytes for a backup, allowed) and write data in place before it returns; without it,
     such a state is reported as ``plain-not-allowed``. ``expect_failure``: a negative
     control, which must fail (then the run passes when it does).
+
+    The new state itself is taken from the recording, so a wrong result reached atomically
+    would pass; declare it independently. ``qemu``: qemu-img or qemu-io command lines
+    (``base.qcow2`` is the image; for example ``"qemu-img bitmap --add base.qcow2 b9"``)
+    that do the same operation: the run fails unless qjournal's new state has the same
+    size, bitmaps (flags and dirty bits) and guest data as QEMU's. ``expect``: a function
+    of the old and the new :class:`crashsim.checks.Semantic` returning "" when the new
+    state is right, else what is wrong (the run then fails with it).
     """
     def mark(fn: F) -> F:
         for key, value in (("base", base), ("journaled", journaled), ("expect_failure", expect_failure),
-                           ("whole", whole), ("relaxed", relaxed)):
+                           ("whole", whole), ("relaxed", relaxed), ("qemu", tuple(tuple(shlex.split(c)) for c in qemu)),
+                           ("expect", expect)):
             setattr(fn, f"crashsim_{key}", value)
         return fn
     return mark
@@ -493,7 +531,8 @@ def find(name: str) -> Workload:
         raise KeyError(f"workload {name!r} asks for base {base!r}; known: {', '.join(BASES)}")
     return Workload(name, (fn.__doc__ or name).strip().splitlines()[0], fn, BASES[base],
                     bool(getattr(fn, "crashsim_journaled", True)), bool(getattr(fn, "crashsim_expect_failure", False)),
-                    whole=bool(getattr(fn, "crashsim_whole", False)), relaxed=bool(getattr(fn, "crashsim_relaxed", False)))
+                    whole=bool(getattr(fn, "crashsim_whole", False)), relaxed=bool(getattr(fn, "crashsim_relaxed", False)),
+                    qemu=tuple(getattr(fn, "crashsim_qemu", ())), expect=getattr(fn, "crashsim_expect", None))
 
 
 # -- resize (appended: the workload of qjournal/resize.py) ---------------------------------
@@ -698,6 +737,8 @@ WORKLOADS.update({w.name: w for w in (
     Workload("bitmap-and-write", "bitmap add and a guest write in one transaction", _bitmap_and_write,
              whole=True, relaxed=True),
     Workload("check-repair", "check -r leaks on an image with two leaked clusters", _check_repair, base=LEAKY),
+    Workload("merge-into-dirty", "bitmap merge into a bitmap that has bits of its own (4 KiB into 512 B "
+             "granularity)", lambda img: img.bitmaps.merge("b2", "b1")),
 )})
 
 
@@ -775,3 +816,80 @@ def _amend_lazy(img: Image) -> None:
 WORKLOADS["amend-lazy-refcounts"] = Workload(
     "amend-lazy-refcounts", "amend -o lazy_refcounts=on: the compatible feature bit in one header write",
     _amend_lazy)
+
+
+# -- the independent "new" (issue 11 point 5) ---------------------------------------------------
+# The state each operation must reach, computed by QEMU doing the same operation on the same
+# base (qemu-img bitmap, qemu-io write: QEMU's own dirty tracking sets the bits), or declared.
+MiB = 1 << 20
+
+
+def _io(*commands: str) -> tuple[tuple[str, ...], ...]:
+    return (qemu_io_cmd(*commands),)
+
+
+def _bitmap(*args: str) -> tuple[str, ...]:
+    return qemu_img_cmd("bitmap", *args)
+
+
+def in_use_set(*names: str) -> Callable[[Semantic, Semantic], str]:
+    """The seed protocol's declared result: ``names`` (every bitmap when none) gain in_use,
+    nothing else changes."""
+    def check(old: Semantic, new: Semantic) -> str:
+        want = set(names) or {b[0] for b in old.bitmaps}
+        for (name, gran, _, _), (n2, g2, flags, _) in zip(old.bitmaps, new.bitmaps):
+            if (name, gran) != (n2, g2):
+                return f"bitmap {name!r} became {n2!r} with granularity {g2}"
+            if name in want and not flags & FLAG_IN_USE:
+                return f"bitmap {name!r} should be in_use, its flags are {','.join(flag_names(flags)) or 'none'}"
+        if len(old.bitmaps) != len(new.bitmaps) or old.guest != new.guest or old.virtual_size != new.virtual_size:
+            return "the seed protocol changed more than the in_use flags"
+        return ""
+    return check
+
+
+def in_use_cleared(name: str) -> Callable[[Semantic, Semantic], str]:
+    def check(old: Semantic, new: Semantic) -> str:
+        b = next((b for b in new.bitmaps if b[0] == name), None)
+        if b is None or b[2] & FLAG_IN_USE:
+            return f"bitmap {name!r} should have lost in_use"
+        return ""
+    return check
+
+
+_SAME_BY_QEMU: dict[str, tuple[tuple[str, ...], ...]] = {
+    "add": (_bitmap("--add", "-g", "4096", IMG, "added"),),
+    "add-disabled": (_bitmap("--add", "--disable", "-g", "1M", IMG, "added"),),
+    "remove": (_bitmap("--remove", IMG, "fresh"),),
+    "remove-all": tuple(_bitmap("--remove", IMG, n) for n in ("stale", "b0", "b1", "b2", "fresh")),
+    "clear": (_bitmap("--clear", IMG, "b1"),),
+    "enable": (_bitmap("--enable", IMG, "b1"),),
+    "disable": (_bitmap("--disable", IMG, "fresh"),),
+    "merge": (_bitmap("--merge", "b1", IMG, "fresh"),),
+    "merge-same-granularity": (_bitmap("--merge", "b0", IMG, "fresh"),),
+    "merge-into-dirty": (_bitmap("--merge", "b1", IMG, "b2"),),
+    "transaction": (_bitmap("--remove", IMG, "fresh"), _bitmap("--add", "-g", "65536", IMG, "new"),
+                    _bitmap("--merge", "b1", IMG, "new")),
+    "two-transactions": (_bitmap("--add", "-g", "4096", IMG, "first"), _bitmap("--disable", IMG, "first")),
+    "add-split-header": (_bitmap("--add", "-g", "65536", IMG, "added"),),
+    "guest-overwrite": _io("write -P 0x5a 0 64k"),
+    "guest-write-mixed": _io(f"write -P 0xa5 {10 * MiB + (48 << 10)} 32k"),
+    "guest-zero": _io("write -z 8k 120k"),
+    "guest-write-grows-reftable": _io("write -P 0x5a 2M 64k"),
+    "guest-write-bits-cross": _io(f"write -P 0x7e {2 * MiB - 1024} 2048"),
+    "guest-batch": _io("write -P 0x11 4k 8k", "write -P 0x22 5M 12k", f"write -P 0x33 {5 * MiB + 100} 100",
+                       "write -z 10M 16k", "write -P 0x44 20M 100", "write -z 20M 4k",
+                       f"write -P 0x55 {20 * MiB + 50} 10"),
+    "guest-atomic": _io("write -P 0x5a 0 64k", f"write -P 0xa5 {10 * MiB + 100} 5000",
+                        f"write -P 0x3c {20 * MiB + 4096} 10"),
+}
+_DECLARED: dict[str, Callable[[Semantic, Semantic], str]] = {
+    "set-in-use": in_use_set("fresh"),
+    "set-in-use-two-pages": in_use_set(),
+    "set-in-use-many": in_use_set(),
+    "clear-in-use": in_use_cleared("stale"),
+}
+for _name, _cmds in _SAME_BY_QEMU.items():
+    WORKLOADS[_name] = attrs.evolve(WORKLOADS[_name], qemu=_cmds)
+for _name, _check in _DECLARED.items():
+    WORKLOADS[_name] = attrs.evolve(WORKLOADS[_name], expect=_check)

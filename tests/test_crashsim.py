@@ -606,3 +606,44 @@ class TestCrashesDuringRecovery:
         with pytest.raises(JournalError, match="changed after the crash"):
             Image("x.qcow2", "r+", medium=MemoryMedium(image), journal_medium=MemoryMedium(files[JOURNAL]))
         assert recovery_ignores_change(files) == ""
+
+
+@workload(qemu=["qemu-img bitmap --add -g 4096 base.qcow2 mine"])
+def user_add_like_qemu(img: Image) -> None:
+    """Add a bitmap as qemu-img bitmap --add does."""
+    img.bitmaps.add("mine", 4096)
+
+
+@workload(qemu=["qemu-img bitmap --add -g 4096 base.qcow2 mine"])
+def user_add_unlike_qemu(img: Image) -> None:
+    """Add a bitmap of another granularity than the one QEMU is asked for."""
+    img.bitmaps.add("mine", 8192)
+
+
+@workload(expect=lambda old, new: "" if len(new.bitmaps) == len(old.bitmaps) + 1 else "no bitmap was added")
+def user_add_nothing(img: Image) -> None:
+    """Declares that a bitmap is added, and adds none."""
+    img.bitmaps.disable("fresh")
+
+
+class TestIndependentNew:
+    """The new state an operation must reach comes from QEMU doing the same operation, or from
+    the workload's declaration, never only from the code under test."""
+
+    def test_every_built_in_workload_with_a_qemu_twin_reaches_qemus_state(self) -> None:
+        twins = [w for w in WORKLOADS.values() if w.qemu]
+        assert len(twins) >= 20 and sum(1 for w in WORKLOADS.values() if w.expect) >= 4
+        result = run(twins, Options(strategies=("prefix",), oracle="none", recovery_depth=0),
+                     executor=InlineExecutor())
+        assert [w.name for w in result.workloads if w.error] == []
+
+    def test_a_result_qemu_does_not_reach_fails_the_run(self) -> None:
+        assert run_one("test_crashsim:user_add_like_qemu", "prefix").ok
+        opts = Options(strategies=("prefix",), oracle="none")
+        (w,) = run([find("test_crashsim:user_add_unlike_qemu")], opts, executor=InlineExecutor()).workloads
+        assert not w.ok and "not what QEMU leaves" in w.error and "bitmap 'mine'" in w.error
+
+    def test_a_declared_result_not_reached_fails_the_run(self) -> None:
+        opts = Options(strategies=("prefix",), oracle="none")
+        (w,) = run([find("test_crashsim:user_add_nothing")], opts, executor=InlineExecutor()).workloads
+        assert not w.ok and "no bitmap was added" in w.error

@@ -18,7 +18,7 @@ from crashsim.workloads import WORKLOADS
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = 4                      # ~10 s each on 2 cores: the CI budget is ~60 s
 CLASSES = {"step order", "missing barrier", "medium flush", "journal commit", "journal checksum", "recovery",
-           "close and checkpoint", "bitmap bits", "COW spans", "resize grow", "resize shrink", "overlap map"}
+           "close and checkpoint", "bitmap bits", "COW spans", "resize grow", "resize shrink", "overlap map", "operation result"}
 
 
 class TestTheSet:

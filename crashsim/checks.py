@@ -296,6 +296,8 @@ class Expect:
     journaled: bool
     relaxed: bool = False                    # a guest write: bitmap bits may be set early
     in_place: bool = False                   # ... and its data written in place, outside the journal
+    damage: int = 0                          # corruptions the base already had (qjournal check) ...
+    qemu_damage: int = 0                     # ... and qemu-img check: allowed in every state, never more
 
     @property
     def inside(self) -> bool:
@@ -525,8 +527,8 @@ def recover_again_changes(image: bytes, journal: bytes) -> str:
 
 
 # -- the oracle -------------------------------------------------------------------------
-def oracle(image: bytes, path: str, expect: Expect, prefer: str = "") -> OracleResult:
-    """qemu-img check and info on ``image`` written to ``path``."""
+def oracle(image: bytes, path: str, expect: Expect | None, prefer: str = "") -> OracleResult:
+    """qemu-img check and info on ``image`` written to ``path`` (``expect`` None: only count)."""
     with open(path, "wb") as f:
         f.write(image)
     res = subprocess.run(["qemu-img", "check", "--output=json", path], capture_output=True, text=True)
@@ -542,6 +544,11 @@ def oracle(image: bytes, path: str, expect: Expect, prefer: str = "") -> OracleR
     if corr and harmless == corr == len(errors):
         # Only COPIED flags too few: allowed, as leaks are.
         corr, err, check_exit = 0, "", 3 if leaks else 0
+    if expect is None:
+        os.unlink(path)
+        return OracleResult(check_exit, corr, leaks, None, "", err)
+    if corr and corr <= expect.qemu_damage and check_exit == 2:
+        err, check_exit = "", 3 if leaks else 0        # the base's own damage, no more
     info = subprocess.run(["qemu-img", "info", "--output=json", "-U", path], capture_output=True, text=True)
     bitmaps = None
     if info.returncode == 0:
@@ -595,9 +602,9 @@ def judge(files: dict[str, bytes], expect: Expect, oracle_path: str | None = Non
         plain = attrs.evolve(plain, outcome=expect.classify(plain.semantic, ap, True))
     if plain.outcome == "error":
         problems.append(("plain-unreadable", f"a reader that ignores the journal cannot open the image: {plain.error}"))
-    elif plain.corruptions:
+    elif plain.corruptions > expect.damage:
         problems.append(("corruption", f"without the journal, qjournal check finds {plain.corruptions} "
-                                       f"corruption(s): {'; '.join(plain.messages)}"))
+                                       f"corruption(s){_had(expect)}: {'; '.join(plain.messages)}"))
     elif plain.outcome not in ap:
         problems.append(("plain-not-allowed", f"a reader that ignores the journal sees {_seen(plain, expect)}, "
                                               f"allowed: {', '.join(ap)}"))
@@ -634,9 +641,9 @@ def judge(files: dict[str, bytes], expect: Expect, oracle_path: str | None = Non
             qview = attrs.evolve(qview, outcome=expect.classify(qview.semantic, aq, False))
         if qview.outcome == "error":
             problems.append(("recovered-unreadable", f"after recovery qjournal cannot open the image: {qview.error}"))
-        elif qview.corruptions:
+        elif qview.corruptions > expect.damage:
             problems.append(("corruption", f"after recovery, qjournal check finds {qview.corruptions} "
-                                           f"corruption(s): {'; '.join(qview.messages)}"))
+                                           f"corruption(s){_had(expect)}: {'; '.join(qview.messages)}"))
         elif qview.outcome not in aq and (rec.wrote or not problems):
             problems.append(("qjournal-not-allowed", f"after recovery qjournal sees {_seen(qview, expect)}, "
                                                      f"allowed: {', '.join(aq)}"))
@@ -674,6 +681,10 @@ def judge(files: dict[str, bytes], expect: Expect, oracle_path: str | None = Non
     return Judged(qview.outcome, plain.outcome, plain.leaks, plain.corruptions, rec.wrote, idempotent, orc,
                   aq, ap, not problems, invariant, explanation,
                   rec.recording if rec.wrote else None)
+
+
+def _had(expect: Expect) -> str:
+    return f" where the base had {expect.damage}" if expect.damage else ""
 
 
 def _seen(v: View, expect: Expect) -> str:

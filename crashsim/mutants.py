@@ -88,9 +88,6 @@ RESIZE = "qjournal/ops/resize.py"
 OVERLAP = "qjournal/core/overlap.py"
 IMAGE = "qjournal/core/image.py"
 GUEST = ("guest-write", "guest-batch", "guest-write-mixed")
-OVERLAP_MISS = ("the allocator skips clusters the overlap map holds, so only an image whose refcounts call a "
-                "structure free reaches the check, and the checker counts that base's own corruption as a "
-                "failure of every state; it needs a rule for damage the base already had")
 MASKED = ("masked by the other defence: a record of an older generation is refused by its salt and by the "
           "chained checksum, so breaking one alone changes no outcome")
 
@@ -306,13 +303,11 @@ MUTANTS: tuple[Mutant, ...] = (
     M("overlap-first-cluster-only", "overlap map", OVERLAP, "OverlapMap.check_write (clusters checked)",
       "a write is checked against the structures in use at its first cluster only",
       "        found = self.find(np.arange(first, last + 1, dtype=np.int64))\n",
-      "        found = self.find(np.arange(first, first + 1, dtype=np.int64))\n", ("check-repair", "add"),
-      known_miss=OVERLAP_MISS),
+      "        found = self.find(np.arange(first, first + 1, dtype=np.int64))\n", ("new-cluster-over-metadata",)),
     M("overlap-no-bitmap-data", "overlap map", OVERLAP, "OverlapMap.build (bitmap data clusters)",
       "the overlap map leaves out bitmap data clusters: a write over one is not refused",
       "            parts.append(((data[data != 0] // _U(cs)).astype(np.int64), f\"bitmap data of {whose}\"))\n",
-      "            pass\n", ("check-repair", "add"),
-      known_miss=OVERLAP_MISS),
+      "            pass\n", ("guest-write-damaged",)),
     # -- the operation's result: wrong, yet reached atomically (the independent "new") -----------
     M("seed-in-use-not-set", "operation result", "qjournal/ops/bitmaps.py", "Bitmaps.set_in_use (the new flags)",
       "the seed protocol leaves the bitmap without in_use: QEMU then trusts bits that guest writes no "

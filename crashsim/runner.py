@@ -46,7 +46,7 @@ from qjournal.storage.medium import Medium, MemoryMedium
 from qjournal.progress import Progress
 
 from . import explain
-from .checks import Caches, Expect, Judged, Semantic, judge, recover, semantic, semantic_diff
+from .checks import Caches, Expect, Judged, Semantic, judge, oracle, recover, semantic, semantic_diff
 from .model import (STRATEGIES, CrashState, EntryInfo, Fate, Options, RunResult, StrategyCount, TransactionInfo,
                     Verdict, WorkloadResult)
 from .realmedium import MarkingFileMedium, MarkingMmapMedium, RecordingSystem
@@ -122,13 +122,19 @@ def record(w: Workload, seed: int, medium: str = "memory") -> Recorded:
 
 
 # -- what each phase allows ------------------------------------------------------------------
-def _open_semantic(files: dict[str, bytes]) -> tuple[Semantic, int]:
+def _open_semantic(files: dict[str, bytes]) -> tuple[Semantic, int, int]:
+    """The semantic state, leaks and corruptions (besides COPIED flags too few) of ``files``."""
     with Image("state.qcow2", "r", medium=MemoryMedium(files[IMAGE]),
                journal_medium=MemoryMedium(files[JOURNAL])) as img:
         sem = semantic(img)
     with Image("state.qcow2", "r", medium=MemoryMedium(files[IMAGE]), journal_medium=MemoryMedium(b"")) as img:
-        leaks = check(img).leaks
-    return sem, leaks
+        res = check(img)
+    return sem, res.leaks, res.corruptions - res.copied_too_few
+
+
+def _qemu_corruptions(image: bytes) -> int:
+    with tempfile.TemporaryDirectory(prefix="crashsim-base-") as d:
+        return oracle(image, os.path.join(d, "base.qcow2"), None).corruptions
 
 
 @attrs.frozen
@@ -145,16 +151,20 @@ def phases(r: Recorded, journaled: bool, relaxed: bool = False, in_place: bool =
     n = len(r.rec.entries)
     cuts = [0] + [s.end + 1 for s in r.spans]
     states = [r.rec.state(c) for c in cuts]
-    sems, leaks = zip(*(_open_semantic(s) for s in states))
+    sems, leaks, corrupt = zip(*(_open_semantic(s) for s in states))
+    # Damage the base already had (a workload on a damaged image): every state may show it,
+    # none may show more.
+    damage = {"damage": corrupt[0], "qemu_damage": _qemu_corruptions(states[0][IMAGE]) if corrupt[0] else 0}
     m = len(r.spans)
     expects: list[Expect] = []
     if m == 0:
-        expects.append(Expect(sems[0], sems[0], leaks[0], leaks[0], "old", journaled, relaxed, in_place))
+        expects.append(Expect(sems[0], sems[0], leaks[0], leaks[0], "old", journaled, relaxed, in_place, **damage))
     else:
-        expects.append(Expect(sems[0], sems[1], leaks[0], leaks[1], "old", journaled, relaxed, in_place))
+        expects.append(Expect(sems[0], sems[1], leaks[0], leaks[1], "old", journaled, relaxed, in_place, **damage))
         for j in range(m):
-            expects.append(Expect(sems[j], sems[j + 1], leaks[j], leaks[j + 1], "", journaled, relaxed, in_place))
-            expects.append(Expect(sems[j], sems[j + 1], leaks[j], leaks[j + 1], "new", journaled, relaxed, in_place))
+            for only in ("", "new"):
+                expects.append(Expect(sems[j], sems[j + 1], leaks[j], leaks[j + 1], only, journaled, relaxed,
+                                      in_place, **damage))
     of_point = []
     for t in range(n + 1):
         ph = 2 * m
@@ -409,7 +419,7 @@ def independent_new(w: Workload, old: Semantic, new: Semantic) -> str:
     QEMU leaves for the same operation, and the workload's declared check ("" when both
     agree or the workload declares neither)."""
     if w.qemu:
-        theirs, _ = _open_semantic({IMAGE: qemu_result(w), JOURNAL: b""})
+        theirs = _open_semantic({IMAGE: qemu_result(w), JOURNAL: b""})[0]
         diff = semantic_diff(theirs, new)
         if diff:
             cmds = "; ".join(" ".join(c[1:]) for c in w.qemu)

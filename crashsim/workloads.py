@@ -35,8 +35,10 @@ from qjournal.format.bitmaps import EXT_FIELD_OFFSET as BITMAPS_FIELD_OFFSET, FL
 from qjournal.format.extensions import EXT_BITMAPS, EXT_HEADER, Extension, pack_extensions, parse_extensions
 from qjournal.format.geometry import SECTOR
 from qjournal.format.header import AUTOCLEAR_BITMAPS, field_span, pack_field, read_field
+from qjournal.format import refcount as refcount_fmt
 import qjournal
 from qjournal import Image
+from qjournal.errors import FormatError
 from qjournal.ops import amend as amend_op, commit as commit_op, rebase as rebase_op
 
 from .checks import Semantic, flag_names
@@ -718,7 +720,85 @@ LEAKY = Base("leaky", (
 ), post=_leak_clusters, post_description="raise the refcount of two clusters nothing references (two leaks)")
 BASES[LEAKY.name] = LEAKY
 
+def _unreference_bitmap_data(path: str) -> None:
+    """Set the refcount of b0's bitmap data cluster to 0 (iotest 137's damage: metadata a
+    refcount calls free), leaving two free clusters below it, so that the third of three
+    single-cluster allocations lands on it unless the overlap map holds it."""
+    with qjournal.open(path, "r") as img:
+        b = img.bitmaps["b0"]
+        (data,) = [int(x) for x in img.bitmap_table(b.entry) if x]
+        h, cs = img.header, img.header.cluster_size
+        per_block = refcount_fmt.entries_per_block(cs, h.refcount_order)
+        cluster = data // cs
+        reftable = img.medium.read(h.refcount_table_offset + 8 * (cluster // per_block), 8)
+        block = int.from_bytes(reftable, "big") & ~(cs - 1)
+        lo, n = refcount_fmt.entry_span(cluster % per_block, h.refcount_order)
+        old = img.medium.read(block + lo, n)
+    assert h.refcount_order >= 3 and int.from_bytes(old, "big") == 1, "the damage expects a whole-byte refcount of 1"
+    with open(path, "r+b") as f:
+        f.seek(block + lo)
+        f.write(bytes(n))
+
+
+DAMAGED = Base("bitmap-data-unreferenced", (
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "16M"),
+    qemu_img_cmd("bitmap", "--add", "-g", "4096", IMG, "b0"),
+    qemu_io_cmd("write -P 0x11 0 64k"),
+), post=_unreference_bitmap_data, post_description="set the refcount of b0's bitmap data cluster to 0")
+BASES[DAMAGED.name] = DAMAGED
+DAMAGED_WRITES = tuple(((1 << 20) + k * (64 << 10), bytes([0x70 + k]) * 4096) for k in range(3))
+
+
+def _write_damaged(img: Image) -> None:
+    with img.transaction("three single-cluster writes on a damaged image"):
+        for off, data in DAMAGED_WRITES:
+            img.write(off, data)
+
+
+def _write_new_over_metadata(img: Image) -> None:
+    """A buggy operation: it stages two clusters from one it allocated, and the second holds
+    a structure in use. The overlap check must refuse the commit before anything is written."""
+    cs = img.header.cluster_size
+    try:
+        with img.transaction("a new-cluster write running into a structure in use") as tx:
+            used = set(img.overlap_map().clusters.tolist())
+            off = tx.alloc.alloc(1)
+            while off // cs + 1 not in used:
+                if off // cs >= img.medium.size // cs:
+                    raise WorkloadCheckFailed("no free cluster lies before a structure in use")
+                off = tx.alloc.alloc(1)
+            tx.write_new(off, b"\xee" * (2 * cs))
+    except FormatError as e:
+        if "would overwrite" in str(e):
+            return
+        raise
+    raise WorkloadCheckFailed("a new-cluster write over a structure in use was not refused")
+
+
+def writes_land(writes: tuple[Write, ...], bitmap: str) -> Callable[[Semantic, Semantic], str]:
+    """The declared result of guest writes: their bytes on the guest disk, and ``bitmap``
+    dirty wherever they wrote (a write over metadata breaks one or the other)."""
+    def check(old: Semantic, new: Semantic) -> str:
+        guest = dict(new.guest)
+        bits = next((b[3] for b in new.bitmaps if b[0] == bitmap), ())
+        for off, data in writes:
+            for pos in range(off, off + len(data), SECTOR):
+                cluster = next(((c, d) for c, d in guest.items() if c <= pos < c + len(d)), None)
+                got = cluster[1][pos - cluster[0]:pos - cluster[0] + SECTOR] if cluster else bytes(SECTOR)
+                if got != data[pos - off:pos - off + SECTOR]:
+                    return f"the guest sector at {pos:#x} does not hold the bytes written there"
+            if bits == "in-use" or not any(s <= off and off + len(data) <= s + n for s, n in bits):
+                return f"bitmap {bitmap!r} is not dirty over the write at {off:#x}+{len(data):#x}"
+        return ""
+    return check
+
+
 WORKLOADS.update({w.name: w for w in (
+    Workload("guest-write-damaged", "three guest writes on an image whose bitmap data cluster has refcount 0 "
+             "(the base's damage is allowed in every state, no more)", _write_damaged, base=DAMAGED,
+             whole=True, relaxed=True, expect=writes_land(DAMAGED_WRITES, "b0")),
+    Workload("new-cluster-over-metadata", "an operation that stages a write past the cluster it allocated, "
+             "into a structure in use: refused, nothing written", _write_new_over_metadata, base=DAMAGED),
     Workload("guest-write-bits-cross", "guest write whose dirty range crosses a bitmap data cluster "
              "(512 B clusters and granularity)", _bits_cross, base=FINE_BITMAP, relaxed=True),
     Workload("resize-shrink", "resize 1M -> 512k with a bitmap, tail data and L2 tables dropped "

@@ -278,8 +278,12 @@ class TestRealWorkloads:
         bad = [f"{v.state_id}: {v.invariant}: {v.explanation}" for w in real.values() for v in w.failures
                if not v.state_id.split("/")[1] == "recovery"]
         assert not bad, "\n".join(bad[:5])
+        refused = {"new-cluster-over-metadata"}       # the overlap check refuses it: nothing is written
         for w in real.values():
             seen = {v.qjournal for v in w.verdicts}
+            if w.name in refused:
+                assert seen == {"old"} and not w.transactions, (w.name, seen)
+                continue
             assert {"old", "new"} <= seen, (w.name, seen)    # crashes on both sides of the commit
             assert w.transactions and all(t.barriers >= t.minimum for t in w.transactions), w.name
 

@@ -88,8 +88,9 @@ RESIZE = "qjournal/ops/resize.py"
 OVERLAP = "qjournal/core/overlap.py"
 IMAGE = "qjournal/core/image.py"
 GUEST = ("guest-write", "guest-batch", "guest-write-mixed")
-MASKED = ("masked by the other defence: a record of an older generation is refused by its salt and by the "
-          "chained checksum, so breaking one alone changes no outcome")
+MASKED = ("masked by the two other defences: a record of an older generation carries the old salt, a "
+          "sequence number below the new generation's first, and a checksum chained on other records; "
+          "each alone refuses it, so breaking one changes no outcome")
 
 MUTANTS: tuple[Mutant, ...] = (
     # -- step order: phases swapped in the ordering table's plan ------------------------------

@@ -86,11 +86,13 @@ class Semantic:
 
 
 def semantic_diff(want: Semantic, got: Semantic) -> str:
-    """How ``got`` differs from ``want`` in size, bitmaps and guest data ("" when it does not;
-    internal snapshots are left out: their dates differ between any two runs)."""
+    """How ``got`` differs from ``want`` in size, bitmaps, guest data and internal snapshots
+    (id, name, disk size, L1 size: not their dates); "" when it does not."""
     out = []
     if want.virtual_size != got.virtual_size:
         out.append(f"disk size {got.virtual_size}, not {want.virtual_size}")
+    if want.snapshots != got.snapshots:
+        out.append(f"snapshots {list(got.snapshots)}, not {list(want.snapshots)}")
     theirs, ours = {b[0]: b for b in want.bitmaps}, {b[0]: b for b in got.bitmaps}
     for name in theirs.keys() | ours.keys():
         if theirs.get(name) != ours.get(name):

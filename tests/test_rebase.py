@@ -14,7 +14,9 @@ import pytest
 import qemu
 from crashsim import harness
 from crashsim.workloads import WORKLOADS
+import qjournal
 from qjournal.cli import main
+from qjournal.ops import rebase as rebase_op
 
 
 def images(d: Path, *opts: str) -> tuple[Path, Path, Path]:
@@ -126,3 +128,21 @@ def test_a_new_name_of_the_same_length_across_a_sector_boundary(tmp_path: Path) 
     assert main(["rebase", "-u", "-b", new_name, "-F", "qcow2", str(img)]) == 0
     qemu.assert_clean(img)
     assert backing(img) == (new_name, "qcow2")
+
+
+def test_a_safe_rebase_after_an_unsafe_one_in_the_same_open_image_reads_the_new_chain(tmp_path: Path) -> None:
+    """The guest reader follows the backing file a transaction switched in: before, a safe
+    rebase right after `rebase -u` on the same open image read the old (empty) chain and
+    copied nothing, so the guest lost the backing file's data (found by crashsim's QEMU twin
+    of the rebase workload)."""
+    old, img, _ = images(tmp_path)
+    twin = tmp_path / "twin.qcow2"
+    qemu.qemu_img("create", "-q", "-f", "qcow2", str(twin), "4M")
+    qemu.qemu_io(twin, "write -P 2 512k 64k")
+    shutil.copy(twin, tmp_path / "mine.qcow2")
+    for rebase_cmds in (("rebase", "-u", "-b", old.name, "-F", "qcow2"), ("rebase", "-b", "")):
+        qemu.qemu_img(*rebase_cmds, str(twin))
+    with qjournal.open(tmp_path / "mine.qcow2", "r+") as mine:
+        rebase_op.rebase(mine, old.name, "qcow2", unsafe=True)
+        assert rebase_op.rebase(mine, "", None) > 0
+    assert guest(tmp_path / "mine.qcow2", tmp_path / "a.raw") == guest(twin, tmp_path / "b.raw")

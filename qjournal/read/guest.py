@@ -283,7 +283,9 @@ class GuestReader:
     # -- files under the image ----------------------------------------------------
     @property
     def backing(self) -> Layer | None:
-        """The backing file as a :class:`Layer`, opened on first use; None without one."""
+        """The backing file as a :class:`Layer`, opened on first use; None without one.
+        Follows the header: after a transaction that changed the backing file, the new one."""
+        self._refresh()
         if not self._backing_open:
             self._backing = self._open_backing()
             self._backing_open = True
@@ -320,6 +322,7 @@ class GuestReader:
     @property
     def data_file(self) -> RawFile | None:
         """The external data file, opened on first use; None when the image has none."""
+        self._refresh()
         if self._data is None and self.has_data_file:
             assert self.img.data_file is not None
             self._data = RawFile(resolve(self.img.path, self.img.data_file))

@@ -147,8 +147,9 @@ class CrashState:
     parent: str | None = None
     recovery: str = ""
     duplicates: int = 0         # how many more generated candidates had this content
-    choices: str = ""           # the units not at their durable version, "file.page.version[.tearmask]"
-                                # joined by "+" (hex): what ``replay`` rebuilds the state from
+    choices: str = ""           # the units not at their durable version, compactly: "L" and a hex mask of
+                                # the in-flight units at their latest version, then "+unit.version[.tearmask]"
+                                # (see crashsim.runner.encode_choices): what ``replay`` rebuilds the state from
 
 
 @attrs.frozen
@@ -317,7 +318,7 @@ class RunResult:
 
 
 # -- compact reports: a passing state as one line ------------------------------------
-SHORT_DIGEST = 16       # hex digits of a summarized state's digest (replay compares this prefix)
+SHORT_DIGEST = 12       # hex digits of a summarized state's digest (replay compares this prefix)
 
 
 def summarize(s: CrashState, v: Verdict) -> str:

@@ -663,7 +663,7 @@ def finish(p: Prepared, opts: Options) -> WorkloadResult:
         states.append(CrashState(sid, w.name, strategy, c.spec.point, describe(p, c, ids), done.digest,
                                  fates(p.tl, c.spec, entries), c.spec.seed,
                                  ids.get(c.parent) if c.parent is not None else None, encode_path(c.path),
-                                 c.duplicates, encode_choices(c.spec.choices)))
+                                 c.duplicates, encode_choices(c.spec.choices, p.tl.snapshots[c.spec.point].inflight)))
         v = Verdict(sid, j.qjournal, j.plain, j.leaks, j.corruptions, j.recovered, j.idempotent, j.oracle,
                     j.allowed_qjournal, j.allowed_plain, j.ok, j.invariant, explanation, minimal)
         verdicts.append(v)
@@ -782,9 +782,26 @@ def _error_result(w: Workload, error: str) -> WorkloadResult:
                           (), (), (), (), "", "", 0.0, error)
 
 
-def encode_choices(choices: Sequence[tuple[tuple[int, int], Choice]]) -> str:
+def encode_choices(choices: Sequence[tuple[tuple[int, int], Choice]],
+                   inflight: dict[tuple[int, int], Any] | None = None) -> str:
     """A spec's choices as text: ``file.page.version`` or ``file.page.version.tearmask`` (hex,
-    page -1 for a file's size), joined by ``+`` (see :attr:`CrashState.choices`)."""
+    page -1 for a file's size), joined by ``+`` (see :attr:`CrashState.choices`).
+
+    With ``inflight`` (the in-flight units of the spec's crash point and their versions),
+    compactly: ``L`` and a hex mask of the units (in sorted order) at their latest version,
+    then ``+index.version`` or ``+index.version.tearmask`` for each other one.
+    """
+    if inflight is not None:
+        units = sorted(inflight)
+        index = {u: i for i, u in enumerate(units)}
+        mask, rest = 0, []
+        for u, ch in choices:
+            if ch == len(inflight[u]) - 1:
+                mask |= 1 << index[u]
+            else:
+                tail = f"{ch:x}" if isinstance(ch, int) else f"{ch[0]:x}.{ch[1]:x}"
+                rest.append(f"{index[u]:x}.{tail}")
+        return "+".join([f"L{mask:x}"] + rest) if choices else ""
     out = []
     for (f, page), ch in choices:
         tail = f"{ch:x}" if isinstance(ch, int) else f"{ch[0]:x}.{ch[1]:x}"
@@ -807,8 +824,20 @@ def decode_path(text: str) -> tuple[Spec, ...]:
     return tuple(out)
 
 
-def decode_choices(text: str) -> tuple[tuple[tuple[int, int], Choice], ...]:
+def decode_choices(text: str, inflight: dict[tuple[int, int], Any] | None = None
+                   ) -> tuple[tuple[tuple[int, int], Choice], ...]:
+    """The choices :func:`encode_choices` wrote (``inflight`` for its compact form)."""
     out: list[tuple[tuple[int, int], Choice]] = []
+    if text.startswith("L"):
+        assert inflight is not None, "compact choices need the crash point's in-flight units"
+        units = sorted(inflight)
+        head, *rest = text.split("+")
+        mask = int(head[1:], 16)
+        out = [(u, len(inflight[u]) - 1) for i, u in enumerate(units) if mask >> i & 1]
+        for part in rest:
+            i, *v = part.split(".")
+            out.append((units[int(i, 16)], int(v[0], 16) if len(v) == 1 else (int(v[0], 16), int(v[1], 16))))
+        return tuple(sorted(out))
     for part in filter(None, text.split("+")):
         f, page, *rest = part.split(".")
         unit = (int(f, 16), -1 if page == "-1" else int(page, 16))
@@ -822,7 +851,8 @@ def recorded_state(w: Workload, opts: Options, state: CrashState,
     r = record(w, opts.seed, opts.medium)
     tl = Timeline(r.rec, opts.sector_size)
     if state.choices or not state.fates:
-        spec = Spec(state.strategy, state.point, decode_choices(state.choices), state.seed)
+        spec = Spec(state.strategy, state.point,
+                    decode_choices(state.choices, tl.snapshots[state.point].inflight), state.seed)
         return state_files(tl, spec, decode_path(state.recovery))
     base = parent if state.strategy == "recovery" and parent is not None else state
     snap = tl.snapshots[base.point]

@@ -145,7 +145,8 @@ class TestRegressions:
         assert qj("read", "-P", "2", img, 0, 4096)[0] == 0
 
     @pytest.mark.parametrize("name, index", [("datafile-raw", 2561), ("64k-zlib", 49), ("r64-16k-l2x", 4402),
-                                             ("r64-16k-l2x", 11094), ("datafile-raw", 7279), ("r64-16k-l2x", 4430)])
+                                             ("r64-16k-l2x", 11094), ("datafile-raw", 7279), ("r64-16k-l2x", 4430),
+                                             ("2m", 10930)])
     def test_cases_that_failed_once_pass(self, tmp_path: Path, name: str, index: int) -> None:
         # Replayed: 2561 and 49, check -r all wrote its new refcount structure past the end
         # of the file, then its switch was refused, and the file stayed longer; 4402 and
@@ -153,7 +154,9 @@ class TestRegressions:
         # (written back from the replacement characters, 65535 bytes grew past a u16);
         # 7279, a data file name with a newline made a two-line error; 4430, a snapshot L1
         # table of 16384 entries naming the same few tables made check decode 64 MiB chunks
-        # of them (349 MiB peak for a 1 MiB file).
+        # of them (349 MiB peak for a 1 MiB file); 10930, check -r all on 2 MiB clusters
+        # planned its header switch with an 8-byte sector index per byte of cluster 0 (51 MiB
+        # peak, bound 40).
         (tmp_path / "c").mkdir()
         (tmp_path / "w").mkdir()
         spec = [s for s in fuzz.SPECS if s[0] == name]

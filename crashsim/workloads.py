@@ -775,3 +775,35 @@ def _amend_lazy(img: Image) -> None:
 WORKLOADS["amend-lazy-refcounts"] = Workload(
     "amend-lazy-refcounts", "amend -o lazy_refcounts=on: the compatible feature bit in one header write",
     _amend_lazy)
+
+
+def _amend_refcount_bits(img: Image) -> None:
+    # A new refcount structure of each width in free clusters, counting the old one, its
+    # own clusters, the snapshot's shared clusters (2) and the bitmap; the header switches
+    # to it in one write, then the old table and blocks are freed. 16 -> 64 -> 8 bits.
+    amend_op.amend(img, "refcount_bits=64")
+    amend_op.amend(img, "refcount_bits=8")      # the compressed data shares a cluster 32 times
+
+
+AMEND_V2_BASE = Base("amend-v2", (
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096", IMG, "8M"),
+    qemu_io_cmd("write -P 0x11 0 256k", "write -c -P 0x22 1M 64k"),
+    qemu_img_cmd("snapshot", "-c", "s0", IMG),
+    qemu_io_cmd("write -P 0x33 0 64k"),
+))
+BASES[AMEND_V2_BASE.name] = AMEND_V2_BASE
+
+
+def _amend_compat(img: Image) -> None:
+    # v2 -> v3: the header grows to the v3 fields, the extensions move after them (one
+    # header write); then v3 -> v2 again.
+    amend_op.amend(img, "compat=1.1")
+    amend_op.amend(img, "compat=0.10")
+
+
+WORKLOADS["amend-refcount-bits"] = Workload(
+    "amend-refcount-bits", "amend -o refcount_bits=64, then 8: a new refcount structure switched in by one "
+    "header write, the old one freed (a snapshot and a bitmap)", _amend_refcount_bits, base=SNAPSHOT_BASE)
+WORKLOADS["amend-compat"] = Workload(
+    "amend-compat", "amend -o compat=1.1 on a v2 image with a snapshot and a compressed cluster, then "
+    "compat=0.10: the header's version switched in one write each", _amend_compat, base=AMEND_V2_BASE)

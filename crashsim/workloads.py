@@ -796,8 +796,26 @@ BASES[AMEND_V2_BASE.name] = AMEND_V2_BASE
 
 def _amend_compat(img: Image) -> None:
     # v2 -> v3: the header grows to the v3 fields, the extensions move after them (one
-    # header write); then v3 -> v2 again.
+    # header write); zero clusters over data and over nothing; then v3 -> v2 again, the
+    # zero clusters expanded (new zeroed clusters, entries changed) in the same transaction.
     amend_op.amend(img, "compat=1.1")
+    img.write_zeroes(0, 8192)
+    img.write_zeroes(4 << 20, 8192)
+    amend_op.amend(img, "compat=0.10")
+
+
+AMEND_ZERO_BASE = Base("amend-zero-clusters", (
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "8M"),
+    qemu_io_cmd("write -P 0x11 0 256k", "write -z 64k 16k", "write -z 1M 64k"),
+    qemu_img_cmd("snapshot", "-c", "s0", IMG),
+))
+BASES[AMEND_ZERO_BASE.name] = AMEND_ZERO_BASE
+
+
+def _amend_compat_zero(img: Image) -> None:
+    # v3 -> v2 over zero clusters with clusters of their own (qemu-io's write -z over data)
+    # and without, in an L2 table the snapshot shares: new zeroed clusters counted twice,
+    # the entries changed, the old clusters freed, and the header switched, in one transaction.
     amend_op.amend(img, "compat=0.10")
 
 
@@ -805,5 +823,8 @@ WORKLOADS["amend-refcount-bits"] = Workload(
     "amend-refcount-bits", "amend -o refcount_bits=64, then 8: a new refcount structure switched in by one "
     "header write, the old one freed (a snapshot and a bitmap)", _amend_refcount_bits, base=SNAPSHOT_BASE)
 WORKLOADS["amend-compat"] = Workload(
-    "amend-compat", "amend -o compat=1.1 on a v2 image with a snapshot and a compressed cluster, then "
-    "compat=0.10: the header's version switched in one write each", _amend_compat, base=AMEND_V2_BASE)
+    "amend-compat", "amend -o compat=1.1 on a v2 image with a snapshot and a compressed cluster, zero "
+    "clusters, then compat=0.10 (zero clusters expanded): the header's version switched in one write each", _amend_compat, base=AMEND_V2_BASE)
+WORKLOADS["amend-compat-zero"] = Workload(
+    "amend-compat-zero", "amend -o compat=0.10 with zero clusters (allocated and not) in an L2 table a "
+    "snapshot shares: expanded and switched to v2 in one transaction", _amend_compat_zero, base=AMEND_ZERO_BASE)

@@ -95,7 +95,7 @@ def add_parsers(sub: Any) -> None:
                     "lazy_refcounts=on|off; refcount_bits=1..64 (a new refcount structure switched in by one "
                     "header write); compat=1.1 (upgrade) and compat=0.10 (downgrade, refused with the reason "
                     "when version 2 cannot express the image: extended L2, persistent bitmaps, a data file, "
-                    "zstd, zero clusters).",
+                    "zstd; zero clusters are expanded as qemu-img expands them).",
                     ["qjournal amend -o lazy_refcounts=on disk.qcow2",
                      "qjournal amend -o refcount_bits=64 disk.qcow2",
                      "qjournal amend -o compat=1.1 old.qcow2"])

@@ -24,10 +24,11 @@ What qjournal amends, and what it refuses (block/qcow2.c ``qcow2_amend_options``
                         bitmaps (qemu-img 7.2 goes on and leaves an orphan bitmaps
                         extension, every bitmap inconsistent, its clusters leaked), an
                         external data file, zstd compression (qemu-img 7.2 goes on, and
-                        a v2 reader then inflates zstd clusters as zlib), zero
-                        clusters (qemu-img expands them; use it, or write zeros over
-                        them), refcounts other than 16 bits (unless ``refcount_bits=16``
-                        is given too: the width changes first, as in QEMU)
+                        a v2 reader then inflates zstd clusters as zlib), refcounts
+                        other than 16 bits (unless ``refcount_bits=16`` is given too:
+                        the width changes first, as in QEMU). Zero clusters are
+                        expanded in the same transaction, as QEMU expands them
+                        (:func:`_expand_zero_clusters`)
 creation-only options   ``cluster_size``, ``extended_l2``, ``preallocation``,
                         ``compression_type``, ``backing_fmt``, ``size``...: refused, as
                         qemu-img refuses them
@@ -47,9 +48,12 @@ from ..errors import UsageError
 from ..format.header import (COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
                              INCOMPAT_EXTL2, QEMU_V3_LENGTH, REFCOUNT_ORDER_V2, V2_LENGTH)
 from ..format.snapshots import MIN_EXTRA_V3, completed
-from ..format.tables import L1E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO, l2_entries
+from ..core.ordering import Phase
+from ..core.transaction import Transaction
+from ..format.tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, l2_entries
 from .create import COMPAT_ALIASES, parse_options, split_options
 from .refcount_order import change_refcount_order, check_width
+from .resize import zero_new_clusters
 
 AMENDABLE = ("compat", "lazy_refcounts", "refcount_bits")
 CREATION_ONLY = ("cluster_size", "extended_l2", "preallocation", "compression_type", "size", "encrypt",
@@ -136,28 +140,62 @@ def _refuse_downgrade(img: Image) -> None:
         why = "the image is dirty (lazy refcounts): run qjournal check -r all first"
     elif h.incompatible_features:
         why = f"the image has incompatible features {h.incompatible_features:#x}"
-    else:
-        zeros = _zero_clusters(img)
-        if zeros:
-            why = (f"{zeros} L2 entries mark zero clusters, which version 2 cannot express (qemu-img amend "
-                   "expands them into unallocated or zero-filled clusters; qjournal does not)")
     if why:
         raise UsageError(f"{img.path}: cannot downgrade to compat=0.10: {why}")
 
 
-def _zero_clusters(img: Image) -> int:
-    """L2 entries (active or in a snapshot) with the zero flag. O(L2 tables)."""
-    h = img.header
+def _expand_zero_clusters(img: Image, tx: Transaction) -> None:
+    """Declare in ``tx`` what QEMU's downgrade does to zero clusters, which version 2
+    cannot express (block/qcow2-cluster.c ``qcow2_expand_zero_clusters``), in every L2
+    table of the disk and of its snapshots: without a backing file an unallocated zero
+    cluster becomes unallocated (it reads as zeros all the same); over a backing file,
+    and wherever the zero cluster has a cluster of its own, the entry points at a new
+    cluster of zeros instead, counted as often as the L2 table is shared, and an old
+    cluster loses those counts.
+
+    Ordering: the new clusters are zeroed and synced before the commit and counted
+    first (refcounts-increased); the entries change in place (l2-updated) before the
+    header switch to version 2; old clusters are freed last. A crash leaves a v3 image
+    with some zero clusters expanded, or leaks.
+    """
+    h, cs = img.header, img.header.cluster_size
+    n = l2_entries(cs, False)
     l1s = [(h.l1_table_offset, h.l1_size)] + [(s.l1_table_offset, s.l1_size) for s in img.snapshots]
     tables: set[int] = set()
     for off, size in l1s:
         l1 = img.medium.array(off, size, ">u8").astype(np.uint64) & np.uint64(L1E_OFFSET_MASK)
-        tables.update(l1[l1 != 0].tolist())
-    n, zero = l2_entries(h.cluster_size, False), 0
+        tables.update(int(t) for t in l1[l1 != 0].tolist())
+    backed = img.backing_name is not None
+    todo: list[tuple[int, np.ndarray, np.ndarray, int]] = []      # (table, raw, zero indices, its refcount)
+    need = 0
     for t in sorted(tables):
-        l2 = img.medium.array(t, n, ">u8").astype(np.uint64)
-        zero += int((((l2 & np.uint64(OFLAG_ZERO)) != 0) & ((l2 & np.uint64(OFLAG_COMPRESSED)) == 0)).sum())
-    return zero
+        raw = img.medium.array(t, n, ">u8").astype(np.uint64)
+        idx = np.flatnonzero(((raw & np.uint64(OFLAG_ZERO)) != 0) & ((raw & np.uint64(OFLAG_COMPRESSED)) == 0))
+        if len(idx):
+            shared = tx.alloc.refcount(t // cs)
+            todo.append((t, raw, idx, shared))
+            need += int(((raw[idx] & np.uint64(L2E_OFFSET_MASK)) != 0).sum()) if not backed else len(idx)
+    if not todo:
+        return
+    first = tx.alloc.alloc(need) if need else 0
+    if need:
+        zero_new_clusters(img, first, need * cs)
+    k = 0
+    for t, raw, idx, shared in todo:
+        old = raw[idx] & np.uint64(L2E_OFFSET_MASK)
+        expand = np.ones(len(idx), dtype=bool) if backed else old != 0
+        new = np.zeros(len(idx), dtype=np.uint64)
+        m = int(expand.sum())
+        clusters = first // cs + k + np.arange(m, dtype=np.int64)
+        k += m
+        new[expand] = clusters.astype(np.uint64) * np.uint64(cs) | np.uint64(OFLAG_COPIED if shared == 1 else 0)
+        if shared > 1:
+            tx.alloc.reference(clusters, shared - 1)     # alloc counted each once
+        for c in old[old != 0].tolist():
+            tx.alloc.reference(np.array([int(c) // cs], dtype=np.int64), -shared)
+        raw[idx] = new
+        a, b = int(idx[0]), int(idx[-1]) + 1
+        tx.stage(Phase.L2_UPDATED, [(t + 8 * a, raw[a:b].astype(">u8").tobytes())])
 
 
 def _upgrade(img: Image) -> None:
@@ -181,7 +219,9 @@ def _upgrade(img: Image) -> None:
 
 
 def _downgrade(img: Image) -> None:
-    """Version 3 to 2 in one header write (checked by :func:`_refuse_downgrade`)."""
+    """Version 3 to 2 in one header write (checked by :func:`_refuse_downgrade`), zero
+    clusters expanded in the same transaction."""
     with img.transaction("amend compat=0.10") as tx:
+        _expand_zero_clusters(img, tx)
         tx.set_header(version=2, header_length=V2_LENGTH, compatible_features=0,
                       autoclear_features=0, compression_type=COMPRESSION_ZLIB)

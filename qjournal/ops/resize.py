@@ -291,12 +291,8 @@ def _preallocate(img: "Image", tx: Transaction, new_size: int, mode: str, new_l1
     if not n:
         return
     l2_new = {li: tx.alloc.alloc(1) for li, toff, _ in todo if toff is None}
-    size_before = img.medium.size
     data = tx.alloc.alloc(n)
-    end = data + n * cs
-    if end > size_before:
-        img.medium.resize(end)          # reserved, reads as zeros
-    _zero(img, data, (end if mode == "full" else min(end, size_before)) - data)
+    zero_new_clusters(img, data, n * cs, write_all=mode == "full")
     k = 0
     for li, l2off, clusters in todo:
         offs = (np.arange(k, k + len(clusters), dtype=np.uint64) * np.uint64(cs) + np.uint64(data)) | \
@@ -321,12 +317,21 @@ def _preallocate(img: "Image", tx: Transaction, new_size: int, mode: str, new_l1
             tx.stage(Phase.L2_UPDATED, [(l2off + 8 * a, raw[a:b].astype(">u8").tobytes())])
 
 
-def _zero(img: "Image", off: int, length: int) -> None:
-    """Write zeros over new clusters nothing references yet (ordered mode: synced before
-    the commit that maps them), in pieces of :data:`ZERO_CHUNK`."""
-    if length <= 0:
-        return
-    chunk = bytes(min(ZERO_CHUNK, length))
-    for pos in range(off, off + length, ZERO_CHUNK):
-        img.medium.write(pos, chunk[:min(ZERO_CHUNK, off + length - pos)])
-    img.medium.flush([(off, length)])
+def zero_new_clusters(img: "Image", off: int, length: int, write_all: bool = False) -> None:
+    """Make new clusters ``off .. off+length`` (allocated in the open transaction, nothing
+    references them yet) read as zeros before the commit maps them: the file grows over
+    the part past its end (the medium reserves it; it reads as zeros), zeros are written
+    over the part inside it, or over all of it with ``write_all`` (``full``), in pieces
+    of :data:`ZERO_CHUNK`, and synced (ordered mode). A crash before the commit leaves
+    unreferenced clusters and perhaps a longer file."""
+    end, size = off + length, img.medium.size
+    if end > size:
+        img.medium.resize(end)
+    stop = end if write_all else min(end, size)
+    if stop > off:
+        chunk = bytes(min(ZERO_CHUNK, stop - off))
+        for pos in range(off, stop, ZERO_CHUNK):
+            img.medium.write(pos, chunk[:min(ZERO_CHUNK, stop - pos)])
+    if length > 0:
+        # The zeros and the new length of the file: durable before the commit.
+        img.medium.flush([(off, length)])

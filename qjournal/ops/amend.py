@@ -102,8 +102,8 @@ def amend(img: Image, spec: str) -> None:
         if order != REFCOUNT_ORDER_V2:
             raise UsageError("compat=0.10 requires refcount_bits=16")
         _refuse_downgrade(img)
-    if order != h.refcount_order:
-        check_width(img, order)
+    if order != h.refcount_order and target > version:
+        check_width(img, order)     # refused before the upgrade writes anything
     if target > version:
         _upgrade(img)
     if order != img.header.refcount_order:

@@ -66,6 +66,11 @@ def check_width(img: Image, order: int) -> tuple[np.ndarray, np.ndarray]:
     return clusters, counts
 
 
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """The distinct values of the sorted array ``a``, in O(n) (``np.unique`` sorts again)."""
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
+
+
 class _Free:
     """Clusters the new structure may take: free ones inside the file, first fit, then past its end."""
 
@@ -107,15 +112,19 @@ def plan_structure(img: Image, order: int) -> tuple[tuple[int, int], list[tuple[
     clusters, counts = check_width(img, order)
     epb = rc.entries_per_block(cs, order)
     end = -(-img.medium.size // cs)
-    in_use = np.unique(img.overlap_map().clusters)
-    free = _Free(np.setdiff1d(np.arange(end, dtype=np.int64), np.union1d(clusters, in_use)), end, in_use)
+    in_use = img.overlap_map().clusters         # sorted
+    taken = np.zeros(end, dtype=bool)
+    taken[clusters[clusters < end]] = True
+    taken[in_use[in_use < end]] = True
+    free = _Free(np.flatnonzero(~taken), end, in_use)
+    counted = _sorted_unique(clusters // epb).tolist()    # blocks the old counts need
     blocks: dict[int, int] = {}                # block index -> cluster
     table: tuple[int, int] | None = None       # (first cluster, clusters)
     while True:
         own = list(blocks.values()) + (list(range(table[0], table[0] + table[1])) if table else [])
-        needed = np.union1d(clusters // epb, np.array(own, dtype=np.int64) // epb).tolist()
+        needed = sorted(set(counted).union(c // epb for c in own))
         missing = [b for b in needed if b not in blocks]
-        rt_clusters = -(-(int(needed[-1]) + 1) * rc.RT_ENTRY_SIZE // cs)
+        rt_clusters = -(-(needed[-1] + 1) * rc.RT_ENTRY_SIZE // cs)
         if not missing and table is not None and table[1] >= rt_clusters:
             break
         for b in missing:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+import damage
 import qemu
 import qjournal
 from crashsim import harness
@@ -235,6 +236,26 @@ def test_compat_0_10_expands_zero_clusters_as_qemu_img_does(tmp_path: Path, back
         for path in (img, before):
             qemu.qemu_img("convert", "-l", "snapshot.name=s1", "-O", "raw", str(path), f"{path}.s1.raw")
         assert Path(f"{img}.s1.raw").read_bytes() == Path(f"{before}.s1.raw").read_bytes()
+
+
+def test_compat_1_1_completes_snapshot_entries_as_qemu_img_does(tmp_path: Path) -> None:
+    """A v2 snapshot entry without extra data (older QEMU wrote none) lacks the disk size v3
+    requires: the upgrade writes a completed table, as qemu-img's does (its check then
+    finds nothing incomplete)."""
+    img = qemu.create(tmp_path / "a.qcow2", "8M", "compat=0.10")
+    qemu.qemu_io(img, "write -P 1 0 1M")
+    qemu.qemu_img("snapshot", "-c", "s1", str(img))
+    damage.write_snapshot_table(img, [(fixed, b"", names) for fixed, _, names in damage.snapshot_entries(img)])
+    qemu.assert_clean(img)
+    twin = Path(shutil.copy(img, tmp_path / "b.qcow2"))
+    before = Path(shutil.copy(img, tmp_path / "before.qcow2"))
+    assert main(["amend", "-o", "compat=1.1", str(img)]) == 0
+    qemu.qemu_img("amend", "-o", "compat=1.1", str(twin))
+    assert [len(extra) for _, extra, _ in damage.snapshot_entries(img)] == [24]   # with icount, as qemu-img
+    assert damage.snapshot_entries(img) == damage.snapshot_entries(twin)
+    assert _info(img) == _info(twin)
+    qemu.assert_clean(img)                  # no leak: the old table was freed
+    assert qemu.qemu_img("compare", str(img), str(before)).returncode == 0
 
 
 def test_a_failed_width_check_comes_before_the_upgrade(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

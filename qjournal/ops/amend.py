@@ -41,13 +41,16 @@ every reader opens.
 """
 from __future__ import annotations
 
+import struct
+
+import attrs
 import numpy as np
 
 from ..core.image import Image
 from ..errors import UsageError
 from ..format.header import (COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
                              INCOMPAT_EXTL2, QEMU_V3_LENGTH, REFCOUNT_ORDER_V2, V2_LENGTH)
-from ..format.snapshots import MIN_EXTRA_V3, completed
+from ..format.snapshots import MIN_EXTRA_V3, Snapshot, completed
 from ..core.ordering import Phase
 from ..core.transaction import Transaction
 from ..format.tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, l2_entries
@@ -209,13 +212,27 @@ def _upgrade(img: Image) -> None:
             # the completed table goes into new clusters, switched by the same header
             # write; the old table is freed after it.
             old = next((off, n) for off, n, what in img.metadata_ranges() if what == "snapshot table")
-            blob = b"".join(completed(s, h.size).pack() for s in img.snapshots)
+            blob = b"".join(_v3_entry(s, h.size).pack() for s in img.snapshots)
             n = -(-len(blob) // cs)
             off = tx.alloc.alloc(n)
             tx.write_new(off, blob + bytes(n * cs - len(blob)))
             fields["snapshots_offset"] = off
             tx.alloc.free_clusters_of([old])
         tx.set_header(**fields)
+
+
+_U64 = struct.Struct(">Q")
+ICOUNT_UNKNOWN = (1 << 64) - 1
+
+
+def _v3_entry(s: Snapshot, disk_size: int) -> Snapshot:
+    """``s`` as QEMU's upgrade rewrites it (``qcow2_write_snapshots``): extra data of
+    vm_state_size_large, disk_size (the image's size where the entry had none) and icount
+    (-1 where unknown), then any extra bytes of later versions, kept."""
+    done = completed(s, disk_size)
+    icount = done.icount if done.icount is not None else ICOUNT_UNKNOWN
+    extra = done.extra[:2 * _U64.size] + _U64.pack(icount) + done.extra[3 * _U64.size:]
+    return attrs.evolve(done, extra=extra, icount=icount)
 
 
 def _downgrade(img: Image) -> None:

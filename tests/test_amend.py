@@ -5,6 +5,7 @@ and qemu-img's own refusals. Crash states: crashsim's ``amend-lazy-refcounts`` w
 """
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,12 @@ import qemu
 import qjournal
 from crashsim import harness
 from crashsim.workloads import WORKLOADS
+from qjournal.api import Image
 from qjournal.cli import main
+from qjournal.ops import amend as amend_op
+from qjournal.ops.resize import resize
+from qjournal.storage.faults import JOURNAL_SYNC, Fault
+from test_faults import faulted_run, picks
 
 
 @pytest.mark.parametrize("opts", [(), ("cluster_size=4096",), ("refcount_bits=64", "extended_l2=on")],
@@ -96,7 +102,7 @@ def _image(tmp_path: Path, *opts: str, size: str = "8M") -> tuple[Path, Path]:
     return img, Path(shutil.copy(img, tmp_path / "before.qcow2"))
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8, 32, 64])
+@pytest.mark.parametrize("bits", [2, 8, 64])      # below a byte, a byte, the widest
 def test_refcount_bits_change_what_qemu_img_amend_changes(tmp_path: Path, bits: int) -> None:
     img, before = _image(tmp_path)
     twin = Path(shutil.copy(img, tmp_path / "b.qcow2"))
@@ -285,3 +291,59 @@ def test_every_crash_of_a_width_or_version_change_leaves_old_or_new(name: str) -
     and qemu-img check/info judge every state. Guest data and bitmaps are the same before
     and after, so crashsim's Semantic calls both sides "old"."""
     harness.assert_passes(harness.check(WORKLOADS[name]), qjournal=("old",))
+
+
+# -- faults (the injector of qjournal/storage/faults.py, driven as tests/test_faults.py drives it)
+def _zero_clusters_image(d: Path) -> Path:
+    img = qemu.create(d / "zero.qcow2", "8M", "cluster_size=4096")
+    qemu.qemu_io(img, "write -P 1 0 256k", "write -z 64k 16k", "write -z 1M 64k")
+    qemu.qemu_img("snapshot", "-c", "s0", str(img))
+    return img
+
+
+FAULTED = {
+    "refcount_bits=64": (lambda d: _image(d)[0], lambda img: amend_op.amend(img, "refcount_bits=64")),
+    "compat=0.10 over zero clusters": (_zero_clusters_image, lambda img: amend_op.amend(img, "compat=0.10")),
+    "resize --preallocation=full": (lambda d: _image(d)[0], lambda img: resize(img, 12 << 20, preallocation="full")),
+}
+
+
+@pytest.mark.parametrize("name", list(FAULTED))
+def test_a_fault_at_any_event_leaves_the_old_state_or_the_new_one(tmp_path: Path, name: str) -> None:
+    """Each write, flush and resize of the operation fails in turn (EIO on a disk that stays
+    dead, ENOSPC once): a one-line error; after recovery the guest reads as before, the
+    header is the old one (the new one allowed once the journal sync was reached), and
+    qemu-img check finds no corruption."""
+    make, op = FAULTED[name]
+    base = make(tmp_path)
+    before = Path(shutil.copy(base, tmp_path / "before.qcow2"))
+    work = tmp_path / "work.qcow2"
+    dry, error = faulted_run(base, work, op, [])
+    assert error is None, error
+    header = {"old": qemu.info(base)["format-specific"], "new": qemu.info(work)["format-specific"]}
+    size = {"old": qemu.info(base)["virtual-size"], "new": qemu.info(work)["virtual-size"]}
+    commit = next((i for i, o in enumerate(dry.trace) if o.event == JOURNAL_SYNC), len(dry.trace))
+    where: dict[str, list[int]] = {}
+    for i, o in enumerate(dry.trace):
+        where.setdefault(o.event, []).append(i)
+    failures = []
+    for event, at in sorted(where.items()):
+        for nth in picks(len(at)):
+            for fault in (Fault(event, nth, errno.EIO, sticky=True), Fault(event, nth, errno.ENOSPC)):
+                inj, error = faulted_run(base, work, op, [fault])
+                what = f"{name}: {fault}"
+                if error is None or "\n" in str(error) or inj.fired != [fault]:
+                    failures.append(f"{what}: fired {inj.fired}, error {error!r}")
+                    continue
+                Image(work, "r+", take_locks=False).close()      # recovery
+                allowed = ["old"] if at[nth - 1] < commit else ["old", "new"]
+                got = [k for k in allowed if qemu.info(work)["format-specific"] == header[k]
+                       and qemu.info(work)["virtual-size"] == size[k]]
+                if not got:
+                    failures.append(f"{what}: after recovery neither {' nor '.join(allowed)} ({error})")
+                code, out = qemu.check(work)
+                if code not in (0, 3) or out.get("corruptions"):
+                    failures.append(f"{what}: qemu-img check exit {code}: {out} ({error})")
+                if qemu.qemu_img("compare", str(work), str(before), check=False).returncode != 0:
+                    failures.append(f"{what}: the guest reads differently ({error})")
+    assert not failures, "\n".join(failures)

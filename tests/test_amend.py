@@ -347,3 +347,23 @@ def test_a_fault_at_any_event_leaves_the_old_state_or_the_new_one(tmp_path: Path
                 if qemu.qemu_img("compare", str(work), str(before), check=False).returncode != 0:
                     failures.append(f"{what}: the guest reads differently ({error})")
     assert not failures, "\n".join(failures)
+
+
+def test_compat_changes_with_a_backing_name_across_sectors(tmp_path: Path) -> None:
+    """A 600-byte backing file name: the upgrade moves it after the longer header in
+    several sector writes (the name copied first, then the header pointed at it, sector 0
+    last), each checked to leave a cluster 0 a reader of either version parses."""
+    d = tmp_path / ("d" * 200) / ("e" * 200) / ("f" * 190)
+    d.mkdir(parents=True)
+    base = qemu.create(d / "base.qcow2", "8M", "compat=0.10")
+    qemu.qemu_io(base, "write -P 7 0 8M")
+    img = qemu.create(tmp_path / "a.qcow2", "8M", "compat=0.10", f"backing_file={base}", "backing_fmt=qcow2")
+    qemu.qemu_io(img, "write -P 1 0 1M")
+    before = Path(shutil.copy(img, tmp_path / "before.qcow2"))
+    twin = Path(shutil.copy(img, tmp_path / "b.qcow2"))
+    for spec in ("compat=1.1", "compat=0.10"):
+        assert main(["amend", "-o", spec, str(img)]) == 0
+        qemu.qemu_img("amend", "-o", spec, str(twin))
+        assert _info(img) == _info(twin), spec
+        qemu.assert_clean(img)
+        assert qemu.qemu_img("compare", str(img), str(before)).returncode == 0

@@ -133,21 +133,22 @@ def plan_structure(img: Image, order: int) -> tuple[tuple[int, int], list[tuple[
             # A table outgrown by the blocks just placed is left unused (nothing counts it).
             table = (free.run(rt_clusters), rt_clusters)
     mine = np.array(sorted(blocks.values()) + list(range(table[0], table[0] + table[1])), dtype=np.int64)
-    all_cl = np.concatenate([clusters, mine])
-    all_n = np.concatenate([counts, np.ones(len(mine), np.int64)])
-    # Every new block in one array (blocks in table order), packed at once.
+    # Every new block in one array (blocks in table order), packed at once: the old
+    # counts, then the new structure's own clusters (1 each).
     bidx = np.array(sorted(blocks), dtype=np.int64)
     packed = np.zeros(len(bidx) * epb, dtype=_DTYPE[order])
-    packed[np.searchsorted(bidx, all_cl // epb) * epb + all_cl % epb] = all_n
-    raw = rc.pack_block(packed, order)
+    for cl, n in ((clusters, counts), (mine, 1)):
+        packed[np.searchsorted(bidx, cl // epb) * epb + cl % epb] = n
+    raw = memoryview(rc.pack_block(packed, order))
+    del packed
     rt = np.zeros(table[1] * cs // rc.RT_ENTRY_SIZE, dtype=">u8")
     rt[bidx] = np.array([blocks[b] for b in bidx.tolist()], dtype=np.int64) * cs
-    # One write per run of adjacent clusters.
+    # One write per run of adjacent clusters (views into the packed bytes until joined).
     content = {blocks[b]: raw[k * cs:(k + 1) * cs] for k, b in enumerate(bidx.tolist())}
-    rt_raw = rt.tobytes()
+    rt_raw = memoryview(rt.tobytes())
     content.update({table[0] + k: rt_raw[k * cs:(k + 1) * cs] for k in range(table[1])})
     writes: list[tuple[int, bytes]] = []
-    run: list[bytes] = []
+    run: list[memoryview] = []
     first = prev = -2
     for c in sorted(content):
         if c != prev + 1 and run:

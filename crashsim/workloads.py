@@ -903,6 +903,59 @@ WORKLOADS["amend-lazy-refcounts"] = Workload(
     _amend_lazy)
 
 
+def _amend_refcount_bits(img: Image) -> None:
+    # A new refcount structure of each width in free clusters, counting the old one, its
+    # own clusters, the snapshot's shared clusters (2) and the bitmap; the header switches
+    # to it in one write, then the old table and blocks are freed. 16 -> 64 -> 8 bits.
+    amend_op.amend(img, "refcount_bits=64")
+    amend_op.amend(img, "refcount_bits=8")      # the compressed data shares a cluster 32 times
+
+
+AMEND_V2_BASE = Base("amend-v2", (
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096", IMG, "8M"),
+    qemu_io_cmd("write -P 0x11 0 256k", "write -c -P 0x22 1M 64k"),
+    qemu_img_cmd("snapshot", "-c", "s0", IMG),
+    qemu_io_cmd("write -P 0x33 0 64k"),
+))
+BASES[AMEND_V2_BASE.name] = AMEND_V2_BASE
+
+
+def _amend_compat(img: Image) -> None:
+    # v2 -> v3: the header grows to the v3 fields, the extensions move after them (one
+    # header write); zero clusters over data and over nothing; then v3 -> v2 again, the
+    # zero clusters expanded (new zeroed clusters, entries changed) in the same transaction.
+    amend_op.amend(img, "compat=1.1")
+    img.write_zeroes(0, 8192)
+    img.write_zeroes(4 << 20, 8192)
+    amend_op.amend(img, "compat=0.10")
+
+
+AMEND_ZERO_BASE = Base("amend-zero-clusters", (
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", IMG, "8M"),
+    qemu_io_cmd("write -P 0x11 0 256k", "write -z 64k 16k", "write -z 1M 64k"),
+    qemu_img_cmd("snapshot", "-c", "s0", IMG),
+))
+BASES[AMEND_ZERO_BASE.name] = AMEND_ZERO_BASE
+
+
+def _amend_compat_zero(img: Image) -> None:
+    # v3 -> v2 over zero clusters with clusters of their own (qemu-io's write -z over data)
+    # and without, in an L2 table the snapshot shares: new zeroed clusters counted twice,
+    # the entries changed, the old clusters freed, and the header switched, in one transaction.
+    amend_op.amend(img, "compat=0.10")
+
+
+WORKLOADS["amend-refcount-bits"] = Workload(
+    "amend-refcount-bits", "amend -o refcount_bits=64, then 8: a new refcount structure switched in by one "
+    "header write, the old one freed (a snapshot and a bitmap)", _amend_refcount_bits, base=SNAPSHOT_BASE)
+WORKLOADS["amend-compat"] = Workload(
+    "amend-compat", "amend -o compat=1.1 on a v2 image with a snapshot and a compressed cluster, zero "
+    "clusters, then compat=0.10 (zero clusters expanded): the header's version switched in one write each", _amend_compat, base=AMEND_V2_BASE)
+WORKLOADS["amend-compat-zero"] = Workload(
+    "amend-compat-zero", "amend -o compat=0.10 with zero clusters (allocated and not) in an L2 table a "
+    "snapshot shares: expanded and switched to v2 in one transaction", _amend_compat_zero, base=AMEND_ZERO_BASE)
+
+
 # -- the independent "new" (issue 11 point 5) ---------------------------------------------------
 # The state each operation must reach, computed by QEMU doing the same operation on the same
 # base (qemu-img bitmap, qemu-io write: QEMU's own dirty tracking sets the bits), or declared.
@@ -982,6 +1035,11 @@ _SAME_BY_QEMU.update({
     "snapshot-delete": (qemu_img_cmd("snapshot", "-d", "s0", IMG),),
     "snapshot-apply": (qemu_img_cmd("snapshot", "-a", "s0", IMG),),
     "amend-lazy-refcounts": (qemu_img_cmd("amend", "-o", "lazy_refcounts=on", IMG),),
+    "amend-refcount-bits": (qemu_img_cmd("amend", "-o", "refcount_bits=64", IMG),
+                            qemu_img_cmd("amend", "-o", "refcount_bits=8", IMG)),
+    "amend-compat": (qemu_img_cmd("amend", "-o", "compat=1.1", IMG), *_io("write -z 0 8k", "write -z 4M 8k"),
+                     qemu_img_cmd("amend", "-o", "compat=0.10", IMG)),
+    "amend-compat-zero": (qemu_img_cmd("amend", "-o", "compat=0.10", IMG),),
     "commit": (qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", IMG, "-F", "qcow2",
                             "top.qcow2"),
                ("qemu-io", "-f", "qcow2", "-c", "write -P 0xc1 0 8k", "-c", "write -P 0xc2 5M 12k",

@@ -153,7 +153,8 @@ class TestRefusals:
         (["IMG", "4P"], [("qemu-img", "bitmap", "--remove", "IMG", "b0")], "Failed to grow the L1 table"),
         (["IMG", "1P"], [], "more than QEMU's limit"),   # QEMU resizes, then drops the bitmap at close
         (["IMG", "abc"], [], "not a size"),
-        (["IMG", "--preallocation=full", "2M"], [], "preallocation"),
+        (["IMG", "--preallocation=sparse", "2M"], [], "Invalid preallocation mode"),
+        (["--shrink", "IMG", "--preallocation=full", "512k"], [], "only be used for growing"),
         (["IMG", "2M"], [("qemu-io", "-f", "qcow2", "-c", "write 0 4k", "-c", "abort", "IMG")], "inconsistent"),
         (["--shrink", "IMG", "512k"], [("qemu-img", "snapshot", "-c", "s", "IMG")], "snapshots"),
     ])

@@ -91,10 +91,14 @@ def add_parsers(sub: Any) -> None:
     r.set_defaults(func=cmd_rebase)
 
     a = add_command(sub, "amend", "change creation options of an image in place (qemu-img amend)",
-                    "Change options of FILE as qemu-img amend does, in one journaled header write: "
-                    "lazy_refcounts=on|off. compat and refcount_bits are accepted when they do not change; "
-                    "a downgrade to compat=0.10 is refused with the reason (extended L2, persistent bitmaps).",
-                    ["qjournal amend -o lazy_refcounts=on disk.qcow2"])
+                    "Change options of FILE as qemu-img amend does, each change one journaled transaction: "
+                    "lazy_refcounts=on|off; refcount_bits=1..64 (a new refcount structure switched in by one "
+                    "header write); compat=1.1 (upgrade) and compat=0.10 (downgrade, refused with the reason "
+                    "when version 2 cannot express the image: extended L2, persistent bitmaps, a data file, "
+                    "zstd; zero clusters are expanded as qemu-img expands them).",
+                    ["qjournal amend -o lazy_refcounts=on disk.qcow2",
+                     "qjournal amend -o refcount_bits=64 disk.qcow2",
+                     "qjournal amend -o compat=1.1 old.qcow2"])
     add_format(a)
     a.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="options to change (lazy_refcounts, compat, refcount_bits)")

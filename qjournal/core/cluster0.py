@@ -158,11 +158,13 @@ def unsafe_boundary(old_bytes: bytes, old: Cluster0, new: Cluster0,
     keep = {(e.type, e.data) for e in old.extensions} & {(e.type, e.data) for e in new.extensions}
     names = {old.backing_name or b"", new.backing_name or b""}
     bm_ok = {e.data for e in old.extensions + new.extensions if e.type == EXT_BITMAPS}
-    start = old.header.length
     for name, writes in steps:
         for off, data in writes:
             if off < cs:
                 cur[off:off + len(data)] = data[:cs - off]
+        # The extensions start after the header as it now reads: a version change
+        # (amend compat) moves them with the switch of sector 0.
+        start = old.header.length if read_field(cur, "version") == old.header.version else new.header.length
         try:
             exts = parse_extensions(bytes(cur), start, cs)
         except Exception as e:  # noqa: BLE001 - any parse failure is the answer

@@ -437,12 +437,17 @@ class Image:
 
     @contextlib.contextmanager
     def transaction(self, description: str = "transaction", *,
-                    refcount_table: tuple[int, int] | None = None) -> Iterator[Transaction]:
+                    refcount_table: tuple[int, int] | None = None, refcount_order: int | None = None,
+                    refcount_structure: list[tuple[int, bytes]] | None = None) -> Iterator[Transaction]:
         """Make every operation inside one atomic unit (nested calls join the outer one).
 
         ``refcount_table`` (offset, clusters) makes the transaction count with a new
-        refcount table, already written and synced, that its header switch puts in
-        place (``check -r all`` rebuilding the refcount structure).
+        refcount table that its header switch puts in place: already written and synced
+        (``check -r all`` rebuilding the refcount structure), or given as
+        ``refcount_structure``, the (offset, bytes) of its blocks and table, staged as new
+        clusters of this transaction (written and synced before the commit).
+        ``refcount_order`` gives the new structure another width, switched by the same
+        header write (``amend -o refcount_bits=N``).
         """
         self.ensure_open()
         if self._tx is not None:
@@ -453,13 +458,22 @@ class Image:
             return
         if not self.writable:
             raise UsageError(f"{self.path}: the image is open read-only")
+        if refcount_table is None and (refcount_order is not None or refcount_structure):
+            raise ValueError("a new refcount width or structure needs its refcount_table")
         h = self.header
         rt_offset, rt_clusters = refcount_table or (h.refcount_table_offset, h.refcount_table_clusters)
-        alloc = Allocator(self.medium, h.cluster_bits, h.refcount_order, rt_offset, rt_clusters,
+        order = h.refcount_order if refcount_order is None else refcount_order
+        staged = list(refcount_structure or [])
+        counted: Medium = OverlayMedium(self.medium, staged) if staged else self.medium
+        alloc = Allocator(counted, h.cluster_bits, order, rt_offset, rt_clusters,
                           in_use=lambda: self.overlap_map().clusters)
         self._tx = tx = Transaction(self.medium, alloc, list(self.entries), description)
+        for off, data in staged:
+            tx.write_new(off, data)
         if refcount_table is not None:
             tx.set_header(refcount_table_offset=rt_offset, refcount_table_clusters=rt_clusters)
+        if refcount_order is not None:
+            tx.set_header(refcount_order=order)
         size = self.medium.size
         try:
             yield tx

@@ -21,6 +21,12 @@ What QEMU does (block/qcow2.c ``qcow2_co_truncate``), and what qjournal matches:
   the new end (a "full discard": the L2 entries become 0).
 * Not done (QEMU does them, nothing depends on them): freeing refcount blocks that
   only count themselves, and truncating the file after a shrink.
+* ``preallocation`` (growth only, "Preallocation can only be used for growing
+  images" otherwise): ``metadata``, ``falloc`` and ``full`` allocate every cluster of
+  the grown area, new L2 tables where needed (QEMU's ``preallocate_co``); see
+  :func:`_preallocate`. QEMU's ``metadata`` leaves the data clusters as holes of the
+  file; the medium here reserves every grown region, so they take space as after
+  ``falloc``.
 * A grow over a backing file longer than the old disk, which QEMU fills with zeros so
   that the backing data does not show through, is refused (not supported yet), as
   are images with an external data file.
@@ -122,42 +128,56 @@ def check_request(img: "Image", new_size: int, shrink: bool) -> None:
                                    "does not show through)")
 
 
-def resize(img: "Image", new_size: int, shrink: bool = False) -> None:
+def resize(img: "Image", new_size: int, shrink: bool = False, preallocation: str = "off") -> None:
     """Set the virtual size of ``img`` to ``new_size`` bytes in one journaled transaction.
 
-    Refusals raise before anything is written (the image stays byte-identical). See the
-    module docstring for the rules and the order of writes. Cost: O(L1 + the L2 tables
-    past a shrunken end + bitmap sizes).
+    ``preallocation`` (qemu-img resize's ``--preallocation``, growth only): ``metadata``
+    allocates the L2 tables and data clusters of the grown area, ``falloc`` does the
+    same (both reserve the clusters' space in the file, which reads as zeros), ``full``
+    also writes zeros into them. Refusals raise before anything is written (the image
+    stays byte-identical). See the module docstring for the rules and the order of
+    writes. Cost: O(L1 + the L2 tables past a shrunken end + bitmap sizes), and with
+    preallocation O(clusters of the grown area).
     """
     if not img.writable:
         raise UsageError(f"{img.path}: the image is open read-only")
     if img.staged is not None:
         raise UsageError("resize cannot join an open transaction: it commits its own")
+    if preallocation not in PREALLOCATION:
+        raise UsageError(f"Invalid preallocation mode {preallocation!r}")
     check_request(img, new_size, shrink)
     h = img.header
+    if preallocation != "off" and new_size <= h.size:
+        raise UsageError("Preallocation can only be used for growing images")
     if new_size == h.size:
         return
-    with img.transaction(f"resize {h.size} -> {new_size}") as tx:
-        declare(img, tx, new_size)
+    with img.transaction(f"resize {h.size} -> {new_size}" +
+                         (f" (preallocation={preallocation})" if preallocation != "off" else "")) as tx:
+        declare(img, tx, new_size, preallocation)
 
 
-def declare(img: "Image", tx: Transaction, new_size: int) -> None:
+def declare(img: "Image", tx: Transaction, new_size: int, preallocation: str = "off") -> None:
     """Declare the resize in ``tx``: what it writes per phase (see the module docstring)."""
     h = img.header
     cs = h.cluster_size
     new_l1 = size_to_l1(new_size, cs, h.extended_l2)
     tx.set_header(size=new_size)
     if new_l1 > h.l1_size:
-        # A new, larger L1 table in free clusters: the old entries, then zeros.
+        # A new, larger L1 table in free clusters: the old entries, then zeros (and the
+        # preallocated L2 tables).
         table = np.zeros(new_l1, dtype=np.uint64)
         table[:h.l1_size] = img.l1_table()
         nclusters = -(-new_l1 * 8 // cs)
         off = tx.alloc.alloc(nclusters)
+        if preallocation != "off":
+            _preallocate(img, tx, new_size, preallocation, table)
         raw = table.astype(">u8").tobytes()
         tx.write_new(off, raw + bytes(nclusters * cs - len(raw)))
         if h.l1_size:
             tx.alloc.free_clusters_of([(h.l1_table_offset, h.l1_size * 8)])
         tx.set_header(l1_size=new_l1, l1_table_offset=off)
+    elif preallocation != "off":
+        _preallocate(img, tx, new_size, preallocation, None)
     elif new_size < h.size:
         l2_writes, l1_writes = _discard_tail(img, tx.alloc, new_size)
         tx.stage(Phase.TAIL_L2_CLEARED, l2_writes)
@@ -218,3 +238,100 @@ def _discard_tail(img: "Image", alloc: Allocator, new_size: int) -> tuple[list[W
             alloc.free(toff, 1)
             l1_writes.append((h.l1_table_offset + 8 * l1i, bytes(8)))
     return l2_writes, l1_writes
+
+
+PREALLOCATION = ("off", "metadata", "falloc", "full")
+ZERO_CHUNK = 16 << 20
+
+
+def _preallocate(img: "Image", tx: Transaction, new_size: int, mode: str, new_l1: np.ndarray | None) -> None:
+    """Allocate every unallocated cluster of the grown area, as ``qemu-img resize
+    --preallocation`` does (QEMU's ``preallocate_co``): new L2 tables where the L1 has
+    none, entries ``offset | COPIED`` (with extended L2 the subcluster bitmap stays 0, as
+    QEMU leaves it), data clusters in one run in guest order.
+
+    Ordering: the data clusters and new L2 tables are new clusters (counted in
+    refcounts-increased, nothing points at them before the commit); entries of an
+    existing L2 table change in l2-updated, new L1 entries in l1-updated (or in the new
+    L1 table, switched with the size). The data clusters read as zeros before anything
+    maps them: past the old end of the file the file is grown over them (the medium
+    reserves the space), inside it zeros are written; ``full`` writes zeros everywhere.
+    A crash before the commit leaves a longer file, nothing else.
+    """
+    h, cs = img.header, img.header.cluster_size
+    ext = h.extended_l2
+    per_l2, words = l2_entries(cs, ext), (2 if ext else 1)
+    # Guest clusters of the grown area. Over a backing file, a cluster the old end cuts
+    # stays as it is: allocating it would hide the backing data before the old end.
+    first = (-(-h.size // cs) if img.backing_name is not None else h.size // cs)
+    last = -(-new_size // cs)
+    if first >= last:
+        return
+    old_l1 = img.l1_table()
+    # (L1 index, L2 offset or None for a new table, guest clusters to allocate)
+    todo: list[tuple[int, int | None, np.ndarray]] = []
+    for li in range(first // per_l2, (last - 1) // per_l2 + 1):
+        lo, hi = max(first, li * per_l2), min(last, (li + 1) * per_l2)
+        l1e = int(old_l1[li]) if li < len(old_l1) else 0
+        if l1e & L1E_OFFSET_MASK:
+            if not l1e & OFLAG_COPIED:
+                raise UnsupportedError(f"{img.path}: the L2 table at {l1e & L1E_OFFSET_MASK:#x} (L1 index {li}) "
+                                       "is shared with a snapshot; preallocating into it needs copy-on-write, "
+                                       "which qjournal does not do")
+            toff = l1e & L1E_OFFSET_MASK
+            raw = img.medium.array(toff, per_l2 * words, ">u8").astype(np.uint64)
+            idx = np.arange(lo, hi, dtype=np.int64)
+            free = raw[(idx - li * per_l2) * words] == 0
+            if ext:                          # and no subcluster reads as zeros
+                free &= raw[(idx - li * per_l2) * words + 1] == 0
+            todo.append((li, toff, idx[free]))
+        else:
+            todo.append((li, None, np.arange(lo, hi, dtype=np.int64)))
+    n = sum(len(c) for _, _, c in todo)
+    if not n:
+        return
+    l2_new = {li: tx.alloc.alloc(1) for li, toff, _ in todo if toff is None}
+    data = tx.alloc.alloc(n)
+    zero_new_clusters(img, data, n * cs, write_all=mode == "full")
+    k = 0
+    for li, l2off, clusters in todo:
+        offs = (np.arange(k, k + len(clusters), dtype=np.uint64) * np.uint64(cs) + np.uint64(data)) | \
+            np.uint64(OFLAG_COPIED)
+        k += len(clusters)
+        if not len(clusters):
+            continue
+        pos = (clusters - li * per_l2) * words
+        if l2off is None:
+            table = np.zeros(per_l2 * words, dtype=np.uint64)
+            table[pos] = offs
+            tx.write_new(l2_new[li], table.astype(">u8").tobytes())
+            entry = l2_new[li] | OFLAG_COPIED
+            if new_l1 is not None:
+                new_l1[li] = entry
+            else:
+                tx.stage(Phase.L1_UPDATED, [(h.l1_table_offset + 8 * li, entry.to_bytes(8, "big"))])
+        else:
+            raw = img.medium.array(l2off, per_l2 * words, ">u8").astype(np.uint64)
+            raw[pos] = offs
+            a, b = int(pos[0]), int(pos[-1]) + 1
+            tx.stage(Phase.L2_UPDATED, [(l2off + 8 * a, raw[a:b].astype(">u8").tobytes())])
+
+
+def zero_new_clusters(img: "Image", off: int, length: int, write_all: bool = False) -> None:
+    """Make new clusters ``off .. off+length`` (allocated in the open transaction, nothing
+    references them yet) read as zeros before the commit maps them: the file grows over
+    the part past its end (the medium reserves it; it reads as zeros), zeros are written
+    over the part inside it, or over all of it with ``write_all`` (``full``), in pieces
+    of :data:`ZERO_CHUNK`, and synced (ordered mode). A crash before the commit leaves
+    unreferenced clusters and perhaps a longer file."""
+    end, size = off + length, img.medium.size
+    if end > size:
+        img.medium.resize(end)
+    stop = end if write_all else min(end, size)
+    if stop > off:
+        chunk = bytes(min(ZERO_CHUNK, stop - off))
+        for pos in range(off, stop, ZERO_CHUNK):
+            img.medium.write(pos, chunk[:min(ZERO_CHUNK, stop - pos)])
+    if length > 0:
+        # The zeros and the new length of the file: durable before the commit.
+        img.medium.flush([(off, length)])

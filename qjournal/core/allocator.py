@@ -134,7 +134,20 @@ class Allocator:
             dict_d = np.array(values, dtype=np.int64)
         except OverflowError:       # check's repair of a 64-bit count at its maximum
             dict_d = np.array(values, dtype=object)
-        parts = [(np.fromiter(self.deltas.keys(), np.int64, len(self.deltas)), dict_d)]
+        keys = np.fromiter(self.deltas.keys(), np.int64, len(self.deltas))
+        bulk_n = sum(len(c) for c, _ in self._bulk)
+        top = max([int(keys.max()) if len(keys) else -1] + [int(c.max()) for c, _ in self._bulk if len(c)]) + 1
+        if dict_d.dtype != object and bulk_n > 1 << 16 and 0 < top <= 4 * (bulk_n + len(keys)):
+            # Many bulk references (a snapshot shares every cluster): one dense pass,
+            # O(clusters), instead of sorting every reference.
+            dense = np.zeros(top, np.int64)
+            np.add.at(dense, keys, dict_d)
+            for c, delta in self._bulk:
+                if len(c):
+                    dense += np.bincount(c, minlength=top) * np.int64(delta)
+            nz = np.flatnonzero(dense)
+            return nz.astype(np.int64), dense[nz]
+        parts = [(keys, dict_d)]
         parts += [(c, np.full(len(c), d, np.int64)) for c, d in self._bulk]
         cl = np.concatenate([c for c, _ in parts])
         d = np.concatenate([x for _, x in parts])

@@ -249,7 +249,7 @@ def mutate(rng: random.Random, raw: bytearray, base: Base) -> str:
     """Apply one mutation to ``raw``; return what it did."""
     cs = base.cluster_size
     roll = rng.random()
-    if roll < 0.05 and len(raw) > cs:
+    if roll < 0.05 and len(raw) >= 2 * cs:
         cut = rng.randrange(1, len(raw) // cs) * cs - rng.choice([0, 0, 1, 512])
         del raw[cut:]
         return f"truncate@{cut:#x}"

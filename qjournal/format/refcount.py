@@ -27,6 +27,31 @@ def entries_per_block(cluster_size: int, refcount_order: int) -> int:
     return cluster_size * 8 >> refcount_order
 
 
+def metadata_clusters(clusters: int, cluster_size: int, refcount_order: int,
+                      generous: bool = False) -> tuple[int, int]:
+    """Refcount blocks and table clusters that count ``clusters`` clusters and themselves
+    (QEMU's ``qcow2_refcount_metadata_size`` fixed point; ``generous`` adds room for a
+    table 1.5 times as large, as image creation does).
+
+    >>> metadata_clusters(16386, 65536, 4)
+    (1, 1)
+    """
+    per_table_cluster = cluster_size // RT_ENTRY_SIZE
+    per_block = entries_per_block(cluster_size, refcount_order)
+    table = blocks = n = 0
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table_cluster)
+        n = clusters + blocks + table
+        if n == last and generous:
+            clusters += -(-table // 2)
+            n = 0
+            generous = False
+        if n == last:
+            return blocks, table
+
+
 def max_refcount(refcount_order: int) -> int:
     """The largest refcount an entry of ``1 << refcount_order`` bits holds.
 

@@ -57,7 +57,7 @@ from ..format.header import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COM
                             MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS, MAX_L1_ENTRIES, MAX_REFCOUNT_ORDER, MAX_SIZE,
                             MIN_CLUSTER_BITS, MIN_CLUSTER_BITS_EXTL2, QEMU_V3_LENGTH, REFCOUNT_ORDER_V2,
                             V2_LENGTH, Header)
-from ..format.refcount import RT_ENTRY_SIZE, entries_per_block, pack_block
+from ..format.refcount import RT_ENTRY_SIZE, metadata_clusters, pack_block
 from ..format.tables import L1_ENTRY_SIZE, L2_ENTRY_SIZE, OFLAG_COPIED, SUBCLUSTERS, l2_entries, size_to_l1
 from ..journal.journal import SUFFIX as JOURNAL_SUFFIX
 from ..storage.lock import acquire
@@ -431,26 +431,6 @@ class _Again(Exception):
     """QEMU's -EAGAIN: a refcount block was just placed; the allocation restarts."""
 
 
-def _refcount_metadata_blocks(clusters: int, cluster_size: int, refcount_order: int, generous: bool) -> int:
-    """Refcount blocks needed to count ``clusters`` plus themselves and their table
-    (QEMU's ``qcow2_refcount_metadata_size`` fixed point; ``generous`` adds room for a
-    table 1.5 times as large)."""
-    per_table_cluster = cluster_size // RT_ENTRY_SIZE
-    per_block = entries_per_block(cluster_size, refcount_order)
-    table = blocks = n = 0
-    while True:
-        last = n
-        blocks = -(-(clusters + table + blocks) // per_block)
-        table = -(-blocks // per_table_cluster)
-        n = clusters + blocks + table
-        if n == last and generous:
-            clusters += -(-table // 2)
-            n = 0
-            generous = False
-        if n == last:
-            return blocks
-
-
 class _QemuAllocator:
     """QEMU 7.2's qcow2 cluster allocator, reduced to what image creation exercises.
 
@@ -560,7 +540,7 @@ class _QemuAllocator:
         """Replace the refcount table by a self-covering area at ``start_offset``:
         new blocks for every uncovered index up to the end, then the new table."""
         cs = self.cluster_size
-        total = _refcount_metadata_blocks(start_offset // cs, cs, self.refcount_order, True)
+        total = metadata_clusters(start_offset // cs, cs, self.refcount_order, generous=True)[0]
         area_index = (start_offset // cs) >> self.block_bits
         table_size = total + -(-total // 2)
         table_size += -table_size % (cs // RT_ENTRY_SIZE)

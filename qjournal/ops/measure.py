@@ -27,7 +27,7 @@ import attrs
 from ..errors import UsageError
 from ..format import bitmaps as bm
 from ..format.geometry import SECTOR
-from ..format.refcount import RT_ENTRY_SIZE
+from ..format.refcount import metadata_clusters
 from ..format.tables import EXTL2_ENTRY_SIZE, L1_ENTRY_SIZE, L2_ENTRY_SIZE
 from ..core.image import Image
 from .compare import S_DATA, Side
@@ -64,21 +64,12 @@ def _round_up(n: int, to: int) -> int:
 
 def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int) -> int:
     """Bytes of refcount blocks and table that count ``clusters`` clusters and themselves
-    (QEMU's ``qcow2_refcount_metadata_size`` fixed point, without the generous increase).
+    (without the generous increase of image creation).
 
     >>> refcount_metadata_size(16386, 65536, 4)
     131072
     """
-    per_table_cluster = cluster_size // RT_ENTRY_SIZE
-    per_block = cluster_size * 8 >> refcount_order
-    table = blocks = n = 0
-    while True:
-        last = n
-        blocks = -(-(clusters + table + blocks) // per_block)
-        table = -(-blocks // per_table_cluster)
-        n = clusters + blocks + table
-        if n == last:
-            return (blocks + table) * cluster_size
+    return sum(metadata_clusters(clusters, cluster_size, refcount_order)) * cluster_size
 
 
 def prealloc_size(size: int, cluster_size: int, refcount_order: int, extended_l2: bool) -> int:

@@ -146,7 +146,7 @@ class TestRegressions:
 
     @pytest.mark.parametrize("name, index", [("datafile-raw", 2561), ("64k-zlib", 49), ("r64-16k-l2x", 4402),
                                              ("r64-16k-l2x", 11094), ("datafile-raw", 7279), ("r64-16k-l2x", 4430),
-                                             ("2m", 10930)])
+                                             ("2m", 10930), ("64k-zlib", 16107)])
     def test_cases_that_failed_once_pass(self, tmp_path: Path, name: str, index: int) -> None:
         # Replayed: 2561 and 49, check -r all wrote its new refcount structure past the end
         # of the file, then its switch was refused, and the file stayed longer; 4402 and
@@ -156,7 +156,9 @@ class TestRegressions:
         # table of 16384 entries naming the same few tables made check decode 64 MiB chunks
         # of them (349 MiB peak for a 1 MiB file); 10930, check -r all on 2 MiB clusters
         # planned its header switch with an 8-byte sector index per byte of cluster 0 (51 MiB
-        # peak, bound 40).
+        # peak, bound 40); 16107, check -r all repaired refcounts, then refused the header
+        # switch of its snapshot table completion (a snapshot L1 table on cluster 0), and
+        # exited 1 with the file changed: it now refuses before the first write.
         (tmp_path / "c").mkdir()
         (tmp_path / "w").mkdir()
         spec = [s for s in fuzz.SPECS if s[0] == name]

@@ -112,9 +112,9 @@ class OverlapMap:
                 if (only_header and "header cluster" not in (a, b)) or \
                         (but_refcount_blocks and "refcount block" in (a, b)):
                     continue
-                raise FormatError(what, offset, f"cluster {c * self.cs:#x} is both the {a} and the {b}; "
-                                  "refusing to write (qjournal check explains the damage, check -r all "
-                                  "repairs it)")
+                advice = ("a repair cannot drop a claim on the header cluster; nothing was written" if only_header
+                          else "refusing to write (qjournal check explains the damage, check -r all repairs it)")
+                raise FormatError(what, offset, f"cluster {c * self.cs:#x} is both the {a} and the {b}; {advice}")
 
     def check_write(self, offset: int, length: int, what: str) -> None:
         """Refuse a write of ``what`` over a structure in use (before anything is written)."""

@@ -593,6 +593,12 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
     if not (result.corruptions or result.leaks or result.check_errors or flag_fixes or drops
             or drop_bitmaps or flags or in_use):
         return result
+    if incomplete:
+        # The snapshot table is completed last, with a header switch; a header cluster that
+        # another structure claims refuses it. Refuse now, before the first repair writes,
+        # so that a refused repair leaves the file as it was (fuzz case 16107).
+        img.overlap_map().check_shared(0, 1, "check -r all: the header switch to a completed snapshot table",
+                                       only_header=True)
     if rebuild:
         _rebuild(img, final, expected, scan, flag_fixes)
         if in_use:

@@ -24,11 +24,9 @@ import contextlib
 import os
 import stat
 import sys
-import tempfile
 from typing import Any, BinaryIO
 
-import numpy as np
-
+from ..format.lazy import np, tempfile
 from ..api import Image
 from ..errors import UsageError
 from ..read import guest

@@ -1,0 +1,135 @@
+"""What ``qjournal info`` and ``qjournal --help`` import: none of the heavy packages.
+
+Oracle: ``sys.modules`` of a real ``python -m qjournal ...`` process, read when it exits,
+and ``qemu-img info`` for what the command prints. Importing numpy alone takes longer
+than ``qemu-img info`` takes to run, so the commands that only read a header must not
+load it (``python -m bench info`` times the result). Commands that do the work numpy is
+for (check, map) load it, which shows the probe sees an import when there is one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+import qemu
+from qjournal.format.lazy import LazyModule
+
+ROOT = Path(__file__).resolve().parent.parent
+
+HEAVY = ("numpy", "zstandard", "tqdm", "crc32c", "sortedcontainers", "importlib.metadata",
+         "concurrent.futures", "secrets")
+"""Packages a command that only reads an image's header needs none of."""
+
+PROBE = """
+import atexit, json, runpy, sys
+out = sys.argv.pop(1)
+def dump():
+    with open(out, "w") as f:
+        json.dump(sorted(sys.modules), f)
+atexit.register(dump)
+sys.argv[0] = "qjournal"
+runpy.run_module("qjournal", run_name="__main__", alter_sys=True)
+"""
+"""``python -m qjournal ARGS`` (runpy does what -m does), writing ``sys.modules`` at exit.
+The probe's own imports (atexit, json, runpy) are none of ``HEAVY``."""
+
+
+def run_qjournal(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run ``python -m qjournal ARGS``; its result and the modules it had imported at exit."""
+    out = tmp_path / "modules.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", PROBE, str(out), *args], capture_output=True, text=True, env=env,
+                         stdin=subprocess.DEVNULL)
+    return res, set(json.loads(out.read_text()))
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Path:
+    """A small image as qemu-img makes it, with a snapshot and a backing file."""
+    base = tmp_path / "base.qcow2"
+    img = tmp_path / "small.qcow2"
+    qemu.qemu_img("create", "-q", "-f", "qcow2", str(base), "64M")
+    qemu.qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(img))
+    qemu.qemu_io(img, "write -P 0x5a 0 64k")
+    qemu.qemu_img("snapshot", "-c", "snap1", str(img))
+    return img
+
+
+class TestInfoImportsNothingHeavy:
+    def test_info(self, tmp_path: Path, small: Path) -> None:
+        res, modules = run_qjournal(tmp_path, "info", str(small))
+        assert res.returncode == 0, res.stderr
+        assert "snap1" in res.stdout and f"backing file: {small.parent / 'base.qcow2'}" in res.stdout
+        assert "qjournal.core.image" in modules  # the probe ran the command
+        assert sorted(modules.intersection(HEAVY)) == []
+
+    def test_info_json(self, tmp_path: Path, small: Path) -> None:
+        res, modules = run_qjournal(tmp_path, "info", "--output=json", str(small))
+        assert res.returncode == 0, res.stderr
+        ours, theirs = json.loads(res.stdout), qemu.info(small)
+        assert ours["virtual-size"] == theirs["virtual-size"]
+        assert ours["snapshots"] == theirs["snapshots"]
+        assert sorted(modules.intersection(HEAVY)) == []
+
+    def test_help(self, tmp_path: Path) -> None:
+        res, modules = run_qjournal(tmp_path, "--help")
+        assert res.returncode == 0, res.stderr
+        assert "convert" in res.stdout and "info" in res.stdout
+        assert sorted(modules.intersection(HEAVY)) == []
+
+    def test_version(self, tmp_path: Path) -> None:
+        res, modules = run_qjournal(tmp_path, "--version")
+        assert res.returncode == 0 and res.stdout.startswith("qjournal "), res.stderr
+        assert sorted(modules.intersection(HEAVY)) == []
+
+
+class TestWorkLoadsWhatItNeeds:
+    """The same probe sees numpy once a command scans tables (so an empty list above
+    means nothing was imported, not that the probe saw nothing)."""
+
+    def test_check_loads_numpy(self, tmp_path: Path, small: Path) -> None:
+        res, modules = run_qjournal(tmp_path, "check", str(small))
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "No errors were found on the image." in res.stdout
+        assert "numpy" in modules
+
+    def test_map_loads_numpy(self, tmp_path: Path, small: Path) -> None:
+        res, modules = run_qjournal(tmp_path, "map", "--output=json", str(small))
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)[0]["data"] is True
+        assert "numpy" in modules
+
+
+class TestLazyModule:
+    def test_loads_on_first_attribute(self) -> None:
+        mod = LazyModule("colorsys")
+        assert not mod.loaded
+        assert mod.rgb_to_hsv(1.0, 0.0, 0.0) == (0.0, 1.0, 1.0)
+        assert mod.loaded and mod.__dict__["rgb_to_hsv"] is sys.modules["colorsys"].rgb_to_hsv
+
+    def test_missing_attribute_raises(self) -> None:
+        mod = LazyModule("colorsys")
+        with pytest.raises(AttributeError):
+            mod.no_such_name  # noqa: B018
+        assert mod.loaded
+
+    def test_missing_module_raises_on_use(self) -> None:
+        mod = LazyModule("qjournal_no_such_module")
+        with pytest.raises(ModuleNotFoundError):
+            mod.anything  # noqa: B018
+
+    def test_threads_see_one_module(self) -> None:
+        mod = LazyModule("fractions")
+        seen: list[object] = []
+        threads = [threading.Thread(target=lambda: seen.append(mod.Fraction)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(seen) == 8 and all(f is sys.modules["fractions"].Fraction for f in seen)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import qemu
+from qjournal.cli import app
 from qjournal.format.lazy import LazyModule
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,6 +105,35 @@ class TestWorkLoadsWhatItNeeds:
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)[0]["data"] is True
         assert "numpy" in modules
+
+
+class TestOneFamilyParses:
+    """``qjournal COMMAND ...`` builds only COMMAND's family of parsers; nothing else changes."""
+
+    def test_families_declare_what_they_register(self) -> None:
+        declared = [name for family in app.FAMILIES for name in family.COMMANDS]
+        assert len(declared) == len(set(declared))
+        assert list(app.commands()) == declared
+        for family in app.FAMILIES:
+            assert set(app.commands_of(family.COMMANDS[0])) == set(family.COMMANDS)
+
+    @pytest.mark.parametrize("name", [n for family in app.FAMILIES for n in family.COMMANDS])
+    def test_same_parser_alone(self, name: str) -> None:
+        alone, full = app.commands_of(name)[name], app.commands()[name]
+        assert alone.format_help() == full.format_help()
+        assert alone.prog == full.prog == f"qjournal {name}"
+
+    def test_same_parse(self, tmp_path: Path) -> None:
+        argv = ["map", "--output=json", "--start-offset", "1M", "-U", str(tmp_path / "x.qcow2")]
+        assert vars(app.build_parser("map").parse_args(argv)) == vars(app.build_parser().parse_args(argv))
+
+    def test_usage_errors_unchanged(self, tmp_path: Path, small: Path) -> None:
+        bad = run_qjournal(tmp_path, "info", "--no-such-option", str(small))[0]
+        assert bad.returncode == 1
+        assert bad.stderr == "qjournal: unrecognized arguments: --no-such-option (see 'qjournal --help')\n"
+        unknown = run_qjournal(tmp_path, "no-such-command")[0]
+        assert unknown.returncode == 1 and "invalid choice: 'no-such-command'" in unknown.stderr
+        assert "'info'" in unknown.stderr and "'convert'" in unknown.stderr  # every command is offered
 
 
 class TestLazyModule:

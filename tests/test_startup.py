@@ -136,6 +136,24 @@ class TestOneFamilyParses:
         assert "'info'" in unknown.stderr and "'convert'" in unknown.stderr  # every command is offered
 
 
+class TestBench:
+    def test_info_bench_times_whole_processes(self, tmp_path: Path) -> None:
+        """``python -m bench info``: ours and both peer commands timed, the ratio against their sum."""
+        out = tmp_path / "results.json"
+        res = subprocess.run([sys.executable, "-m", "bench", "info", "--rounds", "2", "--dir", str(tmp_path),
+                              "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert "info: peer = qemu-img info IMAGE " in res.stdout and " + python" in res.stdout
+        (r,) = json.loads(out.read_text())["results"]
+        assert r["error"] is None and r["goal_ratio"] == 2.0
+        parts = r["peer_parts_s"]
+        assert [label.split()[0] for label in parts] == ["qemu-img", os.path.basename(sys.executable)]
+        assert all(len(ts) == 2 for ts in parts.values())
+        for i in range(2):
+            assert r["peer_s"][i] == pytest.approx(sum(ts[i] for ts in parts.values()))
+        assert r["ratio"] == pytest.approx(r["ours_median_s"] / r["peer_median_s"])
+
+
 class TestLazyModule:
     def test_loads_on_first_attribute(self) -> None:
         mod = LazyModule("colorsys")

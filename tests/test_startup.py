@@ -1,4 +1,5 @@
-"""What ``qjournal info`` and ``qjournal --help`` import: none of the heavy packages.
+"""The costs of the ``qjournal`` command as a whole process: what ``qjournal info`` and
+``qjournal --help`` import (none of the heavy packages), and the memory ``write -P`` takes.
 
 Oracle: ``sys.modules`` of a real ``python -m qjournal ...`` process, read when it exits,
 and ``qemu-img info`` for what the command prints. Importing numpy alone takes longer
@@ -134,6 +135,42 @@ class TestOneFamilyParses:
         unknown = run_qjournal(tmp_path, "no-such-command")[0]
         assert unknown.returncode == 1 and "invalid choice: 'no-such-command'" in unknown.stderr
         assert "'info'" in unknown.stderr and "'convert'" in unknown.stderr  # every command is offered
+
+
+class TestWritePatternStreams:
+    """``qjournal write -P``: the pattern is made a chunk at a time, whatever LENGTH is.
+
+    Oracle: qemu-io read -P and qemu-img check for the result, GNU time for the peak RSS
+    (a child of GNU time, not of pytest: see bench/harness.py on forked page tables).
+    """
+
+    SIZE = 256 << 20
+
+    def test_bounded_memory(self, tmp_path: Path) -> None:
+        img = tmp_path / "w.qcow2"
+        qemu.qemu_img("create", "-q", "-f", "qcow2", str(img), "1G")
+        rss = tmp_path / "rss"
+        res = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss), sys.executable, "-m", "qjournal", "write",
+                              str(img), "1M", "-P", "0xab", str(self.SIZE)], capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == f"wrote {self.SIZE}/{self.SIZE} bytes at offset {1 << 20}\n"
+        peak_mib = int(rss.read_text().split()[-1]) / 1024
+        assert peak_mib < 128, f"peak RSS {peak_mib:.0f} MiB for a {self.SIZE >> 20} MiB write"
+        qemu.qemu_io(img, f"read -P 0xab 1M {self.SIZE}", "read -P 0 0 1M", f"read -P 0 {(1 << 20) + self.SIZE} 1M",
+                     read_only=True)
+        assert qemu.check(img)[0] == 0
+
+    def test_past_the_end_writes_nothing(self, tmp_path: Path) -> None:
+        img = tmp_path / "w.qcow2"
+        qemu.qemu_img("create", "-q", "-f", "qcow2", str(img), "64M")
+        before = img.read_bytes()
+        res = subprocess.run([sys.executable, "-m", "qjournal", "write", str(img), "63M", "-P", "1", "2M"],
+                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert res.returncode == 1
+        assert res.stderr == ("qjournal: write: 2097152 bytes at offset 66060288 run past the end of the "
+                              "67108864-byte disk\n")
+        assert img.read_bytes() == before
 
 
 class TestBench:

@@ -188,11 +188,19 @@ def cmd_write(args: argparse.Namespace) -> int:
         print(f"wrote {total}/{total} bytes at offset {offset}")
         return 0
     text, count = args.pattern
-    pattern = pattern_byte(text)
-    data = bytes([pattern]) * size(count)
+    pattern, length = pattern_byte(text), size(count)
+    # The pattern is made once, CHUNK bytes of it, and written through the guest disk
+    # as --input is: memory stays bounded and the writes commit in batches.
     with Image(path, "r+") as img:
-        img.write(offset, data)
-    print(f"wrote {len(data)}/{len(data)} bytes at offset {offset}")
+        if offset + length > img.header.size:
+            raise UsageError(f"write: {length} bytes at offset {offset} run past the end of the "
+                             f"{img.header.size}-byte disk")
+        chunk = memoryview(bytes([pattern]) * min(length, CHUNK))
+        with img.disk() as disk:
+            disk.seek(offset)
+            for pos in range(0, length, CHUNK):
+                disk.write(chunk[:min(CHUNK, length - pos)])
+    print(f"wrote {length}/{length} bytes at offset {offset}")
     return 0
 
 

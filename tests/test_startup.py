@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import damage
 import qemu
 from qjournal.cli import app
 from qjournal.format.lazy import LazyModule
@@ -160,6 +161,18 @@ class TestWritePatternStreams:
         qemu.qemu_io(img, f"read -P 0xab 1M {self.SIZE}", "read -P 0 0 1M", f"read -P 0 {(1 << 20) + self.SIZE} 1M",
                      read_only=True)
         assert qemu.check(img)[0] == 0
+
+    def test_refused_part_way_writes_nothing(self, tmp_path: Path) -> None:
+        """A damaged L2 entry in the second chunk refuses the whole request, as one write:
+        the first chunk's new clusters are given back and nothing is mapped."""
+        img = qemu.create(tmp_path / "d.qcow2", "64M", "cluster_size=4096")
+        qemu.qemu_io(img, "write -P 0x11 20M 4k")
+        damage.poke64(img, damage.l2_pos(img, 20 << 20), damage.u64(img, damage.l2_pos(img, 20 << 20)) | 1 << 2)
+        before = img.read_bytes()
+        res = subprocess.run([sys.executable, "-m", "qjournal", "write", str(img), "0", "-P", "0x5a", "24M"],
+                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert res.returncode == 1 and "L2" in res.stderr and res.stderr.count("\n") == 1, res.stderr
+        assert img.read_bytes() == before
 
     def test_past_the_end_writes_nothing(self, tmp_path: Path) -> None:
         img = tmp_path / "w.qcow2"

@@ -30,6 +30,7 @@ from ..format.lazy import np, tempfile
 from ..api import Image
 from ..errors import UsageError
 from ..read import guest
+from ..write.data import in_place_transaction
 from .options import add_command, add_force_share, add_format, pattern_byte, qcow2_path, size
 
 CHUNK = 16 << 20   # bytes read, checked or written at a time
@@ -189,17 +190,18 @@ def cmd_write(args: argparse.Namespace) -> int:
         return 0
     text, count = args.pattern
     pattern, length = pattern_byte(text), size(count)
-    # The pattern is made once, CHUNK bytes of it, and written through the guest disk
-    # as --input is: memory stays bounded and the writes commit in batches.
+    # One transaction, as one write has (a request refused part-way maps nothing, and
+    # new clusters past the old end are given back), written CHUNK bytes at a time
+    # from one CHUNK of the pattern: new data goes straight to its clusters, so memory
+    # stays bounded (only in-place data that waits for enabled bitmaps' bits is held).
     with Image(path, "r+") as img:
         if offset + length > img.header.size:
             raise UsageError(f"write: {length} bytes at offset {offset} run past the end of the "
                              f"{img.header.size}-byte disk")
         chunk = memoryview(bytes([pattern]) * min(length, CHUNK))
-        with img.disk() as disk:
-            disk.seek(offset)
+        with in_place_transaction(img, "guest write"):
             for pos in range(0, length, CHUNK):
-                disk.write(chunk[:min(CHUNK, length - pos)])
+                img.write(offset + pos, chunk[:min(CHUNK, length - pos)])
     print(f"wrote {length}/{length} bytes at offset {offset}")
     return 0
 

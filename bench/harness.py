@@ -8,7 +8,10 @@ How a benchmark is measured, round by round:
    pages and both start from the same bytes in the page cache. Only the image is
    copied: ours starts without a journal sidecar, as on an image qemu-img just
    made, and so pays for creating its journal every round.
-2. Both sides run, ours first in even rounds and the peer first in odd ones.
+2. Both sides run, ours first in even rounds and the peer first in odd ones
+   (the warm-up is round 0): an even ``--rounds`` puts each side first equally
+   often. It matters where the first run leaves the second less free memory
+   (see 4.); after the table a note says when the count was uneven.
    Ours is the library call in this process, timed with ``time.perf_counter``
    after a ``gc.collect()``. The peer is the whole command, timed from just before
    ``Popen`` until it has exited and been reaped. A peer of several commands
@@ -21,7 +24,9 @@ How a benchmark is measured, round by round:
    installed package has it: the warm-up round compiles, the timed rounds do not.
 3. After the first round (a warm-up round unless ``--warmup 0``), ``verify``
    checks that both sides did the same work.
-4. The copies are deleted.
+4. The copies are deleted: in later rounds each as soon as its side has run, so
+   that the second side of a round does not start with the first side's output
+   (1 GiB for the write benchmarks) still in the page cache.
 
 Warm-up rounds are run and verified but not counted. The ratio is
 median(ours) / median(peer); a benchmark passes when it is at most its goal.
@@ -350,6 +355,8 @@ def run_benchmark(cls: type[Benchmark], fx: Fixtures, rounds: int, warmup: int =
                     for argv in b.peers(images["peer"]):
                         parts[command_label(argv, images["peer"])] = run_timed(argv, env)
                     times["peer"] = sum(parts.values())
+                if r > 0 or peer_only:
+                    fx.discard(images[side])  # its page cache is gone before the other side runs
             if r == 0 and not peer_only:
                 b.verify(images["ours"], images["peer"])
             if r >= warmup:
@@ -506,6 +513,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{env['qemu_img']}; Python {env['python']}; {args.rounds} rounds (+{args.warmup} warm-up) each; "
           "ours = library call in-process (or the qjournal command: see --list), peer = whole process")
     print(table(results, rss=args.rss))
+    ours_first = sum(1 for r in range(args.warmup, args.warmup + args.rounds) if r % 2 == 0)
+    if 2 * ours_first != args.rounds and not args.peer_only:
+        print(f"note: ours ran first in {ours_first} rounds, the peer in {args.rounds - ours_first}; "
+              "an even --rounds is fair to both")
     if base is not None:
         print(f"RSS: peak of one more run of each side under GNU time, ours in a child process; "
               f"a child that only imports the same modules peaks at {_mib(base)}")

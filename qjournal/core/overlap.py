@@ -29,6 +29,12 @@ from ..storage.medium import Medium
 Range = tuple[int, int, str]
 
 
+def _U(value: int) -> np.uint64:
+    """``value`` as a numpy uint64 (a function, not ``np.uint64`` itself, so that importing
+    this module does not import numpy: see :mod:`qjournal.format.lazy`)."""
+    return np.uint64(value)
+
+
 class OverlapMap:
     """Sorted cluster numbers of every structure in use, each with what it is."""
 
@@ -61,14 +67,14 @@ class OverlapMap:
         parts: list[tuple[np.ndarray, str]] = []
         for off, length, what in ranges:
             parts.append((np.arange(off // cs, (off + max(length, 1) - 1) // cs + 1, dtype=np.int64), what))
-        rt = medium.array(reftable[0], reftable[1] * cs // 8, ">u8").astype(np.uint64) & np.uint64(RT_OFFSET_MASK)
-        parts.append(((rt[rt != 0] // np.uint64(cs)).astype(np.int64), "refcount block"))
+        rt = medium.array(reftable[0], reftable[1] * cs // 8, ">u8").astype(np.uint64) & _U(RT_OFFSET_MASK)
+        parts.append(((rt[rt != 0] // _U(cs)).astype(np.int64), "refcount block"))
         for off, n, whose in l1_tables:
-            l2 = medium.array(off, n, ">u8").astype(np.uint64) & np.uint64(L1E_OFFSET_MASK)
-            parts.append(((l2[l2 != 0] // np.uint64(cs)).astype(np.int64), f"L2 table{whose}"))
+            l2 = medium.array(off, n, ">u8").astype(np.uint64) & _U(L1E_OFFSET_MASK)
+            parts.append(((l2[l2 != 0] // _U(cs)).astype(np.int64), f"L2 table{whose}"))
         for table, whose in bitmap_tables:
-            data = table & np.uint64(TE_OFFSET_MASK)
-            parts.append(((data[data != 0] // np.uint64(cs)).astype(np.int64), f"bitmap data of {whose}"))
+            data = table & _U(TE_OFFSET_MASK)
+            parts.append(((data[data != 0] // _U(cs)).astype(np.int64), f"bitmap data of {whose}"))
         return cls(cs, parts)
 
     def __len__(self) -> int:

@@ -1,11 +1,13 @@
-"""The costs of the ``qjournal`` command as a whole process: what ``qjournal info`` and
-``qjournal --help`` import (none of the heavy packages), and the memory ``write -P`` takes.
+"""The ``qjournal`` command as a whole process: what ``info``, ``--help`` and ``--version``
+import (none of the heavy modules), that building one command family's parsers parses as
+all of them do, the memory ``write -P`` takes, and ``python -m bench info``.
 
-Oracle: ``sys.modules`` of a real ``python -m qjournal ...`` process, read when it exits,
-and ``qemu-img info`` for what the command prints. Importing numpy alone takes longer
-than ``qemu-img info`` takes to run, so the commands that only read a header must not
-load it (``python -m bench info`` times the result). Commands that do the work numpy is
-for (check, map) load it, which shows the probe sees an import when there is one.
+Oracles: ``sys.modules`` of a real ``python -m qjournal ...`` process, read when it
+exits; ``qemu-img info``, ``qemu-img check`` and ``qemu-io read -P`` for what the
+commands print and write; GNU time for peak RSS. Importing numpy alone takes longer than
+``qemu-img info`` takes to run, so the commands that only read a header must not load
+it. Commands that do the work numpy is for (check, map) load it, which shows the probe
+sees an import when there is one. Nothing here is timed.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 HEAVY = ("numpy", "zstandard", "tqdm", "crc32c", "sortedcontainers", "importlib.metadata",
          "concurrent.futures", "secrets")
-"""Packages a command that only reads an image's header needs none of."""
+"""Modules a command that only reads an image's header needs none of (see qjournal/format/lazy.py)."""
 
 PROBE = """
 import atexit, json, runpy, sys

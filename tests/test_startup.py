@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,7 @@ class TestLazyModule:
         assert not mod.loaded
         assert mod.rgb_to_hsv(1.0, 0.0, 0.0) == (0.0, 1.0, 1.0)
         assert mod.loaded and mod.__dict__["rgb_to_hsv"] is sys.modules["colorsys"].rgb_to_hsv
+        assert type(mod) is types.ModuleType  # a plain module from then on: reads cost what a module's do
 
     def test_missing_attribute_raises(self) -> None:
         mod = LazyModule("colorsys")

@@ -10,8 +10,9 @@ file name needs none of them; bitmap tables (numpy) and a journal sidecar (crc32
 numpy) load what they use.
 
 The lazy modules behave as the modules themselves: the first attribute read imports
-the real one and copies its namespace over, so later reads cost what a module
-attribute costs. Type checkers see the real modules (``TYPE_CHECKING``). Module-level
+the real one, copies its namespace over and turns the lazy module into a plain module,
+so later reads cost what a module attribute costs (a class with ``__getattr__`` would
+make every read about three times slower). Type checkers see the real modules (``TYPE_CHECKING``). Module-level
 code must not read them (that would import them at once): no ``U = np.uint64``.
 
 This is the one place such a helper lives; it sits in the lowest layer because the
@@ -40,12 +41,13 @@ class LazyModule(types.ModuleType):
     loaded: bool = False
 
     def __getattr__(self, attr: str) -> Any:
-        # Only called for names not in this module's namespace yet. Importing is
-        # thread-safe (the import lock); copying the namespace twice does no harm.
+        # Only called until the first load: the module is a plain one after it.
+        # Importing is thread-safe (the import lock); doing the rest twice does no harm.
         real = importlib.import_module(self.__name__)
         if not self.loaded:
             self.__dict__.update(vars(real))
             self.loaded = True
+            self.__class__ = types.ModuleType  # type: ignore[assignment]  # a plain module from now on
         return getattr(real, attr)
 
 

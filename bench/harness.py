@@ -8,13 +8,25 @@ How a benchmark is measured, round by round:
    pages and both start from the same bytes in the page cache. Only the image is
    copied: ours starts without a journal sidecar, as on an image qemu-img just
    made, and so pays for creating its journal every round.
-2. Both sides run, ours first in even rounds and the peer first in odd ones.
+2. Both sides run, ours first in even rounds and the peer first in odd ones
+   (the warm-up is round 0): an even ``--rounds`` puts each side first equally
+   often. It matters where the first run leaves the second less free memory
+   (see 4.); after the table a note says when the count was uneven.
    Ours is the library call in this process, timed with ``time.perf_counter``
    after a ``gc.collect()``. The peer is the whole command, timed from just before
-   ``Popen`` until it has exited and been reaped.
+   ``Popen`` until it has exited and been reaped. A peer of several commands
+   (``qemu-img info`` and a bare ``python3 -c pass``) runs them one after another
+   and counts the sum; the table's notes give each one's median.
+   A benchmark of the ``qjournal`` command itself (``ours_command``) times ours as
+   a whole process too, the same way. Commands run with the project on
+   ``PYTHONPATH`` and their bytecode cached in the work directory
+   (``PYTHONPYCACHEPREFIX``, even when ``PYTHONDONTWRITEBYTECODE`` is set), as an
+   installed package has it: the warm-up round compiles, the timed rounds do not.
 3. After the first round (a warm-up round unless ``--warmup 0``), ``verify``
    checks that both sides did the same work.
-4. The copies are deleted.
+4. The copies are deleted: in later rounds each as soon as its side has run, so
+   that the second side of a round does not start with the first side's output
+   (1 GiB for the write benchmarks) still in the page cache.
 
 Warm-up rounds are run and verified but not counted. The ratio is
 median(ours) / median(peer); a benchmark passes when it is at most its goal.
@@ -26,9 +38,9 @@ processes. The ratio is then at most 1.0 exactly when ours reaches the rate, and
 table is followed by ours' rate (bytes per second of the median call).
 
 With ``--rss`` each side runs once more, untimed, on a fresh copy, under GNU
-``time -f %M``: the peer as is, ours as a child process (``python -m bench
---child-ours NAME IMAGE``), beside a child that only imports the same modules
-(the baseline). Not ``os.wait4`` on our own children: a process forked from
+``time -f %M``: the peer as is (the largest of its commands), ours as a child
+process (``python -m bench --child-ours NAME IMAGE``; a command benchmark's own
+command), beside a child that only imports the same modules (the baseline). Not ``os.wait4`` on our own children: a process forked from
 this one starts with a copy of its page tables, and the kernel counts that
 copy's resident size into the child's peak, so every figure would be at least
 this harness's own RSS. GNU time's child is forked from GNU time (about 1 MiB).
@@ -70,7 +82,11 @@ class Benchmark:
     - ``peer(image)``: the argv of the peer command, on another fresh copy (not
       for a benchmark declared with a ``rate``: it has no peer process);
     - ``verify(ours_image, peer_image)`` (optional): after the first round, raise
-      ``AssertionError`` if the two sides did not leave the same result.
+      ``AssertionError`` if the two sides did not leave the same result;
+    - ``ours_command(image)`` (optional) instead of ``ours``: the argv of the
+      ``qjournal`` command, timed as a whole process as the peer is;
+    - ``peers(image)`` (optional) instead of ``peer``: several commands whose
+      times add up to the peer's.
 
     ``ours`` may only use ``image`` and class attributes: ``--rss`` calls it in a
     child process on a fresh instance, without ``template``.
@@ -101,6 +117,14 @@ class Benchmark:
 
     def verify(self, ours_image: Path, peer_image: Path) -> None:
         """Raise ``AssertionError`` unless both sides did the same work (default: no check)."""
+
+    def ours_command(self, image: Path) -> list[str] | None:
+        """Ours as a whole process (argv), or None (the default): ours is the call ``ours(image)``."""
+        return None
+
+    def peers(self, image: Path) -> list[list[str]]:
+        """The peer's commands, run one after another, their times summed (default: ``[peer(image)]``)."""
+        return [self.peer(image)]
 
 
 REGISTRY: dict[str, type[Benchmark]] = {}
@@ -161,14 +185,14 @@ def qemu_img(*args: str | os.PathLike[str]) -> str:
     return res.stdout
 
 
-def run_timed(argv: Sequence[str]) -> float:
+def run_timed(argv: Sequence[str], env: dict[str, str] | None = None) -> float:
     """Run ``argv`` as one process; wall seconds from spawn to reaped exit.
 
     Raises ``RuntimeError`` with the process's stderr when it exits non-zero.
     """
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env)
         code = proc.wait()
         elapsed = time.perf_counter() - t0
         if code:
@@ -202,6 +226,22 @@ def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
+def command_env(root: Path) -> dict[str, str]:
+    """The environment of timed commands: the project on ``PYTHONPATH``, and Python's
+    bytecode cached under ``root`` whatever ``PYTHONDONTWRITEBYTECODE`` says (see the
+    module docstring)."""
+    env = _child_env()
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
+    return env
+
+
+def command_label(argv: Sequence[str], image: Path) -> str:
+    """``argv`` for a table note: the program's base name, the image as ``IMAGE``."""
+    words = [os.path.basename(argv[0]), *("IMAGE" if a == str(image) else a for a in argv[1:])]
+    return " ".join(words)
 
 
 # -- fixtures -------------------------------------------------------------------
@@ -255,6 +295,7 @@ class Result:
     peer_maxrss_kib: int | None = None
     ours_maxrss_kib: int | None = None
     error: str | None = None
+    peer_parts: dict[str, list[float]] = attrs.Factory(dict)   # label -> seconds, for a peer of several commands
 
     @property
     def ours_median(self) -> float | None:
@@ -286,7 +327,7 @@ class Result:
                 "peer_median_s": self.peer_median, "ratio": self.ratio, "pass": self.passed,
                 "ours_maxrss_kib": self.ours_maxrss_kib, "peer_maxrss_kib": self.peer_maxrss_kib,
                 "goal_rate_bytes_per_s": self.rate, "ours_rate_bytes_per_s": self.ours_rate,
-                "error": self.error}
+                "peer_parts_s": self.peer_parts, "error": self.error}
 
 
 def run_benchmark(cls: type[Benchmark], fx: Fixtures, rounds: int, warmup: int = 1, *,
@@ -295,33 +336,47 @@ def run_benchmark(cls: type[Benchmark], fx: Fixtures, rounds: int, warmup: int =
     b = cls()
     res = Result(cls.name, cls.description(), cls.goal, cls.rate, cls.nbytes)
     budget = cls.rate_budget()
+    env = command_env(fx.root)
     try:
         template = b.template(fx)
         for r in range(warmup + rounds):
             images = {side: fx.fresh(template, f"{cls.name}-{r}-{side}.qcow2") for side in ("ours", "peer")}
             order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
             times: dict[str, float] = {}
+            parts: dict[str, float] = {}
             for side in order:
                 if side == "ours" and not peer_only:
-                    times["ours"] = time_call(lambda: b.ours(images["ours"]))
+                    argv = b.ours_command(images["ours"])
+                    times["ours"] = time_call(lambda: b.ours(images["ours"])) if argv is None else \
+                        run_timed(argv, env)
+                elif side == "peer" and budget is not None:
+                    times["peer"] = budget
                 elif side == "peer":
-                    times["peer"] = budget if budget is not None else run_timed(b.peer(images["peer"]))
+                    for argv in b.peers(images["peer"]):
+                        parts[command_label(argv, images["peer"])] = run_timed(argv, env)
+                    times["peer"] = sum(parts.values())
+                if r > 0 or peer_only:
+                    fx.discard(images[side])  # its page cache is gone before the other side runs
             if r == 0 and not peer_only:
                 b.verify(images["ours"], images["peer"])
             if r >= warmup:
                 res.peer_s.append(times["peer"])
                 if "ours" in times:
                     res.ours_s.append(times["ours"])
+                if len(parts) > 1:
+                    for label, t in parts.items():
+                        res.peer_parts.setdefault(label, []).append(t)
             for image in images.values():
                 fx.discard(image)
         if rss and budget is None:
             image = fx.fresh(template, f"{cls.name}-rss-peer.qcow2")
-            res.peer_maxrss_kib = peak_rss(b.peer(image))
+            res.peer_maxrss_kib = max(peak_rss(argv, env) for argv in b.peers(image))
             fx.discard(image)
         if rss and not peer_only:
             image = fx.fresh(template, f"{cls.name}-rss-ours.qcow2")
-            res.ours_maxrss_kib = peak_rss([sys.executable, "-m", __package__, "--child-ours", cls.name,
-                                            str(image)], env=_child_env())
+            argv = b.ours_command(image)
+            res.ours_maxrss_kib = peak_rss(argv, env) if argv is not None else \
+                peak_rss([sys.executable, "-m", __package__, "--child-ours", cls.name, str(image)], env=_child_env())
             fx.discard(image)
     except Exception as e:
         res.error = f"{type(e).__name__}: {e}"
@@ -370,6 +425,10 @@ def table(results: Sequence[Result], rss: bool = False) -> str:
         if r.rate is not None and rate is not None:
             lines.append(f"{r.name}: {rate / 1e9:.2f} GB/s ({_size(r.nbytes)} a call; goal >= {r.rate / 1e9:.1f} GB/s, "
                          "the peer column is the time the goal allows)")
+    for r in results:
+        if r.peer_parts:
+            parts = " + ".join(f"{label} {_ms(statistics.median(ts))}" for label, ts in r.peer_parts.items())
+            lines.append(f"{r.name}: peer = {parts} (medians)")
     for r in results:
         if r.error:
             lines.append(f"{r.name}: {r.error}")
@@ -452,8 +511,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(root, ignore_errors=True)
     print(f"{env['qemu_img']}; Python {env['python']}; {args.rounds} rounds (+{args.warmup} warm-up) each; "
-          "ours = library call in-process, peer = whole process")
+          "ours = library call in-process (or the qjournal command: see --list), peer = whole process")
     print(table(results, rss=args.rss))
+    ours_first = sum(1 for r in range(args.warmup, args.warmup + args.rounds) if r % 2 == 0)
+    if 2 * ours_first != args.rounds and not args.peer_only:
+        print(f"note: ours ran first in {ours_first} rounds, the peer in {args.rounds - ours_first}; "
+              "an even --rounds is fair to both")
     if base is not None:
         print(f"RSS: peak of one more run of each side under GNU time, ours in a child process; "
               f"a child that only imports the same modules peaks at {_mib(base)}")

@@ -18,6 +18,9 @@ Peers, each a whole process:
 
 ``verify`` hashes what ours reads and compares it with the seeded bytes.
 
+``write-cmd``: the command ``qjournal write IMG 0 -P 0xab 1G`` into a fresh image, a
+whole process against the whole ``qemu-io -c "write -P 0xab 0 1G"`` (goal 1.0x).
+
 Writes, each in 1 MiB writes from the library against ``qemu-io write -P 0xab 0 1G``:
 ``io-write`` into a fresh image through ``img.disk()``; ``io-overwrite`` over the 1 GiB
 of random data through ``img.disk()`` (in place, as QEMU overwrites); ``io-overwrite-tx``
@@ -148,6 +151,24 @@ class IoWrite(Benchmark):
         with qjournal.open(image, "r+") as img, img.disk() as disk:
             for _ in range(SIZE // len(block)):
                 disk.write(block)
+
+    def peer(self, image: Path) -> list[str]:
+        return ["qemu-io", "-f", "qcow2", "-c", f"write -P 0xab 0 {SIZE}", str(image)]
+
+    def verify(self, ours_image: Path, peer_image: Path) -> None:
+        qemu_img("compare", "-f", "qcow2", "-F", "qcow2", ours_image, peer_image)  # raises on a difference
+        qemu_img("check", ours_image)
+
+
+@benchmark("write-cmd")
+class WriteCmd(Benchmark):
+    """qjournal write -P 0xab of 1 GiB into a fresh image vs qemu-io write -P 0xab 0 1G (whole processes)"""
+
+    def template(self, fx: Fixtures) -> Path:
+        return fx.image("empty-1G", lambda p: qemu_img("create", "-q", "-f", "qcow2", p, "1G"))
+
+    def ours_command(self, image: Path) -> list[str]:
+        return [sys.executable, "-m", "qjournal", "write", str(image), "0", "-P", "0xab", str(SIZE)]
 
     def peer(self, image: Path) -> list[str]:
         return ["qemu-io", "-f", "qcow2", "-c", f"write -P 0xab 0 {SIZE}", str(image)]

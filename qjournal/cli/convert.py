@@ -19,6 +19,10 @@ from .options import add_command, create_options, size, wants_help
 from ..ops.create import option_help
 
 
+COMMANDS = ("convert",)
+"""The subcommands :func:`add_parsers` registers."""
+
+
 def add_parsers(sub: Any) -> None:
     """Register ``convert`` on the subparsers of ``qjournal``."""
     c = add_command(sub, "convert", "copy a disk into a new raw or qcow2 image (qemu-img convert)",

@@ -24,18 +24,21 @@ import contextlib
 import os
 import stat
 import sys
-import tempfile
 from typing import Any, BinaryIO
 
-import numpy as np
-
+from ..format.lazy import np, tempfile
 from ..api import Image
 from ..errors import UsageError
 from ..read import guest
+from ..write.data import in_place_transaction
 from .options import add_command, add_force_share, add_format, pattern_byte, qcow2_path, size
 
 CHUNK = 16 << 20   # bytes read, checked or written at a time
 SPOOL = 1 << 20    # bytes of an input of unknown length held in memory at a time
+
+
+COMMANDS = ("read", "write", "zero", "discard")
+"""The subcommands :func:`add_parsers` registers."""
 
 
 def add_parsers(sub: Any) -> None:
@@ -186,11 +189,20 @@ def cmd_write(args: argparse.Namespace) -> int:
         print(f"wrote {total}/{total} bytes at offset {offset}")
         return 0
     text, count = args.pattern
-    pattern = pattern_byte(text)
-    data = bytes([pattern]) * size(count)
+    pattern, length = pattern_byte(text), size(count)
+    # One transaction, as one write has (a request refused part-way maps nothing, and
+    # new clusters past the old end are given back), written CHUNK bytes at a time
+    # from one CHUNK of the pattern: new data goes straight to its clusters, so memory
+    # stays bounded (only in-place data that waits for enabled bitmaps' bits is held).
     with Image(path, "r+") as img:
-        img.write(offset, data)
-    print(f"wrote {len(data)}/{len(data)} bytes at offset {offset}")
+        if offset + length > img.header.size:
+            raise UsageError(f"write: {length} bytes at offset {offset} run past the end of the "
+                             f"{img.header.size}-byte disk")
+        chunk = memoryview(bytes([pattern]) * min(length, CHUNK))
+        with in_place_transaction(img, "guest write"):
+            for pos in range(0, length, CHUNK):
+                img.write(offset + pos, chunk[:min(CHUNK, length - pos)])
+    print(f"wrote {length}/{length} bytes at offset {offset}")
     return 0
 
 

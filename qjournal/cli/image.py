@@ -26,6 +26,10 @@ from .options import (add_command, add_force_share, add_format, add_output, chec
                       print_json, qcow2_path, size, wants_help)
 
 
+COMMANDS = ("create", "info", "check", "map")
+"""The subcommands :func:`add_parsers` registers."""
+
+
 def add_parsers(sub: Any) -> None:
     """Register ``create``, ``info``, ``check`` and ``map`` on the subparsers of ``qjournal``."""
     c = add_command(sub, "create", "create a qcow2 image (qemu-img create)",

@@ -14,10 +14,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any, NoReturn, Sequence
 
 from ..errors import FormatError, UsageError
+from ..format.lazy import json
 from ..format.header import MAGIC, V2_LENGTH
 from ..ops.create import CreateOptions, parse_options, parse_size, split_options, strtou64
 

@@ -17,6 +17,10 @@ from .image import print_snapshots
 from .options import add_command, add_force_share, add_format, qcow2_path
 
 
+COMMANDS = ("snapshot",)
+"""The subcommands :func:`add_parsers` registers."""
+
+
 def add_parsers(sub: Any) -> None:
     """Register ``snapshot`` on the subparsers object of ``qjournal``."""
     s = add_command(sub, "snapshot", "list, create or delete internal snapshots (qemu-img snapshot)",

@@ -21,9 +21,8 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import attrs
-import numpy as np
-from sortedcontainers import SortedList
 
+from ..format.lazy import np, sortedcontainers
 from ..errors import FormatError, UsageError
 from ..format import refcount as rc
 from ..format.tables import L2E_OFFSET_MASK, OFLAG_COMPRESSED, compressed_span
@@ -73,7 +72,7 @@ class Allocator:
                                   f"entry {i}: refcount block at {off:#x} runs past the end of the file "
                                   f"({medium.size:#x})")
         self._raw: dict[int, bytes | None] = {}  # packed blocks as on disk (None: no block)
-        self._free: SortedList | None = None
+        self._free: sortedcontainers.SortedList | None = None
         self._used_past_end: set[int] = set()
         self._end = -(-medium.size // self.cs)
         self.deltas: dict[int, int] = {}
@@ -162,7 +161,7 @@ class Allocator:
         pos = [c for c, d in self._bulk if d > 0]
         return np.unique(np.concatenate(pos)) if pos else np.zeros(0, np.int64)
 
-    def _free_index(self) -> SortedList:
+    def _free_index(self) -> sortedcontainers.SortedList:
         if self._free is None:
             counts = self.all_refcounts(self._end)
             free = np.nonzero(counts == 0)[0]
@@ -172,7 +171,7 @@ class Allocator:
                 # A damaged pointer may name a cluster past the end of the file: growing
                 # the file must step over it too.
                 self._used_past_end = set(used[used >= self._end].tolist())
-            self._free = SortedList(free.tolist())
+            self._free = sortedcontainers.SortedList(free.tolist())
         return self._free
 
     # -- staging ----------------------------------------------------------

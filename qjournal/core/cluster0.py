@@ -18,8 +18,8 @@ journal (a disk sector of 512 bytes is the unit that cannot tear):
 from __future__ import annotations
 
 import attrs
-import numpy as np
 
+from ..format.lazy import np
 from ..errors import UsageError
 from ..format.extensions import EXT_BITMAPS, Extension, padded, pack_extensions, parse_extensions
 from ..format.geometry import SECTOR

@@ -20,8 +20,8 @@ import warnings
 from typing import Any, Iterator
 
 import attrs
-import numpy as np
 
+from ..format.lazy import np
 from ..storage import lock
 from .allocator import Allocator
 from ..errors import FormatError, ImageNotFoundError, JournalError, StaleJournalWarning, UnsupportedError, UsageError

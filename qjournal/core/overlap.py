@@ -19,8 +19,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import numpy as np
-
+from ..format.lazy import np
 from ..errors import FormatError
 from ..format.bitmaps import TE_OFFSET_MASK
 from ..format.refcount import RT_OFFSET_MASK
@@ -28,7 +27,12 @@ from ..format.tables import L1E_OFFSET_MASK
 from ..storage.medium import Medium
 
 Range = tuple[int, int, str]
-_U = np.uint64
+
+
+def _U(value: int) -> np.uint64:
+    """``value`` as a numpy uint64 (a function, not ``np.uint64`` itself, so that importing
+    this module does not import numpy: see :mod:`qjournal.format.lazy`)."""
+    return np.uint64(value)
 
 
 class OverlapMap:
@@ -63,10 +67,10 @@ class OverlapMap:
         parts: list[tuple[np.ndarray, str]] = []
         for off, length, what in ranges:
             parts.append((np.arange(off // cs, (off + max(length, 1) - 1) // cs + 1, dtype=np.int64), what))
-        rt = medium.array(reftable[0], reftable[1] * cs // 8, ">u8").astype(_U) & _U(RT_OFFSET_MASK)
+        rt = medium.array(reftable[0], reftable[1] * cs // 8, ">u8").astype(np.uint64) & _U(RT_OFFSET_MASK)
         parts.append(((rt[rt != 0] // _U(cs)).astype(np.int64), "refcount block"))
         for off, n, whose in l1_tables:
-            l2 = medium.array(off, n, ">u8").astype(_U) & _U(L1E_OFFSET_MASK)
+            l2 = medium.array(off, n, ">u8").astype(np.uint64) & _U(L1E_OFFSET_MASK)
             parts.append(((l2[l2 != 0] // _U(cs)).astype(np.int64), f"L2 table{whose}"))
         for table, whose in bitmap_tables:
             data = table & _U(TE_OFFSET_MASK)

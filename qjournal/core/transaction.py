@@ -34,8 +34,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-import numpy as np
-
+from ..format.lazy import np
 from ..format import bitmaps as bm
 from ..storage.medium import Medium
 from ..storage.overlay import OverlayMedium

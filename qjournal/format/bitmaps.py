@@ -27,8 +27,8 @@ from __future__ import annotations
 import struct
 
 import attrs
-import numpy as np
 
+from .lazy import np
 from ..errors import FormatError
 from .extensions import EXT_HEADER
 

@@ -9,7 +9,7 @@ Reserved bits of a table entry: 0..8.
 """
 from __future__ import annotations
 
-import numpy as np
+from .lazy import np
 
 RT_ENTRY_SIZE = 8
 RT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from typing import Union
 
-import numpy as np
-from crc32c import crc32c as _crc32c
+from ..format.lazy import crc32c as _package, np
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -31,7 +30,7 @@ def crc32c(data: Buffer, crc: int = 0) -> int:
     >>> crc32c(b"6789", crc32c(b"12345")) == crc32c(b"123456789")
     True
     """
-    return _crc32c(data, crc)
+    return _package.crc32c(data, crc)
 
 
 def crc32c_blocks(data: Buffer, block: int) -> np.ndarray:
@@ -47,5 +46,5 @@ def crc32c_blocks(data: Buffer, block: int) -> np.ndarray:
     if block < 64 or block & (block - 1):
         raise ValueError(f"crc32c_blocks: block size {block} is not a power of two >= 64")
     mv = memoryview(data).cast("B")
-    f = _crc32c
+    f = _package.crc32c
     return np.array([f(mv[i:i + block]) for i in range(0, len(mv), block)], dtype=np.uint32)

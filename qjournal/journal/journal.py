@@ -6,11 +6,9 @@ writes says what a crash right after it leaves.
 from __future__ import annotations
 
 import os
-import secrets
 from typing import Any, Callable
 
-import numpy as np
-
+from ..format.lazy import np, secrets
 from .crc32c import crc32c, crc32c_blocks
 from ..errors import JournalError
 from ..storage.medium import FileMedium, Medium, fsync_directory

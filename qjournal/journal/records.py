@@ -9,8 +9,8 @@ from __future__ import annotations
 import struct
 
 import attrs
-import numpy as np
 
+from ..format.lazy import np
 from .crc32c import crc32c
 from ..errors import JournalError
 from ..format.geometry import SECTOR

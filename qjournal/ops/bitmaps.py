@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Iterator
 
 import attrs
-import numpy as np
 
+from ..format.lazy import np
 from ..errors import BitmapError
 from ..format import bitmaps as bm
 

@@ -56,8 +56,8 @@ a reference that cannot be read anyway (QEMU fails the read or returns zeros):
 from __future__ import annotations
 
 import attrs
-import numpy as np
 
+from ..format.lazy import np
 from ..errors import QcowError, UsageError
 from ..format import bitmaps as bm
 from ..format import refcount as rc
@@ -75,7 +75,6 @@ from .bitmaps import Bitmaps
 from ..progress import Progress
 
 MAX_MESSAGES = 300
-U64 = np.uint64
 L2_CHUNK_BYTES = 64 << 20  # L2 tables decoded at a time: this many bytes of them
 
 
@@ -143,13 +142,13 @@ class _Entries:
     def add(self, pos: np.ndarray, value: np.ndarray, keep: np.ndarray, refcount: int = -1) -> None:
         """Entries to judge; ``refcount`` >= 0 stands for every one of them (data-file clusters: 1)."""
         self.pos.append(pos.astype(np.int64))
-        self.value.append(value.astype(U64))
+        self.value.append(value.astype(np.uint64))
         self.keep.append(keep.astype(bool))
         self.ref.append(np.full(len(pos), refcount, dtype=np.int64))
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if not self.pos:
-            return np.zeros(0, np.int64), np.zeros(0, U64), np.zeros(0, bool), np.zeros(0, np.int64)
+            return np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, bool), np.zeros(0, np.int64)
         return (np.concatenate(self.pos), np.concatenate(self.value), np.concatenate(self.keep),
                 np.concatenate(self.ref))
 
@@ -183,7 +182,7 @@ class _Scan:
 
     # -- reading, zeros past the end of the file (as QEMU reads) ---------------
     def read_u64(self, off: int, count: int) -> np.ndarray:
-        out = np.zeros(count, dtype=U64)
+        out = np.zeros(count, dtype=np.uint64)
         if off % 8 == 0:
             avail = max(0, min(count, (self.fsize - off) // 8))
             if avail:
@@ -192,7 +191,7 @@ class _Scan:
         avail = max(0, min(count * 8, self.fsize - off))
         raw = bytearray(count * 8)
         raw[:avail] = self.img.medium.read(off, avail)
-        return np.frombuffer(bytes(raw), dtype=">u8").astype(U64)
+        return np.frombuffer(bytes(raw), dtype=">u8").astype(np.uint64)
 
     # -- counting ---------------------------------------------------------------
     def span(self, off: int, length: int) -> np.ndarray:
@@ -240,19 +239,19 @@ class _Scan:
         idx = np.nonzero(l1)[0]
         raw = l1[idx]
         pos = l1_offset + 8 * idx.astype(np.int64)
-        resv = (raw & U64(L1E_RESERVED_MASK)) != 0
+        resv = (raw & np.uint64(L1E_RESERVED_MASK)) != 0
         for e in raw[resv].tolist()[:20]:
             res.say(f"ERROR found L1 entry with reserved bits set: {e:#x}")
         res.corruptions += int(resv.sum())
-        ent = raw & ~U64(L1E_RESERVED_MASK)
-        l2off = ent & U64(L1E_OFFSET_MASK)
-        unaligned = (l2off % U64(cs)) != 0
+        ent = raw & ~np.uint64(L1E_RESERVED_MASK)
+        l2off = ent & np.uint64(L1E_OFFSET_MASK)
+        unaligned = (l2off % np.uint64(cs)) != 0
         for o in l2off[unaligned].tolist()[:20]:
             res.say(f"ERROR l2_offset={o:#x}: Table is not cluster aligned; L1 entry corrupted")
         res.corruptions += int(unaligned.sum())
         clusters, _ = self.ranges(l2off.astype(np.int64), cs, "L2 table")
-        whole = l2off + U64(cs) <= U64(self.fsize)
-        c = (l2off // U64(cs)).astype(np.int64)
+        whole = l2off + np.uint64(cs) <= np.uint64(self.fsize)
+        c = (l2off // np.uint64(cs)).astype(np.int64)
         clash = np.zeros(len(ent), dtype=bool)
         ok = whole & ~unaligned
         clash[ok] = self.meta[c[ok]] | self.refblocks[c[ok]]
@@ -282,21 +281,21 @@ class _Scan:
         width = 2 if ext else 1
         tables = np.stack([self.read_u64(int(o), per * width) for o in l2off.tolist()])
         ent = tables[:, ::2] if ext else tables
-        comp = (ent & U64(OFLAG_COMPRESSED)) != 0
-        resv = ~comp & ((ent & U64(L2E_RESERVED_MASK)) != 0)
+        comp = (ent & np.uint64(OFLAG_COMPRESSED)) != 0
+        resv = ~comp & ((ent & np.uint64(L2E_RESERVED_MASK)) != 0)
         if resv.any():
             for e in ent[resv].tolist()[:20]:
                 res.say(f"ERROR found l2 entry with reserved bits set: {e:#x}")
             res.corruptions += int(resv.sum())
-            ent = np.where(resv, ent & ~U64(L2E_RESERVED_MASK), ent)
-        off = ent & U64(L2E_OFFSET_MASK)
+            ent = np.where(resv, ent & ~np.uint64(L2E_RESERVED_MASK), ent)
+        off = ent & np.uint64(L2E_OFFSET_MASK)
         std = ~comp & (off != 0)        # normal and preallocated zero clusters
         if img.data_file:
             # Offset 0 with COPIED is guest data at the start of the data file (unless
             # the zero flag makes it a plain zero cluster).
-            at0 = ~comp & (off == 0) & ((ent & U64(OFLAG_COPIED)) != 0)
+            at0 = ~comp & (off == 0) & ((ent & np.uint64(OFLAG_COPIED)) != 0)
             if not ext:
-                at0 &= (ent & U64(OFLAG_ZERO)) == 0
+                at0 &= (ent & np.uint64(OFLAG_ZERO)) == 0
             std |= at0
         pos = l2off.astype(np.int64)[:, None] + 8 * width * np.arange(per, dtype=np.int64)[None, :]
         gone = np.broadcast_to(l1_drop[:, None], ent.shape)   # the whole table is dropped
@@ -308,19 +307,19 @@ class _Scan:
         if comp.any():
             centries = ent[comp]
             mask, shift, smask = compressed_geometry(self.cb)
-            copied = (centries & U64(OFLAG_COPIED)) != 0
+            copied = (centries & np.uint64(OFLAG_COPIED)) != 0
             for e in centries[copied].tolist()[:20]:
                 res.say(f"ERROR: coffset={e & mask:#x}: copied flag must never be set for compressed clusters")
             res.corruptions += int(copied.sum())
-            coff = (centries & U64(mask)).astype(np.int64)
-            nsec = ((centries >> U64(shift)) & U64(smask)).astype(np.int64) + 1
+            coff = (centries & np.uint64(mask)).astype(np.int64)
+            nsec = ((centries >> np.uint64(shift)) & np.uint64(smask)).astype(np.int64) + 1
             clusters, far = self.ranges(coff, nsec * SECTOR - (coff & (SECTOR - 1)), "compressed cluster")
             cgone = gone[comp]
             kill = far & ~cgone
             drop_c, _ = self.ranges(coff[cgone], (nsec * SECTOR - (coff & (SECTOR - 1)))[cgone], None)
             self.count(clusters, drop_c)
             cpos = pos[comp]
-            newv = np.where(kill, U64(0), centries & ~U64(OFLAG_COPIED))
+            newv = np.where(kill, np.uint64(0), centries & ~np.uint64(OFLAG_COPIED))
             for p, v in zip(cpos[(kill | copied) & ~cgone].tolist(), newv[(kill | copied) & ~cgone].tolist()):
                 self.l2_writes[p] = self._zero_entry() if v == 0 else int(v).to_bytes(8, "big")
             if active:
@@ -386,7 +385,7 @@ class _Scan:
         Each broken entry is one corruption, in every table, active or not.
         """
         res = self.result
-        alloc, zero = bmp & U64(0xFFFFFFFF), bmp >> U64(32)
+        alloc, zero = bmp & np.uint64(0xFFFFFFFF), bmp >> np.uint64(32)
         bad_comp = comp & (bmp != 0)
         both = std & ((alloc & zero) != 0)
         stray = ~comp & ~std & (alloc != 0)
@@ -399,7 +398,7 @@ class _Scan:
         for p in pos[bad_comp & ~gone].tolist():
             self.l2_writes[p] = self._zero_entry()
         # Only the bitmap word (8 bytes on from the entry): the entry itself stays as it is.
-        fixed = np.where(both, bmp & ~(bmp >> U64(32)), bmp & ~U64(0xFFFFFFFF))
+        fixed = np.where(both, bmp & ~(bmp >> np.uint64(32)), bmp & ~np.uint64(0xFFFFFFFF))
         for p, b in zip(pos[(both | stray) & ~gone].tolist(), fixed[(both | stray) & ~gone].tolist()):
             self.l2_writes[p + 8] = int(b).to_bytes(8, "big")
         return comp & ~bad_comp
@@ -417,9 +416,9 @@ def _l2_table_mask(img: Image, scan: _Scan) -> list[tuple[int, int, bool]]:
     l1s = [(img.header.l1_table_offset, img.header.l1_size, True)]
     l1s += [(s.l1_table_offset, s.l1_size, False) for s in img.snapshots]
     for off, size, _ in l1s:
-        l2 = scan.read_u64(off, size) & U64(L1E_OFFSET_MASK)
-        l2 = l2[(l2 != 0) & (l2 % U64(scan.cs) == 0)] // U64(scan.cs)
-        scan.l2_tables[l2[l2 < U64(scan.n)].astype(np.int64)] = True
+        l2 = scan.read_u64(off, size) & np.uint64(L1E_OFFSET_MASK)
+        l2 = l2[(l2 != 0) & (l2 % np.uint64(scan.cs) == 0)] // np.uint64(scan.cs)
+        scan.l2_tables[l2[l2 < np.uint64(scan.n)].astype(np.int64)] = True
     return l1s
 
 
@@ -511,15 +510,16 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
         scan.add_range(*luks, "LUKS header")
     ondisk = _OnDisk(img, scan)
     rt = ondisk.table
-    rb = rt & U64(rc.RT_OFFSET_MASK)
-    ok = (rt != 0) & ((rt & U64(rc.RT_RESERVED_MASK)) == 0) & (rb % U64(cs) == 0) & (rb < U64(scan.fsize))
-    scan.refblocks[(rb[ok] // U64(cs)).astype(np.int64)] = True
+    rb = rt & np.uint64(rc.RT_OFFSET_MASK)
+    ok = (rt != 0) & ((rt & np.uint64(rc.RT_RESERVED_MASK)) == 0) & (rb % np.uint64(cs) == 0) & \
+        (rb < np.uint64(scan.fsize))
+    scan.refblocks[(rb[ok] // np.uint64(cs)).astype(np.int64)] = True
     drop_bitmaps = img.bitmaps_damage is not None and repair == "all"
     if img.bitmaps_damage is not None:
         result.error(str(img.bitmaps_damage))
     if img.bitmaps_ext is not None:
         for e in img.entries:
-            t = img.bitmap_table(e) & U64(bm.TE_OFFSET_MASK)
+            t = img.bitmap_table(e) & np.uint64(bm.TE_OFFSET_MASK)
             clusters, _ = scan.ranges(t[t != 0].astype(np.int64), cs, f"bitmap data of {e.name!r}")
             scan.count(clusters)
             scan.meta[clusters] = True
@@ -690,7 +690,7 @@ def _judge_copied(scan: _Scan, ondisk: _OnDisk, final: np.ndarray, err: np.ndarr
     pos, value, keep, given = scan.copied.arrays()
     if fix and len(keep):
         pos, value, given = pos[keep], value[keep], given[keep]
-    cl = ((value & U64(L2E_OFFSET_MASK)) // U64(scan.cs)).astype(np.int64)
+    cl = ((value & np.uint64(L2E_OFFSET_MASK)) // np.uint64(scan.cs)).astype(np.int64)
     ref = np.zeros(len(cl), np.int64)
     readable = np.ones(len(cl), dtype=bool)
     inside = cl < len(final)
@@ -701,7 +701,7 @@ def _judge_copied(scan: _Scan, ondisk: _OnDisk, final: np.ndarray, err: np.ndarr
         readable[~inside] = ~bad
     ref = np.where(given >= 0, given, ref)
     readable |= given >= 0
-    has = (value & U64(OFLAG_COPIED)) != 0
+    has = (value & np.uint64(OFLAG_COPIED)) != 0
     wrong = readable & (has != (ref == 1))
     idx = np.nonzero(wrong)[0]
     result.corruptions += len(idx)
@@ -776,8 +776,8 @@ def _rebuild(img: Image, final: np.ndarray, referenced: np.ndarray, scan: _Scan,
     counts = np.zeros((int(blocks[-1]) + 1) * epb, dtype=np.int64)
     counts[:len(final)] = final
     counts[start:start + k] = 1
-    table = np.zeros(rt_clusters * cs // 8, dtype=U64)
-    table[blocks] = (start + np.arange(len(blocks), dtype=np.int64)).astype(U64) * U64(cs)
+    table = np.zeros(rt_clusters * cs // 8, dtype=np.uint64)
+    table[blocks] = (start + np.arange(len(blocks), dtype=np.int64)).astype(np.uint64) * np.uint64(cs)
     blob = b"".join(rc.pack_block(counts[b * epb:(b + 1) * epb], h.refcount_order) for b in blocks.tolist())
     blob += table.astype(">u8").tobytes()
     blob += bytes(k * cs - len(blob))

@@ -26,8 +26,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterator
 
-import numpy as np
-
+from ..format.lazy import np
 from ..core.image import Image
 from ..core.ordering import Phase
 from ..errors import UnsupportedError, UsageError

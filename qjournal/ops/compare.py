@@ -22,12 +22,11 @@ tail must read as zeros (unless ``strict``, where the sizes alone are a mismatch
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import attrs
-import numpy as np
 
+from ..format.lazy import futures, np
 from ..core.image import Image
 from ..errors import UsageError
 from ..format.geometry import SECTOR
@@ -152,7 +151,7 @@ class _Buffers:
         self.a = bytearray(CHUNK)
         self.b = bytearray(CHUNK)
         self.zeros = bytes(CHUNK)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="qjournal-compare")
+        self.pool = futures.ThreadPoolExecutor(1, thread_name_prefix="qjournal-compare")
 
     def close(self) -> None:
         self.pool.shutdown()

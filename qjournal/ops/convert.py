@@ -38,15 +38,13 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import threading
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import attrs
-import numpy as np
 
+from ..format.lazy import futures, np, secrets
 from ..core.image import Image
 from ..errors import QcowError, UnsupportedError, UsageError
 from ..format.geometry import SECTOR
@@ -311,13 +309,13 @@ def _copy_allocated(src: Source, fd: int, x: int, y: int) -> None:
 
 
 def _to_qcow2(src: Source, w: StreamWriter, size: int, opts: ConvertOptions, bar: Progress,
-              backing: Source | None, pool: ThreadPoolExecutor | None, compress: Callable[[bytes], bytes | None] | None
-              ) -> None:
+              backing: Source | None, pool: futures.ThreadPoolExecutor | None,
+              compress: Callable[[bytes], bytes | None] | None) -> None:
     cs = w.cs
     buf = [bytearray(WINDOW), bytearray(WINDOW)]
     back_buf = bytearray(WINDOW) if backing is not None else None
     # One window in flight: its clusters in guest order, each a zero (None) or a compression job.
-    pending: list[tuple[int, memoryview, list[tuple[int, Future[bytes | None] | None]]]] = []
+    pending: list[tuple[int, memoryview, list[tuple[int, futures.Future[bytes | None] | None]]]] = []
     zero_clusters = w.header.version >= 3
 
     def drain() -> None:
@@ -356,7 +354,7 @@ def _to_qcow2(src: Source, w: StreamWriter, size: int, opts: ConvertOptions, bar
             else:
                 write = nonzero
             if pool is not None and compress is not None:
-                jobs: list[tuple[int, Future[bytes | None] | None]] = [
+                jobs: list[tuple[int, futures.Future[bytes | None] | None]] = [
                     (i, pool.submit(compress, bytes(view[i * cs:(i + 1) * cs])) if nonzero[i] else None)
                     for i in np.flatnonzero(write).tolist()]
                 drain()   # the previous window is written while this one compresses
@@ -374,13 +372,11 @@ def _to_qcow2(src: Source, w: StreamWriter, size: int, opts: ConvertOptions, bar
     drain()
 
 
-_WEIGHTS = np.uint64(1) << np.arange(SUBCLUSTERS, dtype=np.uint64)
-
-
 def _subcluster_bits(piece: memoryview, cs: int) -> list[int]:
     """Each cluster's extended-L2 "allocated" bits: its subclusters that are not all zeros."""
     mask = _nonzero_blocks(piece, cs // SUBCLUSTERS).reshape(-1, SUBCLUSTERS)
-    return [int(v) for v in (mask * _WEIGHTS).sum(axis=1, dtype=np.uint64)]
+    weights = np.uint64(1) << np.arange(SUBCLUSTERS, dtype=np.uint64)
+    return [int(v) for v in (mask * weights).sum(axis=1, dtype=np.uint64)]
 
 
 def _put_zero(w: StreamWriter, guest: int, view: memoryview, zero_clusters: bool) -> None:
@@ -519,7 +515,7 @@ def _new_target(src: Source, target: str, size: int, opts: ConvertOptions, bar: 
     check_not_in_use(full)
     backing = _backing_source(full, opts) if not opts.out_format == "raw" else None
     tmp = _temporary(full)
-    pool: ThreadPoolExecutor | None = None
+    pool: futures.ThreadPoolExecutor | None = None
     try:
         if opts.out_format == "raw":
             fd = os.open(tmp, os.O_RDWR)
@@ -537,7 +533,7 @@ def _new_target(src: Source, target: str, size: int, opts: ConvertOptions, bar: 
                 compress = None
                 if opts.compress:
                     compress = _Compressor(w.cs, opts.create.compression_type == "zstd")
-                    pool = ThreadPoolExecutor(max_workers=opts.workers or os.cpu_count() or 1)
+                    pool = futures.ThreadPoolExecutor(max_workers=opts.workers or os.cpu_count() or 1)
                 _to_qcow2(src, w, size, opts, bar, backing, pool, compress)
                 w.finish()
                 os.fsync(fd)

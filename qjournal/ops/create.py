@@ -39,14 +39,13 @@ from __future__ import annotations
 import errno
 import os
 import re
-import secrets
 import stat
 import struct
 from typing import Iterable, Iterator
 
 import attrs
-import numpy as np
 
+from ..format.lazy import np, secrets
 from ..errors import FormatError, UsageError
 from ..format.extensions import (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_TABLE,
                                 FEATURE_TABLE_MIN_CLUSTER_SIZE, Extension, pack_extensions, pack_feature_table)

@@ -59,8 +59,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import attrs
-import numpy as np
 
+from ..format.lazy import np
 from ..core.allocator import Allocator
 from ..core.ordering import Phase
 from ..core.transaction import Transaction

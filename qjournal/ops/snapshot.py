@@ -33,8 +33,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from ..format.lazy import np
 from ..core.ordering import Phase
 from ..core.transaction import Transaction
 from ..errors import UnsupportedError, UsageError
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
     from ..core.image import Image
 
 Write = tuple[int, bytes]
-_U = np.uint64
 EXTRA_SIZE = 24                      # QEMU writes vm_state_size_large, disk_size, icount
 MAX_NAME = (1 << 16) - 1             # name_size is a u16
 MAX_TABLE = 64 << 20                 # QEMU's QCOW_MAX_SNAPSHOTS_SIZE
@@ -95,7 +93,7 @@ def delete(img: "Image", name: str) -> None:
     _check_image(img)
     snap = find(img, name)
     with img.transaction(f"snapshot -d {name}") as tx:
-        l1 = img.medium.array(snap.l1_table_offset, snap.l1_size, ">u8").astype(_U)
+        l1 = img.medium.array(snap.l1_table_offset, snap.l1_size, ">u8").astype(np.uint64)
         _share(img, tx, l1, -1)
         if snap.l1_size:
             tx.alloc.free_clusters_of([(snap.l1_table_offset, snap.l1_size * L1_ENTRY_SIZE)])
@@ -135,10 +133,10 @@ def apply(img: "Image", name: str) -> Snapshot:
         raise UnsupportedError(f"{img.path}: snapshot '{name}' has a disk of {snap.disk_size} bytes and the "
                                f"image {h.size}; applying it would resize the disk, which qjournal does not do")
     with img.transaction(f"snapshot -a {name}") as tx:
-        snap_l1 = img.medium.array(snap.l1_table_offset, snap.l1_size, ">u8").astype(_U)
+        snap_l1 = img.medium.array(snap.l1_table_offset, snap.l1_size, ">u8").astype(np.uint64)
         size = max(h.l1_size, snap.l1_size)
-        table = np.zeros(size, dtype=_U)
-        table[:snap.l1_size] = snap_l1 & ~_U(OFLAG_COPIED)        # every L2 table is shared now
+        table = np.zeros(size, dtype=np.uint64)
+        table[:snap.l1_size] = snap_l1 & ~np.uint64(OFLAG_COPIED)        # every L2 table is shared now
         n = -(-max(size, 1) * L1_ENTRY_SIZE // cs)
         new = tx.alloc.alloc(n)
         raw = table.astype(">u8").tobytes()
@@ -168,13 +166,13 @@ def _mapped(img: "Image", l1: np.ndarray) -> tuple[list[tuple[int, np.ndarray]],
     per = l2_entries(cs, h.extended_l2)
     tables: list[tuple[int, np.ndarray]] = []
     held: list[np.ndarray] = []
-    for off in (l1[l1 & _U(L1E_OFFSET_MASK) != 0] & _U(L1E_OFFSET_MASK)).tolist():
-        raw = img.medium.array(int(off), per * words, ">u8").astype(_U)
+    for off in (l1[l1 & np.uint64(L1E_OFFSET_MASK) != 0] & np.uint64(L1E_OFFSET_MASK)).tolist():
+        raw = img.medium.array(int(off), per * words, ">u8").astype(np.uint64)
         tables.append((int(off), raw))
         e = raw[::words]
-        comp = (e & _U(OFLAG_COMPRESSED)) != 0
-        std = e[~comp] & _U(L2E_OFFSET_MASK)
-        held.append((std[std != 0] // _U(cs)).astype(np.int64))
+        comp = (e & np.uint64(OFLAG_COMPRESSED)) != 0
+        std = e[~comp] & np.uint64(L2E_OFFSET_MASK)
+        held.append((std[std != 0] // np.uint64(cs)).astype(np.int64))
         for entry in e[comp].tolist():
             start, length = compressed_span(int(entry), h.cluster_bits)
             held.append(np.arange(start // cs, (start + length - 1) // cs + 1, dtype=np.int64))
@@ -195,12 +193,12 @@ def _share(img: "Image", tx: Transaction, l1: np.ndarray, delta: int, active: bo
     h = img.header
     if active:
         tx.stage(Phase.COPIED_CLEARED, [(h.l1_table_offset + L1_ENTRY_SIZE * i,
-                                         int(v & ~_U(OFLAG_COPIED)).to_bytes(8, "big"))
+                                         int(v & ~np.uint64(OFLAG_COPIED)).to_bytes(8, "big"))
                                         for i, v in enumerate(img.l1_table().tolist()) if v & OFLAG_COPIED])
     for off, raw in tables:
-        if (raw[::words] & _U(OFLAG_COPIED)).any():
+        if (raw[::words] & np.uint64(OFLAG_COPIED)).any():
             new = raw.copy()
-            new[::words] &= ~_U(OFLAG_COPIED)
+            new[::words] &= ~np.uint64(OFLAG_COPIED)
             tx.stage(Phase.COPIED_CLEARED, [(off, new.astype(">u8").tobytes())])
 
 
@@ -217,20 +215,21 @@ def _copied_set(img: "Image", tx: Transaction) -> None:
         return out
 
     l1 = img.l1_table()
-    l2 = (l1 & _U(L1E_OFFSET_MASK)) // _U(cs)
-    want = (l1 & _U(L1E_OFFSET_MASK) != 0) & one(l2.astype(np.int64)) & ((l1 & _U(OFLAG_COPIED)) == 0)
-    tx.stage(Phase.COPIED_SET, [(h.l1_table_offset + L1_ENTRY_SIZE * i, int(l1[i] | _U(OFLAG_COPIED)).to_bytes(8, "big"))
+    l2 = (l1 & np.uint64(L1E_OFFSET_MASK)) // np.uint64(cs)
+    want = (l1 & np.uint64(L1E_OFFSET_MASK) != 0) & one(l2.astype(np.int64)) & ((l1 & np.uint64(OFLAG_COPIED)) == 0)
+    copied = np.uint64(OFLAG_COPIED)
+    tx.stage(Phase.COPIED_SET, [(h.l1_table_offset + L1_ENTRY_SIZE * i, int(l1[i] | copied).to_bytes(8, "big"))
                                 for i in np.nonzero(want)[0].tolist()])
     tables, _ = _mapped(img, l1)
     for off, raw in tables:
         e = raw[::words]
-        host = e & _U(L2E_OFFSET_MASK)
-        fix = (host != 0) & ((e & _U(OFLAG_COMPRESSED)) == 0) & ((e & _U(OFLAG_COPIED)) == 0) & \
-            one((host // _U(cs)).astype(np.int64))
+        host = e & np.uint64(L2E_OFFSET_MASK)
+        fix = (host != 0) & ((e & np.uint64(OFLAG_COMPRESSED)) == 0) & ((e & np.uint64(OFLAG_COPIED)) == 0) & \
+            one((host // np.uint64(cs)).astype(np.int64))
         if fix.any():
             new = raw.copy()
             idx = np.nonzero(fix)[0] * words
-            new[idx] |= _U(OFLAG_COPIED)
+            new[idx] |= np.uint64(OFLAG_COPIED)
             tx.stage(Phase.COPIED_SET, [(off, new.astype(">u8").tobytes())])
 
 

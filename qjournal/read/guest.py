@@ -42,11 +42,9 @@ import os
 import weakref
 import zlib
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Protocol
 
-import numpy as np
-
+from ..format.lazy import futures, np
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..format.geometry import SECTOR
 from ..format.header import AUTOCLEAR_DATA_FILE_RAW, COMPRESSION_ZSTD, MAGIC
@@ -71,8 +69,6 @@ PARALLEL_MIN = 4 << 20  # a read of at least this much data (smaller shares cost
 PARALLEL_THREADS = min(4, os.cpu_count() or 1)  # ... is shared between this many threads, the caller's included
 L2_CACHE_BYTES = 32 << 20
 
-_U = np.uint64
-_SUB_BITS = np.arange(SUBCLUSTERS, dtype=np.uint64)
 
 # Rules an L2 entry can break, by code (the lowest code that applies is reported).
 _RULES = {
@@ -114,14 +110,14 @@ def pread_exact(fd: int, off: int, view: memoryview) -> None:
         done += got
 
 
-_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool: tuple[int, futures.ThreadPoolExecutor] | None = None
 
 
-def _executor() -> ThreadPoolExecutor:
+def _executor() -> futures.ThreadPoolExecutor:
     """The reader threads of this process (made anew in a forked child, which has none)."""
     global _pool
     if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), ThreadPoolExecutor(PARALLEL_THREADS - 1, thread_name_prefix="qjournal-read"))
+        _pool = (os.getpid(), futures.ThreadPoolExecutor(PARALLEL_THREADS - 1, thread_name_prefix="qjournal-read"))
     return _pool[1]
 
 
@@ -416,26 +412,26 @@ class GuestReader:
 
     def _rules(self, index: int, e: np.ndarray, b: np.ndarray | None) -> np.ndarray:
         """The first rule (a key of ``_RULES``) each entry breaks, 0 where none."""
-        comp = (e & _U(OFLAG_COMPRESSED)) != 0
+        comp = (e & np.uint64(OFLAG_COMPRESSED)) != 0
         std = ~comp
-        off = e & _U(L2E_OFFSET_MASK)
+        off = e & np.uint64(L2E_OFFSET_MASK)
         alloc = std & self._allocated(e, off)
         masks: list[tuple[int, np.ndarray]] = [
-            (1, std & ((e & _U(L2E_RESERVED_MASK)) != 0)),
-            (2, alloc & ((off & _U(self.cs - 1)) != 0)),
+            (1, std & ((e & np.uint64(L2E_RESERVED_MASK)) != 0)),
+            (2, alloc & ((off & np.uint64(self.cs - 1)) != 0)),
         ]
         if self.has_data_file:
             masks.append((3, comp))
         coff_mask = compressed_geometry(self.cluster_bits)[0]
         if coff_mask >= HOST_OFFSET_LIMIT:
-            masks.append((4, comp & ((e & _U(coff_mask & ~(HOST_OFFSET_LIMIT - 1))) != 0)))
+            masks.append((4, comp & ((e & np.uint64(coff_mask & ~(HOST_OFFSET_LIMIT - 1))) != 0)))
         if self.version < 3 and not self.extended:
-            masks.append((5, std & ((e & _U(OFLAG_ZERO)) != 0)))
+            masks.append((5, std & ((e & np.uint64(OFLAG_ZERO)) != 0)))
         if b is not None:
-            both = (b & (b >> _U(32)) & _U(0xFFFFFFFF)) != 0
-            masks += [(6, alloc & both), (7, std & ~alloc & ((b & _U(0xFFFFFFFF)) != 0)), (8, comp & (b != 0))]
+            both = (b & (b >> np.uint64(32)) & np.uint64(0xFFFFFFFF)) != 0
+            masks += [(6, alloc & both), (7, std & ~alloc & ((b & np.uint64(0xFFFFFFFF)) != 0)), (8, comp & (b != 0))]
         if self.data_file_raw:
-            guest = (np.arange(len(e), dtype=np.uint64) + _U(index * self.per_table)) * _U(self.cs)
+            guest = (np.arange(len(e), dtype=np.uint64) + np.uint64(index * self.per_table)) * np.uint64(self.cs)
             masks.append((9, alloc & (off != guest)))
         codes = np.zeros(len(e), dtype=np.uint8)
         for code, mask in reversed(masks):
@@ -446,7 +442,7 @@ class GuestReader:
         """Entries with a host cluster (offset 0 counts with bit 63 when there is a data file)."""
         alloc = off != 0
         if self.has_data_file:
-            alloc |= (e & _U(OFLAG_COPIED)) != 0
+            alloc |= (e & np.uint64(OFLAG_COPIED)) != 0
         return alloc
 
     def _fail(self, table: _L2, index: int, i: int) -> FormatError:
@@ -508,9 +504,9 @@ class GuestReader:
         if table.bitmaps is None:
             # The common case first: standard clusters of plain data, contiguous on the host.
             e = table.entries[c0:c1]
-            off = e & _U(L2E_OFFSET_MASK)
-            if int(off[0]) and not (e & _U(OFLAG_COMPRESSED | OFLAG_ZERO)).any() and (
-                    len(off) == 1 or bool((np.diff(off) == _U(self.cs)).all())):
+            off = e & np.uint64(L2E_OFFSET_MASK)
+            if int(off[0]) and not (e & np.uint64(OFLAG_COMPRESSED | OFLAG_ZERO)).any() and (
+                    len(off) == 1 or bool((np.diff(off) == np.uint64(self.cs)).all())):
                 return [(start, end - start, DATA, int(off[0]) + start - (base + c0 * self.cs))]
         kind, host = self._classify(table, c0, c1)
         first = u0 - c0 * upc
@@ -541,19 +537,20 @@ class GuestReader:
     def _classify(self, table: _L2, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
         """(kind uint8, host int64) per unit (subcluster or cluster) of entries ``c0..c1``."""
         e = table.entries[c0:c1]
-        comp = (e & _U(OFLAG_COMPRESSED)) != 0
-        off = e & _U(L2E_OFFSET_MASK)
+        comp = (e & np.uint64(OFLAG_COMPRESSED)) != 0
+        off = e & np.uint64(L2E_OFFSET_MASK)
         alloc = ~comp & self._allocated(e, off)
-        desc = (e & _U(COMPRESSED_DESCRIPTOR_MASK)).astype(np.int64)
+        desc = (e & np.uint64(COMPRESSED_DESCRIPTOR_MASK)).astype(np.int64)
         offs = off.astype(np.int64)
         if table.bitmaps is None:
-            zero = ~comp & ((e & _U(OFLAG_ZERO)) != 0)
+            zero = ~comp & ((e & np.uint64(OFLAG_ZERO)) != 0)
             kind = np.where(comp, COMPRESSED, np.where(zero, ZERO, np.where(alloc, DATA, UNALLOCATED)))
             host = np.where(comp, desc, np.where(alloc, offs, -1))
             return kind.astype(np.uint8), host.astype(np.int64)
         b = table.bitmaps[c0:c1]
-        a_bits = ((b[:, None] >> _SUB_BITS) & _U(1)) != 0
-        z_bits = ((b[:, None] >> (_SUB_BITS + _U(32))) & _U(1)) != 0
+        sub_bits = np.arange(SUBCLUSTERS, dtype=np.uint64)
+        a_bits = ((b[:, None] >> sub_bits) & np.uint64(1)) != 0
+        z_bits = ((b[:, None] >> (sub_bits + np.uint64(32))) & np.uint64(1)) != 0
         sub = np.arange(SUBCLUSTERS, dtype=np.int64) * self.unit
         kind = np.where(comp[:, None], COMPRESSED, np.where(z_bits, ZERO, np.where(a_bits, DATA, UNALLOCATED)))
         host = np.where(comp[:, None], desc[:, None], np.where(alloc[:, None], offs[:, None] + sub, -1))

@@ -30,8 +30,7 @@ import errno
 import os
 from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
-import numpy as np
-
+from ..format.lazy import np
 from ..core.allocator import Allocator
 from ..errors import FormatError
 from ..format import refcount as rc

@@ -90,8 +90,8 @@ import os
 from typing import Iterable
 
 import attrs
-import numpy as np
 
+from ..format.lazy import np
 from .medium import Medium, MediumError, Range
 
 WRITE_AIO = "write_aio"

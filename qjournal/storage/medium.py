@@ -24,8 +24,7 @@ import mmap
 import os
 from typing import Any, Callable, Iterable, Protocol
 
-import numpy as np
-
+from ..format.lazy import np
 from ..errors import QcowError
 
 PAGE = mmap.PAGESIZE

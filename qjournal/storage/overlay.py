@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import numpy as np
-
+from ..format.lazy import np
 from .medium import Medium, Range
 
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from ..format.lazy import np
 from ..format import bitmaps as bm
 
 if TYPE_CHECKING:

@@ -41,8 +41,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any, Iterator
 
-import numpy as np
-
+from ..format.lazy import np
 from ..errors import UnsupportedError, UsageError
 from ..format.header import AUTOCLEAR_DATA_FILE_RAW
 from ..format.tables import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS, compressed_span

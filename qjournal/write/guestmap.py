@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from ..format.lazy import np
 from ..errors import FormatError
 from ..format.tables import (L1_ENTRY_SIZE, L1E_OFFSET_MASK, L2_ENTRY_SIZE, L2E_OFFSET_MASK, OFLAG_COMPRESSED,
                             OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS, compressed_span)

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
+from ..format.lazy import np
 from ..errors import UsageError
 from ..format.geometry import SECTOR
 from ..format.header import FIELD_OFFSET, Header, pack_field

@@ -48,6 +48,8 @@ import tracemalloc
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+import numpy
+
 from qjournal.cli import main
 
 CASE_SECONDS = 20
@@ -334,6 +336,7 @@ def case(base: Base, seed: int, index: int, d: Path, memory: bool) -> tuple[str,
     reads = [(0, 65536), (rng.randrange(0, base.size, 512), 4096), (base.size - 4096, 4096)]
     writable = rng.randrange(3)
     if memory:
+        numpy.zeros(0)          # loaded before the sample: qjournal loads numpy lazily, on first use
         tracemalloc.start()
     try:
         with deadline(CASE_SECONDS):

@@ -44,7 +44,7 @@ from __future__ import annotations
 import struct
 
 import attrs
-import numpy as np
+from ..format.lazy import np
 
 from ..core.image import Image
 from ..errors import UsageError

@@ -28,13 +28,13 @@ the new structure.
 """
 from __future__ import annotations
 
-import numpy as np
+from ..format.lazy import np
 
 from ..core.image import Image
 from ..errors import UsageError
 from ..format import refcount as rc
 
-_DTYPE = {0: np.uint8, 1: np.uint8, 2: np.uint8, 3: np.uint8, 4: np.uint16, 5: np.uint32, 6: np.uint64}
+_DTYPE = {0: "u1", 1: "u1", 2: "u1", 3: "u1", 4: "u2", 5: "u4", 6: "u8"}     # the narrowest that holds a count
 
 
 def old_counts(img: Image) -> tuple[np.ndarray, np.ndarray]:

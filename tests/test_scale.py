@@ -14,6 +14,7 @@ import qemu
 import qjournal
 from qjournal.format import bitmaps as bm
 from qjournal import Image
+from qjournal.storage import medium as medium_mod
 from qjournal.storage.medium import MmapMedium
 
 TiB = 1 << 40
@@ -99,3 +100,32 @@ class TestLimits:
             with pytest.raises(qjournal.BitmapError, match="512"):
                 img.bitmaps.add("fine-grained", 512)
         assert qemu.bitmaps(p) == []
+
+
+def _rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_scattered_reads_through_the_map_stay_bounded(tmp_path: Path) -> None:
+    """Small reads all over a cached file (a check reading every L2 table of 2M clusters)
+    fault in their pages and, through the kernel's fault-around, their neighbours: the map's
+    pages are dropped from the process after about RESIDENT_MAX bytes of reads, so the
+    file-backed resident size stays near that, not near the file's size."""
+    p = tmp_path / "f"
+    chunk = b"\x5a" * (1 << 20)
+    with open(p, "wb") as f:
+        for _ in range(256):
+            f.write(chunk)
+    p.read_bytes()                                           # the whole file in the page cache
+    m = MmapMedium(p, writable=False)
+    try:
+        before = _rss_file_kib()
+        for off in range(0, 256 << 20, 16 << 10):
+            assert m.read(off, 8) == b"\x5a" * 8
+        grown = _rss_file_kib() - before
+    finally:
+        m.close()
+    assert grown < 2 * (medium_mod.RESIDENT_MAX >> 10), f"{grown} KiB of the 256 MiB file resident"

@@ -75,7 +75,8 @@ from .bitmaps import Bitmaps
 from ..progress import Progress
 
 MAX_MESSAGES = 300
-L2_CHUNK_BYTES = 64 << 20  # L2 tables decoded at a time: this many bytes of them
+L2_CHUNK_BYTES = 4 << 20   # L2 tables decoded at a time: this many bytes of them (each decoded entry
+                           # costs about 8 arrays of 8 bytes while its chunk is walked)
 
 
 @attrs.define
@@ -137,20 +138,20 @@ class _Entries:
     pos: list[np.ndarray] = attrs.Factory(list)      # byte offset of the entry in the image
     value: list[np.ndarray] = attrs.Factory(list)    # the entry (reserved bits cleared)
     keep: list[np.ndarray] = attrs.Factory(list)     # False where -r all drops the entry
-    ref: list[np.ndarray] = attrs.Factory(list)      # the refcount to judge by, -1: look it up
+    ref: list[int] = attrs.Factory(list)             # per part: the refcount to judge by, -1: look it up
 
     def add(self, pos: np.ndarray, value: np.ndarray, keep: np.ndarray, refcount: int = -1) -> None:
         """Entries to judge; ``refcount`` >= 0 stands for every one of them (data-file clusters: 1)."""
         self.pos.append(pos.astype(np.int64))
         self.value.append(value.astype(np.uint64))
         self.keep.append(keep.astype(bool))
-        self.ref.append(np.full(len(pos), refcount, dtype=np.int64))
+        self.ref.append(refcount)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if not self.pos:
             return np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, bool), np.zeros(0, np.int64)
-        return (np.concatenate(self.pos), np.concatenate(self.value), np.concatenate(self.keep),
-                np.concatenate(self.ref))
+        ref = np.repeat(np.array(self.ref, dtype=np.int64), [len(p) for p in self.pos])
+        return np.concatenate(self.pos), np.concatenate(self.value), np.concatenate(self.keep), ref
 
 
 class _Scan:
@@ -168,7 +169,9 @@ class _Scan:
         self.fsize = img.medium.size
         self.n = -(-self.fsize // self.cs)
         self.m = self.n + 1
-        self.refs: list[np.ndarray] = []       # every counted reference
+        self.refs: list[np.ndarray] = []       # every counted reference (as index_type)
+        # Cluster indices are held in 32 bits when the file allows: 2M clusters cost 8 MiB, not 16.
+        self.index_type = np.int32 if self.m < 1 << 31 else np.int64
         self.dropped: list[np.ndarray] = []    # the counted references a repair removes with their entries
         self.refstruct: list[int] = []         # clusters of the refcount table and blocks
         self.l1_writes: dict[int, bytes] = {}  # entry position -> new entry (drops, reserved bits cleared)
@@ -207,7 +210,7 @@ class _Scan:
             self.result.error(f"{what} at {off:#x}+{length:#x} exceeds the end of the file by a cluster or more")
             return np.zeros(0, np.int64)
         clusters = self.span(off, length)
-        self.refs.append(clusters)
+        self.refs.append(clusters.astype(self.index_type))
         self.meta[clusters] = True
         return clusters
 
@@ -228,7 +231,7 @@ class _Scan:
         return np.concatenate(parts), far
 
     def count(self, clusters: np.ndarray, dropped: np.ndarray | None = None) -> None:
-        self.refs.append(clusters)
+        self.refs.append(clusters.astype(self.index_type))
         if dropped is not None:
             self.dropped.append(dropped)
 
@@ -674,7 +677,7 @@ def _count_refblocks(scan: _Scan, rt: np.ndarray, counts: np.ndarray) -> None:
             res.error(f"refcount block {i} refcount={int(counts[c]) + seen[c]}")
             scan.rebuild = True
     extra = [c for c, k in seen.items() for _ in range(k)]
-    scan.refs.append(np.array(extra, dtype=np.int64))
+    scan.refs.append(np.array(extra, dtype=scan.index_type))
     scan.refstruct += extra
 
 

@@ -18,6 +18,10 @@ Peers, each a whole process:
 
 ``verify`` hashes what ours reads and compares it with the seeded bytes.
 
+``read-cmd``: the command ``qjournal read --output-file OUT IMG 0 1G`` of the random image,
+a whole process against ``qemu-img convert -O raw IMG OUT`` (goal 1.0x); ``verify``
+compares the two outputs.
+
 ``write-cmd``: the command ``qjournal write IMG 0 -P 0xab 1G`` into a fresh image, a
 whole process against the whole ``qemu-io -c "write -P 0xab 0 1G"`` (goal 1.0x).
 
@@ -158,6 +162,32 @@ class IoWrite(Benchmark):
     def verify(self, ours_image: Path, peer_image: Path) -> None:
         qemu_img("compare", "-f", "qcow2", "-F", "qcow2", ours_image, peer_image)  # raises on a difference
         qemu_img("check", ours_image)
+
+
+@benchmark("read-cmd")
+class ReadCmd(Benchmark):
+    """qjournal read of 1 GiB into a file vs qemu-img convert -O raw (whole processes)"""
+
+    def template(self, fx: Fixtures) -> Path:
+        return fx.image("random-1G-64k", lambda p: build(p, "64k"))
+
+    def ours_command(self, image: Path) -> list[str]:
+        return [sys.executable, "-m", "qjournal", "read", "--output-file", f"{image}.raw", str(image), "0", str(SIZE)]
+
+    def peer(self, image: Path) -> list[str]:
+        return ["qemu-img", "convert", "-O", "raw", str(image), f"{image}.raw"]
+
+    def verify(self, ours_image: Path, peer_image: Path) -> None:
+        a, b = Path(f"{ours_image}.raw"), Path(f"{peer_image}.raw")
+        assert a.stat().st_size == b.stat().st_size == SIZE and _digest(a) == _digest(b), "read-cmd: outputs differ"
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @benchmark("write-cmd")

@@ -393,6 +393,22 @@ class TestCli:
         assert (code, stdout) == (0, "")
         assert out.read_bytes() == converted["zstd"][1000:1000 + MiB]
 
+    @pytest.mark.parametrize("name", CASES)
+    def test_output_file_of_every_case_is_qemus_raw_with_holes(self, name: str, images: dict[str, Path],
+                                                               converted: dict[str, bytes], tmp_path: Path) -> None:
+        """To a regular file, data goes over by copy_file_range and zeros stay holes; the bytes
+        are qemu-img convert's, whole and in an unaligned window; an old longer file is cut."""
+        ref = converted[name]
+        out = tmp_path / "out.bin"
+        out.write_bytes(b"\xee" * (len(ref) + 12345))
+        assert qj("read", "--output-file", str(out), str(images[name]), "0", str(len(ref)))[0] == 0
+        assert out.read_bytes() == ref
+        if name == "cluster-4k":
+            assert out.stat().st_blocks * 512 < len(ref)         # zeros left as holes
+        off, n = 777, len(ref) - 777 - 5000
+        assert qj("read", "--output-file", str(out), str(images[name]), str(off), str(n))[0] == 0
+        assert out.read_bytes() == ref[off:off + n]
+
     def test_errors_are_one_line(self, images: dict[str, Path]) -> None:
         img = str(images["cluster-4k"])
         for argv in (("read", img, "8M", "1"), ("read", "-P", "256", img, "0", "1"), ("read", img, "0", "1x")):

@@ -30,6 +30,7 @@ from ..format.lazy import np, tempfile
 from ..api import Image
 from ..errors import UsageError
 from ..read import guest
+from ..read.copy import copy_out
 from ..write.data import in_place_transaction
 from .options import add_command, add_force_share, add_format, pattern_byte, qcow2_path, size
 
@@ -107,6 +108,10 @@ def cmd_read(args: argparse.Namespace) -> int:
             out = sys.stdout.buffer
         elif args.output_file is not None:
             out = stack.enter_context(open(args.output_file, "wb"))
+            if pattern is None and stat.S_ISREG(os.fstat(out.fileno()).st_mode):
+                # A regular file: data by copy_file_range, zeros as holes (qemu-img convert's output).
+                copy_out(img, offset, length, out.fileno())
+                return 0
         for pos in range(offset, offset + length, CHUNK):
             data = guest.read(img, pos, min(CHUNK, offset + length - pos))
             if pattern is not None:

@@ -55,6 +55,8 @@ a reference that cannot be read anyway (QEMU fails the read or returns zeros):
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import attrs
 
 from ..format.lazy import np
@@ -147,11 +149,10 @@ class _Entries:
         self.keep.append(keep.astype(bool))
         self.ref.append(refcount)
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        if not self.pos:
-            return np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, bool), np.zeros(0, np.int64)
-        ref = np.repeat(np.array(self.ref, dtype=np.int64), [len(p) for p in self.pos])
-        return np.concatenate(self.pos), np.concatenate(self.value), np.concatenate(self.keep), ref
+    def parts(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+        """Each part as added: (positions, entries, keep, refcount); judged part by part, so
+        that nothing the size of every entry is built again."""
+        yield from zip(self.pos, self.value, self.keep, self.ref)
 
 
 class _Scan:
@@ -530,8 +531,14 @@ def check(img: Image, repair: str | None = None) -> CheckResult:
                 result.say(f"Bitmap {e.name!r} is in use (inconsistent)" + ("; made all-dirty" if repair == "all" else ""))
     for off, size, active in _l2_table_mask(img, scan):
         scan.walk_l1(off, size, active)
-    _count_refblocks(scan, rt, np.bincount(np.concatenate(scan.refs), minlength=scan.m))
-    expected = np.bincount(np.concatenate(scan.refs), minlength=scan.m).astype(np.int64)
+    before = len(scan.refs)
+    expected = np.bincount(np.concatenate(scan.refs), minlength=scan.m).astype(np.int64, copy=False)
+    _count_refblocks(scan, rt, expected)          # reads the counts; counts the refcount blocks too
+    if len(scan.refs) > before:
+        added = np.concatenate(scan.refs[before:]).astype(np.int64)
+        if len(added) and int(added.max()) >= len(expected):
+            expected = np.concatenate((expected, np.zeros(int(added.max()) + 1 - len(expected), np.int64)))
+        np.add.at(expected, added, 1)
     nb = scan.m if expected[scan.n] else scan.n       # QEMU's in-memory table grows only when referenced
     expected = expected[:nb]
     # QEMU's counter stops at the refcount maximum: every reference beyond it is an error.
@@ -690,33 +697,33 @@ def _subtract(counts: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
 def _judge_copied(scan: _Scan, ondisk: _OnDisk, final: np.ndarray, err: np.ndarray, result: CheckResult,
                   fix: bool) -> list[tuple[int, bytes]]:
     """QEMU's ``check_oflag_copied`` over the active tables, against ``final``; the fixes."""
-    pos, value, keep, given = scan.copied.arrays()
-    if fix and len(keep):
-        pos, value, given = pos[keep], value[keep], given[keep]
-    cl = ((value & np.uint64(L2E_OFFSET_MASK)) // np.uint64(scan.cs)).astype(np.int64)
-    ref = np.zeros(len(cl), np.int64)
-    readable = np.ones(len(cl), dtype=bool)
-    inside = cl < len(final)
-    ref[inside] = final[cl[inside]]
-    readable[inside] = ~err[cl[inside]]
-    if (~inside).any():
-        ref[~inside], bad = ondisk.lookup(cl[~inside])
-        readable[~inside] = ~bad
-    ref = np.where(given >= 0, given, ref)
-    readable |= given >= 0
-    has = (value & np.uint64(OFLAG_COPIED)) != 0
-    wrong = readable & (has != (ref == 1))
-    idx = np.nonzero(wrong)[0]
-    result.corruptions += len(idx)
-    result.copied_too_few += int((wrong & ~has).sum())
     fixes: list[tuple[int, bytes]] = []
-    for i in idx.tolist():
-        v, p = int(value[i]), int(pos[i])
-        result.say(f"{'Repairing' if fix else 'ERROR'} OFLAG_COPIED: entry at {p:#x} is {v:#018x}, "
-                   f"refcount={int(ref[i])}")
+    for pos, value, keep, given in scan.copied.parts():
         if fix:
-            new = (v | OFLAG_COPIED) if ref[i] == 1 else (v & ~OFLAG_COPIED)
-            fixes.append((p, new.to_bytes(8, "big")))
+            pos, value = pos[keep], value[keep]
+        cl = ((value & np.uint64(L2E_OFFSET_MASK)) // np.uint64(scan.cs)).astype(np.int64)
+        if given >= 0:
+            ref, readable = np.full(len(cl), given, np.int64), np.ones(len(cl), dtype=bool)
+        else:
+            ref, readable = np.zeros(len(cl), np.int64), np.ones(len(cl), dtype=bool)
+            inside = cl < len(final)
+            ref[inside] = final[cl[inside]]
+            readable[inside] = ~err[cl[inside]]
+            if (~inside).any():
+                ref[~inside], bad = ondisk.lookup(cl[~inside])
+                readable[~inside] = ~bad
+        has = (value & np.uint64(OFLAG_COPIED)) != 0
+        wrong = readable & (has != (ref == 1))
+        idx = np.nonzero(wrong)[0]
+        result.corruptions += len(idx)
+        result.copied_too_few += int((wrong & ~has).sum())
+        for i in idx.tolist():
+            v, p = int(value[i]), int(pos[i])
+            result.say(f"{'Repairing' if fix else 'ERROR'} OFLAG_COPIED: entry at {p:#x} is {v:#018x}, "
+                       f"refcount={int(ref[i])}")
+            if fix:
+                new = (v | OFLAG_COPIED) if ref[i] == 1 else (v & ~OFLAG_COPIED)
+                fixes.append((p, new.to_bytes(8, "big")))
     return fixes if fix else []
 
 

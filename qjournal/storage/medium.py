@@ -112,7 +112,7 @@ def page_span(off: int, n: int) -> Range:
 
 
 FAULT_AROUND = 64 << 10     # what one read of the map may make resident (the kernel's fault-around)
-RESIDENT_MAX = 64 << 20     # the map's pages are dropped from the process after reads of about this much
+RESIDENT_MAX = 32 << 20     # the map's pages are dropped from the process after reads of about this much
 
 
 class MmapMedium:

@@ -37,6 +37,7 @@ leaves the target consistent with part of the data copied, as qemu-img does.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import secrets
 import threading
@@ -54,15 +55,16 @@ from ..format.header import MAGIC
 from ..format.tables import SUBCLUSTERS
 from ..journal.journal import SUFFIX as JOURNAL_SUFFIX
 from ..progress import Progress
-from ..read.guest import DATA, UNALLOCATED, ZERO, GuestReader, pread_exact, reader, release
+from ..read.guest import DATA, UNALLOCATED, ZERO, GuestReader, reader, release, run_preads
 from ..read.mapping import extents
 from ..storage.medium import MmapMedium, fsync_directory, pwrite_all
 from ..write import data as guest_write
-from ..write.stream import StreamWriter
+from ..write.stream import DataSink, StreamWriter
 from .bitmaps import Bitmaps
 from .create import CreateOptions, check_not_in_use, create_image
 
 WINDOW = 8 << 20           # guest bytes read, scanned and written at a time
+_BUFFERS = 3               # windows: one being read while the sink writes the others
 MAX_SPARSE = 16 << 20      # qemu-img's largest -S (32768 sectors)
 FORMATS = ("raw", "qcow2")
 _MIB = 1 << 20
@@ -139,7 +141,7 @@ class Source:
         if not n:
             return
         if self.reader is None:
-            pread_exact(self.fd, offset, view[:n])
+            run_preads([(self.fd, offset, view[:n])])
         else:
             self.reader.readinto(offset, view[:n])
 
@@ -245,6 +247,11 @@ def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
         yield int(d[i]), int(d[i + 1])
 
 
+def _window() -> memoryview:
+    """A window buffer, page-aligned (an anonymous map) so that it can feed ``O_DIRECT`` writes."""
+    return memoryview(mmap.mmap(-1, WINDOW))
+
+
 def _nonzero_blocks(view: memoryview, unit: int) -> np.ndarray:
     """Per ``unit``-byte block of ``view`` (its length a multiple of ``unit``): not all zeros."""
     words = np.frombuffer(view, dtype=np.uint64)
@@ -253,9 +260,12 @@ def _nonzero_blocks(view: memoryview, unit: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- targets
 
-def _to_raw(src: Source, fd: int, size: int, opts: ConvertOptions, bar: Progress, existing: bool) -> None:
+def _to_raw(src: Source, sink: DataSink, size: int, opts: ConvertOptions, bar: Progress, existing: bool) -> None:
+    fd = sink.fd
     s = opts.sparse_size
-    buf = bytearray(WINDOW)
+    bufs = [_window() for _ in range(_BUFFERS)]
+    marks = [0] * _BUFFERS   # each buffer is reused once the sink has written what came from it
+    turn = 0
     unit = s or SECTOR
     pos = 0
 
@@ -275,18 +285,22 @@ def _to_raw(src: Source, fd: int, size: int, opts: ConvertOptions, bar: Progress
             if s == 0 and src.host_fd >= 0 and not existing:   # fallocate would keep old bytes
                 _copy_allocated(src, fd, x, y)
             else:
-                view = memoryview(buf)[:-(-(y - x) // unit) * unit]
+                sink.wait(marks[turn])
+                view = bufs[turn][:-(-(y - x) // unit) * unit]
                 src.readinto(x, view)
                 mask = _nonzero_blocks(view, unit) if s else np.ones(len(view) // unit, dtype=bool)
                 for i, j in _runs(mask):
                     lo, hi = x + i * unit, min(y, x + j * unit)
-                    pwrite_all(fd, view[i * unit:i * unit + hi - lo], lo)
+                    sink.write(view[i * unit:i * unit + hi - lo], lo)
+                marks[turn] = sink.mark()
+                turn = (turn + 1) % _BUFFERS
                 if existing:
                     for i, j in _runs(~mask):
                         zero_gap(x + i * unit, min(y, x + j * unit))
             bar.update((y - x) // _MIB)
         pos = b
     zero_gap(pos, size)
+    sink.wait()
 
 
 def _copy_allocated(src: Source, fd: int, x: int, y: int) -> None:
@@ -314,14 +328,15 @@ def _to_qcow2(src: Source, w: StreamWriter, size: int, opts: ConvertOptions, bar
               backing: Source | None, pool: ThreadPoolExecutor | None, compress: Callable[[bytes], bytes | None] | None
               ) -> None:
     cs = w.cs
-    buf = [bytearray(WINDOW), bytearray(WINDOW)]
+    bufs = [_window() for _ in range(_BUFFERS)]
+    marks = [0] * _BUFFERS   # each buffer is reused once the sink has written what came from it
     back_buf = bytearray(WINDOW) if backing is not None else None
-    # One window in flight: its clusters in guest order, each a zero (None) or a compression job.
-    pending: list[tuple[int, memoryview, list[tuple[int, Future[bytes | None] | None]]]] = []
+    # One window in flight: its buffer, its clusters in guest order, each a zero (None) or a compression job.
+    pending: list[tuple[int, int, memoryview, list[tuple[int, Future[bytes | None] | None]]]] = []
     zero_clusters = w.header.version >= 3
 
     def drain() -> None:
-        for x, view, jobs in pending:
+        for t, x, view, jobs in pending:
             for i, fut in jobs:
                 piece = view[i * cs:(i + 1) * cs]
                 if fut is None:
@@ -332,6 +347,7 @@ def _to_qcow2(src: Source, w: StreamWriter, size: int, opts: ConvertOptions, bar
                     w.put_data(x + i * cs, piece)
                 else:
                     w.put_compressed(x + i * cs, blob)
+            marks[t] = w.sink.mark()
         pending.clear()
 
     # Extended L2, as qemu-img: only the subclusters that hold data are allocated.
@@ -340,8 +356,8 @@ def _to_qcow2(src: Source, w: StreamWriter, size: int, opts: ConvertOptions, bar
     whole = opts.sparse_size == 0 or backing is not None
     for a, b in _windows(src, cs, size, whole):
         for x, y in _pieces(a, b):
-            view = memoryview(buf[turn])[:-(-(y - x) // cs) * cs]
-            turn ^= 1
+            w.sink.wait(marks[turn])
+            view = bufs[turn][:-(-(y - x) // cs) * cs]
             src.readinto(x, view)
             nonzero = _nonzero_blocks(view, cs)
             if backing is not None:
@@ -360,7 +376,7 @@ def _to_qcow2(src: Source, w: StreamWriter, size: int, opts: ConvertOptions, bar
                     (i, pool.submit(compress, bytes(view[i * cs:(i + 1) * cs])) if nonzero[i] else None)
                     for i in np.flatnonzero(write).tolist()]
                 drain()   # the previous window is written while this one compresses
-                pending.append((x, view, jobs))
+                pending.append((turn, x, view, jobs))
             else:
                 for i, j in _runs(write):
                     if backing is not None and not nonzero[i:j].any():
@@ -370,6 +386,8 @@ def _to_qcow2(src: Source, w: StreamWriter, size: int, opts: ConvertOptions, bar
                         w.put_data(x + i * cs, view[i * cs:j * cs], _subcluster_bits(view[i * cs:j * cs], cs))
                     else:
                         w.put_data(x + i * cs, view[i * cs:j * cs])
+                marks[turn] = w.sink.mark()
+            turn = (turn + 1) % _BUFFERS
             bar.update((y - x) // _MIB)
     drain()
 
@@ -497,7 +515,7 @@ def convert(source: str, target: str, opts: ConvertOptions = ConvertOptions()) -
                 if raw_out:
                     fd = os.open(target, os.O_WRONLY)
                     try:
-                        _to_raw(src, fd, size, opts, bar, existing=True)
+                        _to_raw(src, DataSink(fd), size, opts, bar, existing=True)
                         os.fsync(fd)
                     finally:
                         os.close(fd)
@@ -523,17 +541,20 @@ def _new_target(src: Source, target: str, size: int, opts: ConvertOptions, bar: 
     try:
         if opts.out_format == "raw":
             fd = os.open(tmp, os.O_RDWR)
+            sink = DataSink(fd, tmp, background=True)
             try:
                 os.ftruncate(fd, size)
-                _to_raw(src, fd, size, opts, bar, existing=False)
+                _to_raw(src, sink, size, opts, bar, existing=False)
                 os.fsync(fd)
             finally:
+                sink.close()
                 os.close(fd)
         else:
             create_image(tmp, size, opts.create)
             fd = os.open(tmp, os.O_RDWR)
+            sink = DataSink(fd, tmp, background=True)
             try:
-                w = StreamWriter(fd)
+                w = StreamWriter(fd, sink)
                 compress = None
                 if opts.compress:
                     compress = _Compressor(w.cs, opts.create.compression_type == "zstd")
@@ -542,6 +563,7 @@ def _new_target(src: Source, target: str, size: int, opts: ConvertOptions, bar: 
                 w.finish()
                 os.fsync(fd)
             finally:
+                sink.close()
                 os.close(fd)
             if opts.bitmaps:
                 _copy_bitmaps(src, tmp)

@@ -204,11 +204,11 @@ class TestDataPath:
     """Bulk data goes to a new target with O_DIRECT, from a writer thread (oracle: mincore
     and qemu-img compare)."""
 
-    @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+    @pytest.mark.parametrize("fmt, sparse", [("raw", "4k"), ("raw", "0"), ("qcow2", "4k")])
     def test_a_new_target_leaves_no_copy_of_the_disk_in_the_page_cache(self, src: Path, tmp: Path,
-                                                                     fmt: str) -> None:
+                                                                     fmt: str, sparse: str) -> None:
         out = tmp / f"out.{fmt}"
-        assert qj("convert", "-O", fmt, src, out) == 0
+        assert qj("convert", "-S", sparse, "-O", fmt, src, out) == 0
         resident = resident_bytes(out)   # before anything reads the target
         compare(src, out)
         data = sum(n for _, n, is_data in data_map(out, fmt) if is_data)

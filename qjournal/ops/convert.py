@@ -391,10 +391,10 @@ def _to_qcow2(src: Source, w: StreamWriter, size: int, opts: ConvertOptions, bar
 _WEIGHTS = np.uint64(1) << np.arange(SUBCLUSTERS, dtype=np.uint64)
 
 
-def _subcluster_bits(piece: memoryview, cs: int) -> list[int]:
+def _subcluster_bits(piece: memoryview, cs: int) -> np.ndarray:
     """Each cluster's extended-L2 "allocated" bits: its subclusters that are not all zeros."""
     mask = _nonzero_blocks(piece, cs // SUBCLUSTERS).reshape(-1, SUBCLUSTERS)
-    return [int(v) for v in (mask * _WEIGHTS).sum(axis=1, dtype=np.uint64)]
+    return np.asarray((mask * _WEIGHTS).sum(axis=1, dtype=np.uint64))
 
 
 def _put_zero(w: StreamWriter, guest: int, view: memoryview, zero_clusters: bool) -> None:

@@ -11,6 +11,11 @@ template (``IMAGE.out``), and deleted with it.
 - ``convert-compress``: 256 MiB of compressible data (seeded random bytes over 16
   symbols: zlib takes it to about 60 %) to ``-O qcow2 -c``. Goal 1.0x.
 
+- ``convert-qcow2-raw-durable``, ``convert-raw-qcow2-durable``: the same two, against
+  ``qemu-img convert -t writeback``, which flushes the target before it exits (the
+  default, ``-t unsafe``, leaves it in the page cache): both sides then end with the
+  copy on the device, as ours always does (its fsync before the rename).
+
 ``verify`` runs ``qemu-img compare`` on each side's result against the source, and
 ``qemu-img check`` on qcow2 results.
 """
@@ -68,12 +73,14 @@ def _qjournal(*args: str | Path) -> None:
 class _Convert(Benchmark):
     src_format = "qcow2"
     args: tuple[str, ...] = ()
+    peer_args: tuple[str, ...] = ()   # qemu-img's options that ours does not take
 
     def ours(self, image: Path) -> None:
         _qjournal("-f", self.src_format, *self.args, image, _out(image))
 
     def peer(self, image: Path) -> list[str]:
-        return ["qemu-img", "convert", "-f", self.src_format, *self.args, str(image), str(_out(image))]
+        return ["qemu-img", "convert", *self.peer_args, "-f", self.src_format, *self.args, str(image),
+                str(_out(image))]
 
     def verify(self, ours_image: Path, peer_image: Path) -> None:
         for image in (ours_image, peer_image):
@@ -112,3 +119,17 @@ class ConvertCompress(_Convert):
 
     def template(self, fx: Fixtures) -> Path:
         return fx.image("compressible-256M-raw", _build_compressible)
+
+
+@benchmark("convert-qcow2-raw-durable")
+class ConvertQcow2RawDurable(ConvertQcow2Raw):
+    """qcow2 -> raw as convert-qcow2-raw, vs qemu-img convert -t writeback (flushed, as ours)"""
+
+    peer_args = ("-t", "writeback")
+
+
+@benchmark("convert-raw-qcow2-durable")
+class ConvertRawQcow2Durable(ConvertRawQcow2):
+    """raw -> qcow2 as convert-raw-qcow2, vs qemu-img convert -t writeback (flushed, as ours)"""
+
+    peer_args = ("-t", "writeback")

@@ -9,8 +9,10 @@ compared through ``qemu-nbd -B`` dirty extents, compressed clusters through
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
+import mmap
 import os
 import pty
 import struct
@@ -20,11 +22,13 @@ import termios
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import damage
 import qemu
 from qjournal.cli.app import main
+from qjournal.write.stream import DIRECT_ALIGN, DataSink
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -168,6 +172,85 @@ class TestCompressed:
         assert qj("convert", "-c", "-O", "qcow2", "-o", "refcount_bits=1,cluster_size=4k", src, out) == 0
         compare(src, out)
         qemu.assert_clean(out)
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (mincore(2) over a read-only map of it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as m:
+        a = np.frombuffer(m, dtype=np.uint8)
+        rc = libc.mincore(ctypes.c_void_p(a.ctypes.data), ctypes.c_size_t(size), vec)
+        del a
+    assert rc == 0, os.strerror(ctypes.get_errno())
+    return sum(v & 1 for v in vec) * mmap.PAGESIZE
+
+
+def direct_io_works(directory: Path) -> bool:
+    probe = directory / ".direct-probe"
+    probe.write_bytes(b"")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
+class TestDataPath:
+    """Bulk data goes to a new target with O_DIRECT, from a writer thread (oracle: mincore
+    and qemu-img compare)."""
+
+    @pytest.mark.parametrize("fmt, sparse", [("raw", "4k"), ("raw", "0"), ("qcow2", "4k")])
+    def test_a_new_target_leaves_no_copy_of_the_disk_in_the_page_cache(self, src: Path, tmp: Path,
+                                                                     fmt: str, sparse: str) -> None:
+        out = tmp / f"out.{fmt}"
+        assert qj("convert", "-S", sparse, "-O", fmt, src, out) == 0
+        resident = resident_bytes(out)   # before anything reads the target
+        compare(src, out)
+        data = sum(n for _, n, is_data in data_map(out, fmt) if is_data)
+        assert data >= 4 * MIB
+        if direct_io_works(tmp):
+            assert resident < MIB   # headers and tables at most
+        else:                       # plain writes: the data went through the cache
+            assert resident >= data
+
+    def test_a_sink_writes_aligned_pages_directly_and_the_rest_plainly(self, tmp: Path) -> None:
+        path = tmp / "f"
+        path.write_bytes(b"")
+        fd = os.open(path, os.O_RDWR)
+        aligned = mmap.mmap(-1, 4 * DIRECT_ALIGN)
+        aligned[:] = bytes(range(256)) * (len(aligned) // 256)
+        sink = DataSink(fd, str(path), background=True)
+        try:
+            sink.write(memoryview(aligned), DIRECT_ALIGN)            # whole pages: direct
+            sink.write(b"\x07" * 100, 10)                           # unaligned: plain
+            sink.write(memoryview(aligned)[1:DIRECT_ALIGN + 1], 8 * DIRECT_ALIGN)  # unaligned buffer: plain
+            sink.wait()
+            assert (sink.direct >= 0) == direct_io_works(tmp)
+        finally:
+            sink.close()
+            os.close(fd)
+        got = path.read_bytes()
+        assert got[10:110] == b"\x07" * 100 and got[:10] == bytes(10)
+        assert got[DIRECT_ALIGN:5 * DIRECT_ALIGN] == aligned[:]
+        assert got[8 * DIRECT_ALIGN:] == aligned[1:DIRECT_ALIGN + 1]
+
+    def test_a_failed_background_write_is_raised_by_wait(self, tmp: Path) -> None:
+        path = tmp / "ro"
+        path.write_bytes(b"")
+        fd = os.open(path, os.O_RDONLY)
+        sink = DataSink(fd, background=True)
+        try:
+            sink.write(b"x" * 10, 0)
+            with pytest.raises(OSError):
+                sink.wait()
+        finally:
+            sink.close()
+            os.close(fd)
 
 
 class TestExistingTargets:

@@ -18,6 +18,7 @@ import errno
 import os
 
 from ..core.image import Image
+from ..storage.medium import pwrite_all
 from .guest import DATA, UNALLOCATED, ZERO, reader
 
 WINDOW = 8 << 20
@@ -42,7 +43,7 @@ def copy_out(img: Image, offset: int, length: int, fd: int) -> None:
             continue
         for pos in range(g, g + n, WINDOW):
             data = r.read(pos, min(WINDOW, g + n - pos))
-            _pwrite_all(fd, data, pos - offset)
+            pwrite_all(fd, data, pos - offset)
     os.ftruncate(fd, length)
 
 
@@ -61,13 +62,6 @@ def _copy_range(src: int, dst: int, src_off: int, dst_off: int, n: int) -> None:
             data = os.pread(src, want, src_off + done)
             if len(data) < want:
                 data += bytes(want - len(data))        # past the image's end: zeros, as the guest reads
-            _pwrite_all(dst, data, dst_off + done)
+            pwrite_all(dst, data, dst_off + done)
             got = want
         done += got
-
-
-def _pwrite_all(fd: int, data: bytes, off: int) -> None:
-    view = memoryview(data)
-    while view:
-        k = os.pwrite(fd, view, off)
-        view, off = view[k:], off + k

@@ -180,17 +180,27 @@ class GuestMap:
         """
         if self.has_data_file or not len(hosts):
             return
-        c = (np.asarray(hosts, dtype=np.uint64) // np.uint64(self.cs)).astype(np.int64)
-        found = self.img.overlap_map().find(c)
-        if found is not None:
-            k, cluster, label = found
-            gc, host = int(gcs[k]), cluster * self.cs
+        hosts = np.asarray(hosts, dtype=np.uint64)
+
+        def refuse(k: int, host: int, why: str) -> None:
+            gc = int(gcs[k])
             l1i, i = divmod(gc, self.per_l2)
             t = self.tables.get(l1i)
             where = t.offset + 8 * self.ew * i if t is not None else None
             raise FormatError("L2 table", where, f"entry {i} (guest offset {gc * self.cs:#x}) maps data to "
-                              f"cluster {host:#x}, which holds metadata ({label}); refusing "
-                              "to write (qjournal check -r all repairs the image)")
+                              f"cluster {host:#x}, {why}; refusing to write (qjournal check -r all repairs "
+                              "the image)")
+
+        # A cluster wholly past the end of the file was never written (the reader's rule too).
+        past = np.flatnonzero(hosts >= np.uint64(self.img.medium.size))
+        if len(past):
+            k = int(past[0])
+            refuse(k, int(hosts[k]), f"past the end of the file ({self.img.medium.size:#x} bytes)")
+        c = (hosts // np.uint64(self.cs)).astype(np.int64)
+        found = self.img.overlap_map().find(c)
+        if found is not None:
+            k, cluster, label = found
+            refuse(k, cluster * self.cs, f"which holds metadata ({label})")
 
     def host_allocated(self, entry: int) -> bool:
         """The entry has a host cluster (offset 0 counts, with COPIED, in a data-file image)."""

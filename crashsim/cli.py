@@ -7,6 +7,8 @@
                  [--recovery-depth 2] [--recovery-states 16] [--report out.html|out.json]
     crashsim replay REPORT STATE_ID [-o out.qcow2]
     crashsim mutants [NAME...] [--sample N] [--list] [--markdown]   (see crashsim.mutants)
+    crashsim record [--spare 64M] [--timeout S] [-o TRACE] IMAGE -- COMMAND ARGS...   (see crashsim.nbdrecord)
+    crashsim run --trace TRACE [--strategy ...] [--max-states N] [--jobs N]   (see crashsim.qemurules)
 
 ``WORKLOAD`` is a built-in name, ``all`` (every built-in workload but the negative
 controls), ``controls`` (the negative controls), or a user
@@ -29,7 +31,7 @@ from typing import Sequence
 
 import qjournal
 
-from . import mutants, report
+from . import mutants, nbdrecord, report
 from .model import SECTOR_SIZES, STRATEGIES, CrashState, Options, RunResult, WorkloadResult
 from .runner import digest, recorded_state, run
 from .workloads import WORKLOADS, Workload, find
@@ -73,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the built-in workloads")
     sub.add_parser("mutants", help="plant bugs in a scratch copy, check that crashsim catches each "
                    "(crashsim mutants --help)", add_help=False)
+    sub.add_parser("record", help="record a real qemu-img/qemu-io command over NBD into a trace "
+                   "(crashsim record --help)", add_help=False)
     r = sub.add_parser("run", help="record workloads, crash them everywhere, check every state")
     r.add_argument("workloads", nargs="+", metavar="WORKLOAD",
                    help="a built-in name, 'all', 'controls', path/to/file.py:function or module:function")
@@ -116,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["mutants"]:
         return mutants.main(argv[1:])
+    if argv[:1] == ["record"]:
+        return nbdrecord.main(argv[1:])
     p = parser()
     args = p.parse_args(argv)
     if args.command == "list":

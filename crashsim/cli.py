@@ -31,7 +31,7 @@ from typing import Sequence
 
 import qjournal
 
-from . import mutants, nbdrecord, report
+from . import mutants, nbdrecord, qemurules, report
 from .model import SECTOR_SIZES, STRATEGIES, CrashState, Options, RunResult, WorkloadResult
 from .runner import digest, recorded_state, run
 from .workloads import WORKLOADS, Workload, find
@@ -78,8 +78,12 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("record", help="record a real qemu-img/qemu-io command over NBD into a trace "
                    "(crashsim record --help)", add_help=False)
     r = sub.add_parser("run", help="record workloads, crash them everywhere, check every state")
-    r.add_argument("workloads", nargs="+", metavar="WORKLOAD",
+    r.add_argument("workloads", nargs="*", metavar="WORKLOAD",
                    help="a built-in name, 'all', 'controls', path/to/file.py:function or module:function")
+    r.add_argument("--trace", metavar="TRACE", help="check a trace written by 'crashsim record' instead of "
+                   "workloads (judged by QEMU's rules, see crashsim.qemurules)")
+    r.add_argument("--max-states", type=_nonneg, default=500, metavar="N",
+                   help="--trace: judge a seeded sample of N states when there are more (default 500)")
     r.add_argument("--strategy", type=_strategies, default=STRATEGIES, metavar="LIST",
                    help=f"comma-separated strategies (default {','.join(STRATEGIES)})")
     r.add_argument("--k", type=_nonneg, default=2, help="above 12 in-flight units: subsets and complements of "
@@ -150,6 +154,14 @@ def _select(p: argparse.ArgumentParser, names: list[str]) -> list[Workload]:
 
 
 def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.trace is not None:
+        if args.workloads:
+            p.error("give workloads or --trace, not both")
+        return qemurules.run_trace(args.trace, args.strategy, k=args.k, samples=args.samples, seed=args.seed,
+                                   max_tears=args.max_tears, sector_size=args.sector_size,
+                                   max_states=args.max_states, jobs=args.jobs, quiet=args.quiet)
+    if not args.workloads:
+        p.error("give at least one WORKLOAD (or --trace TRACE)")
     workloads = _select(p, args.workloads)
     opts = Options(strategies=args.strategy, k=args.k, samples=args.samples, seed=args.seed, medium=args.medium,
                    sector_size=args.sector_size, max_tears=args.max_tears, oracle=args.oracle,

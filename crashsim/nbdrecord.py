@@ -110,6 +110,7 @@ def record(image: str | Path, command: Sequence[str], trace: str | Path, spare: 
             f.write(initial)
             f.truncate(len(initial) + spare)
         header = {"image": str(image), "size": len(initial), "spare": spare, "command": argv,
+                  "template": list(command),
                   "initial_sha256": tr.sha256(initial)}
         with open(trace, "wb") as f:
             tr.write_start(f, header, initial)

@@ -21,7 +21,7 @@ records                 until the end record
 
 Header keys: ``image`` (the path recorded), ``size`` (the image's size in bytes before
 the command), ``spare`` (bytes of zeros added at the end of the export), ``command`` (the
-argv as run, ``{nbd}`` replaced), ``initial_sha256`` (of the uncompressed initial bytes).
+argv as run, ``{nbd}`` replaced), ``template`` (the argv as given, with ``{nbd}``), ``initial_sha256`` (of the uncompressed initial bytes).
 
 Each record is a 17-byte head ``<cQQ`` (kind, offset, length), then, for a write, its
 ``length`` bytes of data:

@@ -1,0 +1,395 @@
+"""Judging the crash states of a recorded QEMU command by QEMU's own rules (``crashsim run --trace``).
+
+A trace (see :mod:`crashsim.trace`) becomes a :class:`~crashsim.recorder.Recording`, and
+the usual :class:`~crashsim.states.Timeline` and :class:`~crashsim.states.Generator`
+enumerate its crash states (``prefix``, ``barrier``, ``subset``, ``versions``, ``torn``;
+there is no journal, so no ``recovery``). Identical states are judged once, the first
+strategy that produced a content owns it. When there are more than ``max_states``
+distinct states, a seeded sample of them is judged and the summary says so.
+
+Each state's image bytes go through, in a worker process:
+
+- ``qemu-img check --output=json``: corruptions, leaks, and whether it opens at all;
+- ``qemu-img info --output=json -U``: virtual size, bitmaps (name, granularity, flags),
+  snapshots, and the rest of the format-specific data;
+- ``qemu-img convert -O raw``: the guest data, compared sector by sector (512 B) with the
+  guest data before and after the command;
+- qjournal's own check (:func:`crashsim.checks.open_view`: read-only, over memory) as a
+  second opinion, and qjournal's reading of the bitmaps' bits, which ``info`` does not show.
+
+Outcomes, the first that applies:
+
+========================  ==========================================================
+``unopenable``            ``qemu-img info`` or ``check`` cannot open the image
+``corrupt``               ``check`` finds corruptions, a guest sector holds neither its
+                          old nor its new bytes, or what ``info`` shows is neither the
+                          old nor the new image and not one of the two below
+``bitmaps dropped``       as old or new, but the bitmaps are gone (the autoclear bit is
+                          clear, so QEMU ignores the bitmaps extension)
+``bitmap left in_use``    as old or new, but a bitmap is flagged ``in-use`` that is not in
+                          that image (QEMU refuses to use it until it is removed)
+``leaks only``            as old or new, with more leaked clusters than that image
+``old`` / ``new``         ``info`` and the guest data are those of the image before /
+                          after the command (old wins when both are the same)
+========================  ==========================================================
+
+The qcow2 specification allows every outcome but ``corrupt`` and ``unopenable`` after a
+crash: the autoclear bit exists so that bitmaps can be dropped, ``in-use`` exists so that
+a bitmap that may miss writes is refused, leaks cost only space. So ``crashsim run
+--trace`` exits 0 when no state is corrupt or unopenable, and 1 otherwise: QEMU's own
+protocols are reported, and a state outside what the spec allows fails the run, whoever
+wrote it. qjournal's second opinion is reported (as disagreements), never part of the rule.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+import attrs
+import numpy as np
+
+from qjournal.format.geometry import SECTOR
+
+from .checks import View, open_view
+from .recorder import IMAGE
+from .states import Generator, Spec, Timeline
+from .trace import Trace, final_image, load, to_recording
+
+OUTCOMES = ("old", "new", "bitmaps dropped", "bitmap left in_use", "leaks only", "corrupt", "unopenable")
+NOT_ALLOWED = frozenset({"corrupt", "unopenable"})
+TRACE_STRATEGIES = ("prefix", "barrier", "subset", "versions", "torn")
+QEMU_TIMEOUT = 60.0
+#: info keys that change without the image's meaning changing (or that name the file)
+VOLATILE = ("filename", "actual-size", "dirty-flag", "children")
+
+
+@attrs.frozen
+class Look:
+    """What QEMU (and qjournal, second) see of one image."""
+
+    opened: bool
+    error: str                          # first line of a failing qemu-img's stderr
+    check_exit: int
+    corruptions: int
+    leaks: int
+    info: dict[str, Any] | None         # normalized: VOLATILE keys removed
+    guest: bytes                        # raw guest data
+    qjournal: str                       # "clean", "N leaks", "N corruptions: first message", "error: ..."
+    bitmap_bits: Any                    # qjournal's bitmaps (name, granularity, flags, dirty extents), or None
+
+
+@attrs.frozen
+class Judgement:
+    id: str                             # "<name>/<strategy>/<n>"
+    strategy: str
+    point: int
+    outcome: str
+    reason: str
+    corruptions: int
+    leaks: int
+    qjournal: str
+    disagree: str                       # where qjournal's view contradicts QEMU's ("" when it does not)
+    duplicates: int = 0
+
+
+@attrs.frozen
+class StrategyTally:
+    strategy: str
+    generated: int
+    unique: int
+
+
+@attrs.frozen
+class TraceResult:
+    name: str
+    command: tuple[str, ...]
+    writes: int
+    barriers: int
+    tallies: tuple[StrategyTally, ...]
+    unique: int                         # distinct states over all strategies
+    judged: tuple[Judgement, ...]
+    sampled: bool                       # more than max_states: a seeded sample was judged
+    seconds: float
+
+    def outcomes(self) -> dict[str, int]:
+        out = {o: 0 for o in OUTCOMES}
+        for j in self.judged:
+            out[j.outcome] += 1
+        return {k: v for k, v in out.items() if v}
+
+    @property
+    def ok(self) -> bool:
+        return not any(j.outcome in NOT_ALLOWED for j in self.judged)
+
+
+# -- looking at one image --------------------------------------------------------------
+def _qemu(args: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["qemu-img", *args], capture_output=True, timeout=QEMU_TIMEOUT)
+
+
+def _first(stderr: bytes) -> str:
+    return next((ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()), "")
+
+
+def look(image: bytes, workdir: str, label: str = "state") -> Look:
+    """Run qemu-img check, info and convert on ``image`` (written into ``workdir``), and qjournal's check."""
+    path = os.path.join(workdir, "state.qcow2")
+    raw = os.path.join(workdir, "state.raw")
+    with open(path, "wb") as f:
+        f.write(image)
+    chk = _qemu(["check", "--output=json", "-f", "qcow2", path])
+    try:
+        cj = json.loads(chk.stdout) if chk.stdout.strip() else None
+    except json.JSONDecodeError:
+        cj = None
+    inf = _qemu(["info", "--output=json", "-U", "-f", "qcow2", path])
+    view = open_view(image, b"", label)
+    qj, bits = _qjournal_text(view)
+    if cj is None or chk.returncode == 1 or inf.returncode != 0:
+        err = _first(chk.stderr) or _first(inf.stderr) or f"qemu-img check exit {chk.returncode}"
+        return Look(False, err, chk.returncode, 0, 0, None, b"", qj, bits)
+    info = {k: v for k, v in json.loads(inf.stdout).items() if k not in VOLATILE}
+    conv = subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", path, raw],
+                          capture_output=True, timeout=QEMU_TIMEOUT)
+    if conv.returncode != 0:
+        return Look(False, "qemu-img convert: " + _first(conv.stderr), chk.returncode,
+                    int(cj.get("corruptions", 0)), int(cj.get("leaks", 0)), info, b"", qj, bits)
+    with open(raw, "rb") as f:
+        guest = f.read()
+    os.unlink(raw)
+    error = _first(chk.stderr) if cj.get("corruptions") else ""
+    return Look(True, error, chk.returncode, int(cj.get("corruptions", 0)), int(cj.get("leaks", 0)),
+                info, guest, qj, bits)
+
+
+def _qjournal_text(v: View) -> tuple[str, Any]:
+    if v.semantic is None:
+        return "error: " + v.error.splitlines()[0] if v.error else "error", None
+    bits = tuple(b for b in v.semantic.bitmaps)
+    if v.corruptions:
+        return f"{v.corruptions} corruptions: {v.messages[0] if v.messages else ''}".rstrip(": "), bits
+    return (f"{v.leaks} leaks" if v.leaks else "clean"), bits
+
+
+# -- classifying -----------------------------------------------------------------------
+def _bitmaps(info: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(info.get("format-specific", {}).get("data", {}).get("bitmaps", []))
+
+
+def _without_bitmaps(info: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(info))
+    out.get("format-specific", {}).get("data", {}).pop("bitmaps", None)
+    return out
+
+
+def _without_in_use(info: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(info))
+    for b in _bitmaps(out):
+        b["flags"] = [f for f in b.get("flags", []) if f != "in-use"]
+    return out
+
+
+def bad_guest_sectors(cur: bytes, old: bytes, new: bytes) -> list[int]:
+    """Guest offsets of the sectors of ``cur`` holding neither their old nor their new bytes
+    (a sector past the end of ``old`` or ``new`` counts as zeros there)."""
+    n = -(-len(cur) // SECTOR) * SECTOR
+
+    def sectors(b: bytes) -> np.ndarray:
+        b = b[:n] + bytes(max(0, n - len(b)))
+        return np.frombuffer(b, dtype=np.uint8).reshape(-1, SECTOR)
+
+    c, o, w = sectors(cur), sectors(old), sectors(new)
+    bad = ~((c == o).all(axis=1) | (c == w).all(axis=1))
+    return [int(i) * SECTOR for i in np.nonzero(bad)[0]]
+
+
+def classify(s: Look, old: Look, new: Look) -> tuple[str, str]:
+    """The outcome of a state (see the module docstring) and why, in a few words."""
+    if not s.opened or s.info is None:
+        return "unopenable", s.error or "qemu-img cannot open it"
+    if s.corruptions:
+        return "corrupt", f"qemu-img check: {s.corruptions} corruptions ({s.error})"
+    bad = bad_guest_sectors(s.guest, old.guest, new.guest)
+    if bad:
+        return "corrupt", (f"guest data: {len(bad)} sector(s) hold neither old nor new bytes, "
+                           f"the first at {bad[0]:#x}")
+    mixed = s.guest not in (old.guest, new.guest)
+    note = "; guest data part old, part new" if mixed else ""
+    refs = [("old", old), ("new", new)]
+    match = next((n for n, r in refs if s.info == r.info), None)
+    if match is None:
+        dropped = not _bitmaps(s.info) and next(
+            (n for n, r in refs if _bitmaps(r.info or {}) and _without_bitmaps(r.info or {}) == s.info), None)
+        if dropped:
+            return "bitmaps dropped", f"as {dropped}, without its bitmaps (autoclear bit clear){note}"
+        in_use = [b["name"] for b in _bitmaps(s.info) if "in-use" in b.get("flags", [])]
+        held = next((n for n, r in refs if in_use and _without_in_use(r.info or {}) == _without_in_use(s.info)),
+                    None)
+        if held:
+            return "bitmap left in_use", f"as {held}, with bitmap(s) {', '.join(in_use)} flagged in-use{note}"
+        return "corrupt", "qemu-img info shows neither the old nor the new image: " + _info_diff(s.info, old, new)
+    ref = old if match == "old" else new
+    if s.leaks > ref.leaks:
+        return "leaks only", f"as {match}, {s.leaks - ref.leaks} leaked cluster(s){note}"
+    return match, f"as {match}{note}"
+
+
+def _info_diff(info: dict[str, Any], old: Look, new: Look) -> str:
+    out = []
+    for n, r in (("old", old), ("new", new)):
+        ref = r.info or {}
+        flat_s, flat_r = _flatten(info), _flatten(ref)
+        keys = sorted(k for k in flat_s.keys() | flat_r.keys() if flat_s.get(k) != flat_r.get(k))
+        out.append(f"vs {n}: " + ", ".join(f"{k}={flat_s.get(k)!r}" for k in keys[:3]))
+    return "; ".join(out)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): json.dumps(d, sort_keys=True)}
+
+
+def disagreement(s: Look, outcome: str, old: Look, new: Look) -> str:
+    """Where qjournal's second opinion contradicts QEMU's ("" when it does not)."""
+    qbad = s.qjournal.startswith(("error", "corrupt")) or "corruptions" in s.qjournal
+    if outcome in NOT_ALLOWED and not qbad:
+        return f"qjournal finds it {s.qjournal}"
+    if outcome not in NOT_ALLOWED and qbad:
+        return f"qjournal: {s.qjournal}"
+    if outcome in ("old", "new") and s.bitmap_bits is not None:
+        ref = old if outcome == "old" else new
+        if ref.bitmap_bits is not None and s.bitmap_bits != ref.bitmap_bits \
+                and s.bitmap_bits != (new if outcome == "old" else old).bitmap_bits:
+            return "qjournal: the bitmaps' bits are neither old nor new"
+    return ""
+
+
+# -- workers -------------------------------------------------------------------------
+_REFS: dict[str, Look] = {}
+
+
+def _init(old: Look, new: Look) -> None:
+    _REFS["old"], _REFS["new"] = old, new
+
+
+def _judge(job: tuple[str, str, int, bytes, int]) -> Judgement:
+    sid, strategy, point, image, dups = job
+    with tempfile.TemporaryDirectory(prefix="crashsim-qemu-") as d:
+        s = look(image, d, sid)
+    old, new = _REFS["old"], _REFS["new"]
+    outcome, reason = classify(s, old, new)
+    return Judgement(sid, strategy, point, outcome, reason, s.corruptions, s.leaks, s.qjournal,
+                     disagreement(s, outcome, old, new), dups)
+
+
+# -- a whole trace -------------------------------------------------------------------
+def check_trace(trace: Trace, name: str, strategies: Sequence[str] = TRACE_STRATEGIES, *, k: int = 2,
+                samples: int = 32, seed: int = 0, max_tears: int = 32, sector_size: int = SECTOR,
+                max_states: int = 500, jobs: int = 0) -> TraceResult:
+    """Generate every crash state of ``trace`` and judge each (a seeded sample of at most
+    ``max_states`` distinct ones when there are more), in ``jobs`` worker processes."""
+    t0 = time.monotonic()
+    rec = to_recording(trace)
+    tl = Timeline(rec, sector_size)
+    gen = Generator(tl, name, k=k, samples=samples, seed=seed, max_tears=max_tears)
+    owner: dict[Any, tuple[str, Spec, int]] = {}
+    dups: dict[Any, int] = {}
+    tallies = []
+    for strategy in strategies:
+        generated, unique = 0, 0
+        for spec in gen.generate(strategy):
+            generated += 1
+            key = tl.key(spec)
+            if key in owner:
+                dups[key] = dups.get(key, 0) + 1
+                continue
+            unique += 1
+            owner[key] = (f"{name}/{strategy}/{unique - 1}", spec, len(owner))
+        tallies.append(StrategyTally(strategy, generated, unique))
+    chosen = list(owner.items())
+    sampled = len(chosen) > max_states
+    if sampled:
+        keep = set(random.Random(f"{seed}:{name}:sample").sample(range(len(chosen)), max_states))
+        chosen = [c for i, c in enumerate(chosen) if i in keep]
+    jobs_ = [(sid, spec.strategy, spec.point, tl.materialize(spec)[IMAGE], dups.get(key, 0))
+             for key, (sid, spec, _) in chosen]
+    with tempfile.TemporaryDirectory(prefix="crashsim-qemu-") as d:
+        old = look(trace.initial, d, "old")
+        new = look(final_image(trace), d, "new")
+    workers = jobs or os.cpu_count() or 1
+    if workers == 1:
+        _init(old, new)
+        judged = [_judge(j) for j in jobs_]
+    else:
+        with cf.ProcessPoolExecutor(workers, initializer=_init, initargs=(old, new)) as ex:
+            judged = list(ex.map(_judge, jobs_, chunksize=max(1, len(jobs_) // (workers * 8))))
+    writes = sum(1 for e in rec.entries if e.kind == "write")
+    barriers = sum(1 for e in rec.entries if e.kind == "barrier")
+    command = trace.header.get("template") or trace.header.get("command", ())
+    return TraceResult(name, tuple(command), writes, barriers, tuple(tallies),
+                       len(owner), tuple(judged), sampled, time.monotonic() - t0)
+
+
+def summary_lines(r: TraceResult, verbose: bool = True) -> list[str]:
+    """The report of one trace: a line per strategy, the distribution of outcomes, the states
+    the spec does not allow (at most 5 shown), and qjournal's disagreements."""
+    lines = [f"{r.name}: {' '.join(r.command)}",
+             f"  {r.writes} writes, {r.barriers} barriers; {r.unique} distinct states"
+             + (f", a seeded sample of {len(r.judged)} judged" if r.sampled else ", all judged")]
+    by_strategy: dict[str, dict[str, int]] = {}
+    for j in r.judged:
+        d = by_strategy.setdefault(j.strategy, {})
+        d[j.outcome] = d.get(j.outcome, 0) + 1
+    for t in r.tallies:
+        dist = ", ".join(f"{o} {n}" for o, n in sorted(by_strategy.get(t.strategy, {}).items(),
+                                                         key=lambda x: OUTCOMES.index(x[0])))
+        lines.append(f"  {t.strategy}: {t.unique}/{t.generated} states" + (f": {dist}" if dist else ""))
+    lines.append("  outcomes: " + ", ".join(f"{o} {n}" for o, n in r.outcomes().items()))
+    if verbose:
+        bad = [j for j in r.judged if j.outcome in NOT_ALLOWED]
+        for j in bad[:5]:
+            lines.append(f"  {j.id} {j.outcome.upper()}: {j.reason}")
+        if len(bad) > 5:
+            lines.append(f"  ... and {len(bad) - 5} more not allowed by the qcow2 spec")
+        odd = [j for j in r.judged if j.disagree]
+        for j in odd[:3]:
+            lines.append(f"  {j.id} ({j.outcome}) second opinion differs: {j.disagree}")
+        if len(odd) > 3:
+            lines.append(f"  ... and {len(odd) - 3} more where qjournal's check disagrees")
+    return lines
+
+
+def run_trace(path: str, strategies: Sequence[str], *, k: int = 2, samples: int = 32, seed: int = 0,
+              max_tears: int = 32, sector_size: int = SECTOR, max_states: int = 500, jobs: int = 0,
+              quiet: bool = False) -> int:
+    """``crashsim run --trace``: print the report; 0 when no state is corrupt or unopenable, else 1."""
+    try:
+        trace = load(path)
+    except (OSError, ValueError) as e:
+        print(f"crashsim: {e}", file=sys.stderr)
+        return 1
+    skipped = [s for s in strategies if s not in TRACE_STRATEGIES]
+    used = [s for s in strategies if s in TRACE_STRATEGIES]
+    name = os.path.basename(path).removesuffix(".trace")
+    r = check_trace(trace, name, used, k=k, samples=samples, seed=seed, max_tears=max_tears,
+                    sector_size=sector_size, max_states=max_states, jobs=jobs)
+    if not quiet:
+        print("\n".join(summary_lines(r)))
+    if skipped:
+        print(f"crashsim: a trace has no journal to recover: strategy {', '.join(skipped)} does not apply")
+    bad = sum(1 for j in r.judged if j.outcome in NOT_ALLOWED)
+    verdict = "PASS" if r.ok else "FAIL (states the qcow2 spec does not allow)"
+    print(f"crashsim: trace {name}: {len(r.judged)} states judged in {r.seconds:.1f} s: {bad} corrupt or "
+          f"unopenable: {verdict}")
+    return 0 if r.ok else 1

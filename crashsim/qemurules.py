@@ -12,8 +12,9 @@ Each state's image bytes go through, in a worker process:
 - ``qemu-img check --output=json``: corruptions, leaks, and whether it opens at all;
 - ``qemu-img info --output=json -U``: virtual size, bitmaps (name, granularity, flags),
   snapshots, and the rest of the format-specific data;
-- ``qemu-img convert -O raw``: the guest data, compared sector by sector (512 B) with the
-  guest data before and after the command;
+- ``qemu-img compare``: the guest data, against the image before the command and after it;
+  when it is neither, ``qemu-img convert -O raw`` and a comparison sector by sector (512 B):
+  each sector must hold its old or its new bytes;
 - qjournal's own check (:func:`crashsim.checks.open_view`: read-only, over memory) as a
   second opinion, and qjournal's reading of the bitmaps' bits, which ``info`` does not show.
 
@@ -75,14 +76,27 @@ class Look:
     """What QEMU (and qjournal, second) see of one image."""
 
     opened: bool
-    error: str                          # first line of a failing qemu-img's stderr
+    error: str                          # first line of a failing qemu-img's stderr, or check's first ERROR
     check_exit: int
     corruptions: int
     leaks: int
     info: dict[str, Any] | None         # normalized: VOLATILE keys removed
-    guest: bytes                        # raw guest data
+    guest: str                          # "old", "new" (equal guest data), "mixed" (each sector old or new),
+                                        # "bad N AT" (N sectors neither, the first at AT), "" (not compared)
     qjournal: str                       # "clean", "N leaks", "N corruptions: first message", "error: ..."
     bitmap_bits: Any                    # qjournal's bitmaps (name, granularity, flags, dirty extents), or None
+
+
+@attrs.frozen
+class Refs:
+    """The images before and after the command, as files in ``folder`` (qcow2 and raw guest data)."""
+
+    folder: str
+    old: Look
+    new: Look
+
+    def path(self, which: str, raw: bool = False) -> str:
+        return os.path.join(self.folder, f"{which}.{'raw' if raw else 'qcow2'}")
 
 
 @attrs.frozen
@@ -138,10 +152,11 @@ def _first(stderr: bytes) -> str:
     return next((ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()), "")
 
 
-def look(image: bytes, workdir: str, label: str = "state") -> Look:
-    """Run qemu-img check, info and convert on ``image`` (written into ``workdir``), and qjournal's check."""
-    path = os.path.join(workdir, "state.qcow2")
-    raw = os.path.join(workdir, "state.raw")
+def look(image: bytes, workdir: str, label: str = "state", refs: Refs | None = None) -> Look:
+    """Run qemu-img check and info on ``image`` (written into ``workdir``), compare its guest data
+    with the references' (``qemu-img compare``; sector by sector only when it is neither), and
+    qjournal's check."""
+    path = os.path.join(workdir, label.replace("/", "-") + ".qcow2")
     with open(path, "wb") as f:
         f.write(image)
     chk = _qemu(["check", "--output=json", "-f", "qcow2", path])
@@ -154,19 +169,52 @@ def look(image: bytes, workdir: str, label: str = "state") -> Look:
     qj, bits = _qjournal_text(view)
     if cj is None or chk.returncode == 1 or inf.returncode != 0:
         err = _first(chk.stderr) or _first(inf.stderr) or f"qemu-img check exit {chk.returncode}"
-        return Look(False, err, chk.returncode, 0, 0, None, b"", qj, bits)
+        return Look(False, err, chk.returncode, 0, 0, None, "", qj, bits)
     info = {k: v for k, v in json.loads(inf.stdout).items() if k not in VOLATILE}
+    errors = [ln.strip() for ln in chk.stderr.decode(errors="replace").splitlines() if ln.startswith("ERROR")]
+    error = (errors[0] if errors else _first(chk.stderr)) if cj.get("corruptions") else ""
+    guest = "" if refs is None else _guest(path, refs)
+    return Look(True, error, chk.returncode, int(cj.get("corruptions", 0)), int(cj.get("leaks", 0)),
+                info, guest, qj, bits)
+
+
+def _same_guest(a: str, b: str) -> bool | None:
+    """``qemu-img compare``: True identical, False different, None it could not read one of them."""
+    res = _qemu(["compare", "-q", "-U", "-f", "qcow2", "-F", "qcow2", a, b])
+    return {0: True, 1: False}.get(res.returncode)
+
+
+def _guest(path: str, refs: Refs) -> str:
+    for which in ("old", "new"):
+        same = _same_guest(path, refs.path(which))
+        if same:
+            return which
+        if same is None:
+            return "bad unreadable 0"
+    raw = path + ".raw"
     conv = subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", path, raw],
                           capture_output=True, timeout=QEMU_TIMEOUT)
     if conv.returncode != 0:
-        return Look(False, "qemu-img convert: " + _first(conv.stderr), chk.returncode,
-                    int(cj.get("corruptions", 0)), int(cj.get("leaks", 0)), info, b"", qj, bits)
-    with open(raw, "rb") as f:
-        guest = f.read()
+        return "bad unreadable 0"
+    with open(raw, "rb") as f, open(refs.path("old", True), "rb") as o, open(refs.path("new", True), "rb") as n:
+        bad = bad_guest_sectors(f.read(), o.read(), n.read())
     os.unlink(raw)
-    error = _first(chk.stderr) if cj.get("corruptions") else ""
-    return Look(True, error, chk.returncode, int(cj.get("corruptions", 0)), int(cj.get("leaks", 0)),
-                info, guest, qj, bits)
+    return f"bad {len(bad)} {bad[0]:#x}" if bad else "mixed"
+
+
+def make_refs(folder: str, old: bytes, new: bytes) -> Refs:
+    """Write the images before and after the command into ``folder``, with their guest data as raw."""
+    looks = []
+    for which, image in (("old", old), ("new", new)):
+        path = os.path.join(folder, f"{which}.qcow2")
+        with open(path, "wb") as f:
+            f.write(image)
+        conv = subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", path, path[:-5] + "raw"],
+                              capture_output=True, timeout=QEMU_TIMEOUT)
+        if conv.returncode != 0:
+            raise ValueError(f"the image {which} the command cannot be read by qemu-img: {_first(conv.stderr)}")
+        looks.append(look(image, folder, f"{which}-look"))
+    return Refs(folder, looks[0], looks[1])
 
 
 def _qjournal_text(v: View) -> tuple[str, Any]:
@@ -216,12 +264,12 @@ def classify(s: Look, old: Look, new: Look) -> tuple[str, str]:
         return "unopenable", s.error or "qemu-img cannot open it"
     if s.corruptions:
         return "corrupt", f"qemu-img check: {s.corruptions} corruptions ({s.error})"
-    bad = bad_guest_sectors(s.guest, old.guest, new.guest)
-    if bad:
-        return "corrupt", (f"guest data: {len(bad)} sector(s) hold neither old nor new bytes, "
-                           f"the first at {bad[0]:#x}")
-    mixed = s.guest not in (old.guest, new.guest)
-    note = "; guest data part old, part new" if mixed else ""
+    if s.guest.startswith("bad"):
+        _, n, at = s.guest.split()
+        if n == "unreadable":
+            return "corrupt", "guest data: qemu-img cannot read it all"
+        return "corrupt", f"guest data: {n} sector(s) hold neither old nor new bytes, the first at {at}"
+    note = "; guest data part old, part new" if s.guest == "mixed" else ""
     refs = [("old", old), ("new", new)]
     match = next((n for n, r in refs if s.info == r.info), None)
     if match is None:
@@ -276,21 +324,21 @@ def disagreement(s: Look, outcome: str, old: Look, new: Look) -> str:
 
 
 # -- workers -------------------------------------------------------------------------
-_REFS: dict[str, Look] = {}
+_REFS: list[Refs] = []
 
 
-def _init(old: Look, new: Look) -> None:
-    _REFS["old"], _REFS["new"] = old, new
+def _init(refs: Refs) -> None:
+    _REFS[:] = [refs]
 
 
 def _judge(job: tuple[str, str, int, bytes, int]) -> Judgement:
     sid, strategy, point, image, dups = job
-    with tempfile.TemporaryDirectory(prefix="crashsim-qemu-") as d:
-        s = look(image, d, sid)
-    old, new = _REFS["old"], _REFS["new"]
-    outcome, reason = classify(s, old, new)
+    refs = _REFS[0]
+    with tempfile.TemporaryDirectory(prefix="state-", dir=refs.folder) as d:
+        s = look(image, d, sid, refs)
+    outcome, reason = classify(s, refs.old, refs.new)
     return Judgement(sid, strategy, point, outcome, reason, s.corruptions, s.leaks, s.qjournal,
-                     disagreement(s, outcome, old, new), dups)
+                     disagreement(s, outcome, refs.old, refs.new), dups)
 
 
 # -- a whole trace -------------------------------------------------------------------
@@ -324,16 +372,15 @@ def check_trace(trace: Trace, name: str, strategies: Sequence[str] = TRACE_STRAT
         chosen = [c for i, c in enumerate(chosen) if i in keep]
     jobs_ = [(sid, spec.strategy, spec.point, tl.materialize(spec)[IMAGE], dups.get(key, 0))
              for key, (sid, spec, _) in chosen]
-    with tempfile.TemporaryDirectory(prefix="crashsim-qemu-") as d:
-        old = look(trace.initial, d, "old")
-        new = look(final_image(trace), d, "new")
     workers = jobs or os.cpu_count() or 1
-    if workers == 1:
-        _init(old, new)
-        judged = [_judge(j) for j in jobs_]
-    else:
-        with cf.ProcessPoolExecutor(workers, initializer=_init, initargs=(old, new)) as ex:
-            judged = list(ex.map(_judge, jobs_, chunksize=max(1, len(jobs_) // (workers * 8))))
+    with tempfile.TemporaryDirectory(prefix="crashsim-qemu-") as d:
+        refs = make_refs(d, trace.initial, final_image(trace))
+        if workers == 1:
+            _init(refs)
+            judged = [_judge(j) for j in jobs_]
+        else:
+            with cf.ProcessPoolExecutor(workers, initializer=_init, initargs=(refs,)) as ex:
+                judged = list(ex.map(_judge, jobs_, chunksize=max(1, len(jobs_) // (workers * 8))))
     writes = sum(1 for e in rec.entries if e.kind == "write")
     barriers = sum(1 for e in rec.entries if e.kind == "barrier")
     command = trace.header.get("template") or trace.header.get("command", ())

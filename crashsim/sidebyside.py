@@ -29,7 +29,7 @@ from typing import Sequence
 
 import attrs
 
-from .model import Options, WorkloadResult
+from .model import SECTOR_SIZES, Options, WorkloadResult
 from .nbdrecord import RecordError
 from .qemuprotocols import Protocol, record_protocol, select
 from .qemurules import OUTCOMES, TRACE_STRATEGIES, TraceResult, check_trace
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="QEMU states judged per operation, a seeded sample above that (default 300)")
     p.add_argument("--jobs", type=int, default=0, metavar="N", help="worker processes (default: CPUs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sector-size", type=int, default=512)
+    p.add_argument("--sector-size", type=int, choices=SECTOR_SIZES, default=SECTOR_SIZES[0])
     p.add_argument("--recovery-depth", type=int, default=1, metavar="N",
                    help="qjournal: crashes during recovery, nested N deep (default 1)")
     p.add_argument("--traces", metavar="DIR", help="keep the traces in DIR (default: a temporary folder)")

@@ -5,7 +5,8 @@ the usual :class:`~crashsim.states.Timeline` and :class:`~crashsim.states.Genera
 enumerate its crash states (``prefix``, ``barrier``, ``subset``, ``versions``, ``torn``;
 there is no journal, so no ``recovery``). Identical states are judged once, the first
 strategy that produced a content owns it. When there are more than ``max_states``
-distinct states, a seeded sample of them is judged and the summary says so.
+distinct states, the in-order prefixes and a seeded sample of the others, ``max_states``
+in all, are judged, and the summary says so.
 
 Each state's image bytes go through, in a worker process:
 
@@ -368,7 +369,10 @@ def check_trace(trace: Trace, name: str, strategies: Sequence[str] = TRACE_STRAT
     chosen = list(owner.items())
     sampled = len(chosen) > max_states
     if sampled:
-        keep = set(random.Random(f"{seed}:{name}:sample").sample(range(len(chosen)), max_states))
+        # Every in-order prefix is kept (the old and new states among them), the rest sampled.
+        first = [i for i, (_, (_, spec, _)) in enumerate(chosen) if spec.strategy == "prefix"][:max_states]
+        rest = [i for i in range(len(chosen)) if i not in set(first)]
+        keep = set(first) | set(random.Random(f"{seed}:{name}:sample").sample(rest, max_states - len(first)))
         chosen = [c for i, c in enumerate(chosen) if i in keep]
     jobs_ = [(sid, spec.strategy, spec.point, tl.materialize(spec)[IMAGE], dups.get(key, 0))
              for key, (sid, spec, _) in chosen]

@@ -51,13 +51,14 @@ class Row:
     outcomes: str
     not_allowed: int
     note: str = ""
+    disagree: int = 0           # QEMU's states where qjournal's check contradicts qemu-img's
 
 
 def qemu_row(p: Protocol, r: TraceResult) -> Row:
     dist = ", ".join(f"{o} {n}" for o, n in r.outcomes().items())
     bad = sum(n for o, n in r.outcomes().items() if o in ("corrupt", "unopenable"))
     return Row(p.name, "qemu", r.writes, r.barriers, r.unique, len(r.judged), dist, bad,
-               "sampled" if r.sampled else "")
+               "sampled" if r.sampled else "", sum(1 for j in r.judged if j.disagree))
 
 
 def qjournal_row(p: Protocol, w: WorkloadResult) -> Row:
@@ -106,17 +107,20 @@ def compare(protocols: Sequence[Protocol], opts: Options, max_states: int, trace
 
 def markdown(rows: Sequence[Row], opts: Options, max_states: int) -> str:
     lines = [BEGIN, "",
-             "| operation | done by | writes | barriers | distinct states | judged | outcomes | not allowed |",
-             "|---|---|---:|---:|---:|---:|---|---:|"]
+             "| operation | done by | writes | barriers | distinct states | judged | outcomes | not allowed "
+             "| second opinion differs |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         judged = f"{r.judged}" + (" (sample)" if r.note == "sampled" else "")
         text = r.outcomes or r.note
+        differs = f"{r.disagree}" if r.by == "qemu" else ""
         lines.append(f"| {r.operation} | {r.by} | {r.writes} | {r.barriers} | {r.states} | {judged} | {text} | "
-                     f"{r.not_allowed} |")
+                     f"{r.not_allowed} | {differs} |")
     lines += ["", f"Strategies {', '.join(opts.strategies)} (qjournal only: recovery, depth "
               f"{opts.recovery_depth}); seed {opts.seed}; {opts.sector_size}-byte sectors; QEMU states judged: "
               f"at most {max_states} per operation (a seeded sample above that). QEMU outcomes: "
-              f"{', '.join(OUTCOMES)}.", "", END]
+              f"{', '.join(OUTCOMES)}. Second opinion: the QEMU states where qjournal's check "
+              f"contradicts qemu-img's (see crashsim.qemurules.disagreement).", "", END]
     return "\n".join(lines)
 
 

@@ -165,6 +165,16 @@ class TestJudging:
         r4 = qemurules.check_trace(t, "add", jobs=1, sector_size=4096)
         assert r4.ok and r4.outcomes().get("unopenable", 0) == 0
 
+    def test_a_sample_keeps_every_prefix(self, recorded: tuple[Path, Path, tr.Trace]) -> None:
+        _, _, t = recorded
+        whole = qemurules.check_trace(t, "add", ("prefix", "subset"), jobs=1)
+        prefixes = next(x.unique for x in whole.tallies if x.strategy == "prefix")
+        assert whole.unique > prefixes + 1
+        r = qemurules.check_trace(t, "add", ("prefix", "subset"), jobs=1, max_states=prefixes + 1)
+        assert r.sampled and len(r.judged) == prefixes + 1
+        assert sum(1 for j in r.judged if j.strategy == "prefix") == prefixes
+        assert {"old", "new"} <= set(r.outcomes())
+
     def test_classify_in_use_and_dropped(self, tmp_path: Path) -> None:
         # The seed protocol's two outcomes, made by qemu itself: a bitmap left in_use by a
         # killed qemu-io, and bitmaps dropped by a clear autoclear bit.

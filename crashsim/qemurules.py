@@ -215,7 +215,9 @@ def make_refs(folder: str, old: bytes, new: bytes) -> Refs:
         if conv.returncode != 0:
             raise ValueError(f"the image {which} the command cannot be read by qemu-img: {_first(conv.stderr)}")
         looks.append(look(image, folder, f"{which}-look"))
-    return Refs(folder, looks[0], looks[1])
+    # A reference's guest field says whether the two guest data are the same ("same") or not.
+    same = "same" if _same_guest(os.path.join(folder, "old.qcow2"), os.path.join(folder, "new.qcow2")) else ""
+    return Refs(folder, attrs.evolve(looks[0], guest=same or "old"), attrs.evolve(looks[1], guest=same or "new"))
 
 
 def _qjournal_text(v: View) -> tuple[str, Any]:
@@ -272,15 +274,20 @@ def classify(s: Look, old: Look, new: Look) -> tuple[str, str]:
         return "corrupt", f"guest data: {n} sector(s) hold neither old nor new bytes, the first at {at}"
     note = "; guest data part old, part new" if s.guest == "mixed" else ""
     refs = [("old", old), ("new", new)]
-    match = next((n for n, r in refs if s.info == r.info), None)
+    candidates = [n for n, r in refs if s.info == r.info]
+    # Where the guest data of old and new differ, it decides between two equal infos; guest
+    # data of one under the other's metadata is said so.
+    match = _prefer(s.guest, candidates)
+    if match is not None and s.guest in ("old", "new") and s.guest != match and old.guest != new.guest:
+        note = f"; guest data of the {s.guest} image"
     if match is None:
-        dropped = not _bitmaps(s.info) and next(
-            (n for n, r in refs if _bitmaps(r.info or {}) and _without_bitmaps(r.info or {}) == s.info), None)
+        dropped = _prefer(s.guest, [n for n, r in refs if not _bitmaps(s.info) and _bitmaps(r.info or {})
+                                    and _without_bitmaps(r.info or {}) == s.info])
         if dropped:
             return "bitmaps dropped", f"as {dropped}, without its bitmaps (autoclear bit clear){note}"
         in_use = [b["name"] for b in _bitmaps(s.info) if "in-use" in b.get("flags", [])]
-        held = next((n for n, r in refs if in_use and _without_in_use(r.info or {}) == _without_in_use(s.info)),
-                    None)
+        held = _prefer(s.guest, [n for n, r in refs
+                                 if in_use and _without_in_use(r.info or {}) == _without_in_use(s.info)])
         if held:
             return "bitmap left in_use", f"as {held}, with bitmap(s) {', '.join(in_use)} flagged in-use{note}"
         return "corrupt", "qemu-img info shows neither the old nor the new image: " + _info_diff(s.info, old, new)
@@ -288,6 +295,11 @@ def classify(s: Look, old: Look, new: Look) -> tuple[str, str]:
     if s.leaks > ref.leaks:
         return "leaks only", f"as {match}, {s.leaks - ref.leaks} leaked cluster(s){note}"
     return match, f"as {match}{note}"
+
+
+def _prefer(guest: str, candidates: list[str]) -> str | None:
+    """The candidate whose guest data the state holds, else the first (None: no candidate)."""
+    return guest if guest in candidates else (candidates[0] if candidates else None)
 
 
 def _info_diff(info: dict[str, Any], old: Look, new: Look) -> str:

@@ -192,6 +192,22 @@ class TestJudging:
             assert qemurules.classify(look, refs.old, refs.new)[0] == want
 
 
+    def test_guest_data_tells_old_from_new_when_info_does_not(self, tmp_path: Path) -> None:
+        old = make_image(tmp_path / "old.qcow2")
+        new = tmp_path / "new.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", str(old), "4M")
+        new.write_bytes(old.read_bytes())
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 64k 4k", str(new)], check=True,
+                       capture_output=True)
+        refs_dir = tmp_path / "refs"
+        refs_dir.mkdir()
+        refs = qemurules.make_refs(str(refs_dir), old.read_bytes(), new.read_bytes())
+        assert refs.old.info == refs.new.info             # qemu-img info cannot tell them apart
+        for image, want in ((old.read_bytes(), "old"), (new.read_bytes(), "new")):
+            look = qemurules.look(image, str(tmp_path), "s", refs)
+            assert qemurules.classify(look, refs.old, refs.new)[0] == want
+
+
 class TestErrors:
     def run_record(self, tmp_path: Path, *command: str, timeout: str = "30",
                    interrupt: bool = False) -> tuple[subprocess.CompletedProcess[str] | None, str, list[str]]:

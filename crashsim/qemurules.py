@@ -32,7 +32,8 @@ Outcomes, the first that applies:
                           that image (QEMU refuses to use it until it is removed)
 ``leaks only``            as old or new, with more leaked clusters than that image
 ``old`` / ``new``         ``info`` and the guest data are those of the image before /
-                          after the command (old wins when both are the same)
+                          after the command; when both are the same, the bitmaps' bits
+                          as qjournal reads them decide (old wins if they do not)
 ========================  ==========================================================
 
 The qcow2 specification allows every outcome but ``corrupt`` and ``unopenable`` after a
@@ -275,9 +276,16 @@ def classify(s: Look, old: Look, new: Look) -> tuple[str, str]:
     note = "; guest data part old, part new" if s.guest == "mixed" else ""
     refs = [("old", old), ("new", new)]
     candidates = [n for n, r in refs if s.info == r.info]
-    # Where the guest data of old and new differ, it decides between two equal infos; guest
-    # data of one under the other's metadata is said so.
-    match = _prefer(s.guest, candidates)
+    # Between two equal infos, the guest data decides where old and new differ in it, else
+    # the bitmaps' bits as qjournal reads them (qemu-img info does not show them: a merge or
+    # a clear changes nothing else). Guest data of one under the other's metadata is said so.
+    by_bits = [n for n, r in refs if n in candidates and r.bitmap_bits == s.bitmap_bits]
+    if old.guest != new.guest and s.guest in candidates:
+        match: str | None = s.guest
+    elif len(by_bits) == 1:
+        match = by_bits[0]
+    else:
+        match = candidates[0] if candidates else None
     if match is not None and s.guest in ("old", "new") and s.guest != match and old.guest != new.guest:
         note = f"; guest data of the {s.guest} image"
     if match is None:

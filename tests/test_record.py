@@ -208,6 +208,23 @@ class TestJudging:
             assert qemurules.classify(look, refs.old, refs.new)[0] == want
 
 
+    def test_bitmap_bits_tell_old_from_new_when_info_and_data_do_not(self, tmp_path: Path) -> None:
+        old = make_image(tmp_path / "old.qcow2")
+        qemu_img("bitmap", "--add", str(old), "b0")
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 64k 4k", str(old)], check=True,
+                       capture_output=True)
+        new = tmp_path / "new.qcow2"
+        new.write_bytes(old.read_bytes())
+        qemu_img("bitmap", "--clear", str(new), "b0")
+        refs_dir = tmp_path / "refs"
+        refs_dir.mkdir()
+        refs = qemurules.make_refs(str(refs_dir), old.read_bytes(), new.read_bytes())
+        assert refs.old.info == refs.new.info and refs.old.guest == refs.new.guest == "same"
+        for image, want in ((old.read_bytes(), "old"), (new.read_bytes(), "new")):
+            look = qemurules.look(image, str(tmp_path), "s", refs)
+            assert qemurules.classify(look, refs.old, refs.new)[0] == want
+
+
 class TestErrors:
     def run_record(self, tmp_path: Path, *command: str, timeout: str = "30",
                    interrupt: bool = False) -> tuple[subprocess.CompletedProcess[str] | None, str, list[str]]:

@@ -155,8 +155,8 @@ def _select(p: argparse.ArgumentParser, names: list[str]) -> list[Workload]:
 
 def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.trace is not None:
-        if args.workloads:
-            p.error("give workloads or --trace, not both")
+        if args.workloads or args.report is not None:
+            p.error("--trace takes no WORKLOAD and no --report (it prints its report)")
         return qemurules.run_trace(args.trace, args.strategy, k=args.k, samples=args.samples, seed=args.seed,
                                    max_tears=args.max_tears, sector_size=args.sector_size,
                                    max_states=args.max_states, jobs=args.jobs, quiet=args.quiet)

@@ -300,3 +300,20 @@ def test_record_then_run_trace_end_to_end(tmp_path: Path, capsys: pytest.Capture
     assert crashsim_main(["run", "--trace", str(out), "--strategy", "prefix", "--jobs", "1",
                           "--max-states", "2"]) == 0
     assert "distinct states, a seeded sample of 2 judged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["run"], ["run", "add", "--trace", "x.trace"],
+                                  ["run", "--trace", "x.trace", "--report", "r.json"],
+                                  ["record", "disk.qcow2"], ["record", "--spare", "lots", "disk.qcow2", "--", "x"]])
+def test_usage_errors_exit_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        crashsim_main(argv)
+    assert e.value.code == 2
+
+
+def test_a_command_without_the_export_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image = make_image(tmp_path / "disk.qcow2")
+    assert crashsim_main(["record", str(image), "--", "qemu-img", "info", str(image)]) == 1
+    assert capsys.readouterr().err.startswith("crashsim record: the command never names the export: write {nbd}")
+    assert crashsim_main(["run", "--trace", str(image)]) == 1
+    assert "not a crashsim trace" in capsys.readouterr().err

@@ -27,7 +27,9 @@ The trace is written as ``TRACE.part`` and renamed to TRACE once complete, so a 
 recording leaves no trace and an earlier trace of the same name untouched.
 
 Errors (each a :class:`RecordError` with a one-line message):
-the command exits non-zero (the first line of its standard error is quoted), runs past
+the command exits non-zero (the first line of its standard error, or of its output when
+its standard error is empty, as qemu-io's is, is quoted; a request past the export's end,
+which nbdkit refuses, asks for more ``--spare``), runs past
 ``timeout`` seconds (it is killed, with its process group), never connects to the export,
 or nbdkit does not start. On Ctrl-C (``KeyboardInterrupt``) the command and nbdkit are
 killed and the directory removed before the interrupt goes on.
@@ -138,7 +140,13 @@ def record(image: str | Path, command: Sequence[str], trace: str | Path, spare: 
         _stop(server)
         stderr = errb.decode(errors="replace")
         if proc.returncode != 0:
-            first = next((line.strip() for line in stderr.splitlines() if line.strip()), "(no message)")
+            outside = _out_of_range(os.path.join(tmp, "nbdkit.err"))
+            if outside:
+                raise RecordError(f"{argv[0]} failed with exit status {proc.returncode}: it wrote past the end of "
+                                  f"the export ({outside}; the export is {len(initial) + spare} bytes): "
+                                  f"give it more --spare (now {spare} bytes)")
+            text = stderr if stderr.strip() else out.decode(errors="replace")   # qemu-io reports on stdout
+            first = next((line.strip() for line in text.splitlines() if line.strip()), "(no message)")
             raise RecordError(f"{argv[0]} failed with exit status {proc.returncode}: {first}")
         summary = tr.summarize(trace, len(initial))
         if not summary.connected:
@@ -175,6 +183,15 @@ def _wait_ready(server: subprocess.Popen[bytes], pidfile: str, errfile: str) -> 
         if time.monotonic() > deadline:
             raise RecordError(f"nbdkit did not start serving the export within {START_TIMEOUT:g} s")
         time.sleep(0.005)
+
+
+def _out_of_range(errfile: str) -> str:
+    """nbdkit's complaint about a request past the export's end ("" when there is none)."""
+    with open(errfile, errors="replace") as f:
+        for line in f:
+            if "out of range" in line:
+                return line.split("invalid request: ", 1)[-1].strip()
+    return ""
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

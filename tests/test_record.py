@@ -317,3 +317,16 @@ def test_a_command_without_the_export_is_refused(tmp_path: Path, capsys: pytest.
     assert capsys.readouterr().err.startswith("crashsim record: the command never names the export: write {nbd}")
     assert crashsim_main(["run", "--trace", str(image)]) == 1
     assert "not a crashsim trace" in capsys.readouterr().err
+
+
+def test_a_command_that_outgrows_the_spare_room(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "disk.qcow2")
+    with pytest.raises(nbdrecord.RecordError) as e:
+        nbdrecord.record(image, ["qemu-io", "--image-opts", "{nbd}", "-c", "write -P 1 0 2M"], tmp_path / "t.trace",
+                         spare=1 << 20, timeout=30)
+    assert str(e.value).startswith("qemu-io failed with exit status 1: it wrote past the end of the export "
+                                   "(NBD_CMD_WRITE: offset and count are out of range")
+    assert str(e.value).endswith(f"give it more --spare (now {1 << 20} bytes)")
+    with pytest.raises(nbdrecord.RecordError, match="exit status 1: read failed: Input/output error$"):
+        nbdrecord.record(image, ["qemu-io", "--image-opts", "{nbd}", "-c", "read 0 8M"], tmp_path / "t.trace",
+                         spare=1 << 20, timeout=30)

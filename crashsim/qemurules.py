@@ -6,7 +6,10 @@ enumerate its crash states (``prefix``, ``barrier``, ``subset``, ``versions``, `
 there is no journal, so no ``recovery``). Identical states are judged once, the first
 strategy that produced a content owns it. When there are more than ``max_states``
 distinct states, the in-order prefixes and a seeded sample of the others, ``max_states``
-in all, are judged, and the summary says so.
+in all, are judged, and the summary says so. A strategy stops generating after
+``max(4 * max_states, 1000)`` candidates (a large write puts thousands of pages in flight,
+and ``torn`` alone would make millions), and the summary says that too: the candidates
+kept are the first ones, those of the first pages in flight.
 
 Each state's image bytes go through, in a worker process:
 
@@ -120,6 +123,7 @@ class StrategyTally:
     strategy: str
     generated: int
     unique: int
+    stopped: bool = False               # the strategy had more candidates than the generation budget
 
 
 @attrs.frozen
@@ -365,9 +369,10 @@ def _judge(job: tuple[str, str, int, bytes, int]) -> Judgement:
 # -- a whole trace -------------------------------------------------------------------
 def check_trace(trace: Trace, name: str, strategies: Sequence[str] = TRACE_STRATEGIES, *, k: int = 2,
                 samples: int = 32, seed: int = 0, max_tears: int = 32, sector_size: int = SECTOR,
-                max_states: int = 500, jobs: int = 0) -> TraceResult:
+                max_states: int = 500, jobs: int = 0, max_candidates: int | None = None) -> TraceResult:
     """Generate every crash state of ``trace`` and judge each (a seeded sample of at most
-    ``max_states`` distinct ones when there are more), in ``jobs`` worker processes."""
+    ``max_states`` distinct ones when there are more), in ``jobs`` worker processes.
+    ``max_candidates``: the generation budget per strategy (default ``max(4 * max_states, 1000)``)."""
     t0 = time.monotonic()
     rec = to_recording(trace)
     tl = Timeline(rec, sector_size)
@@ -375,9 +380,13 @@ def check_trace(trace: Trace, name: str, strategies: Sequence[str] = TRACE_STRAT
     owner: dict[Any, tuple[str, Spec, int]] = {}
     dups: dict[Any, int] = {}
     tallies = []
+    budget = max_candidates if max_candidates is not None else max(4 * max_states, 1000)
     for strategy in strategies:
-        generated, unique = 0, 0
+        generated, unique, stopped = 0, 0, False
         for spec in gen.generate(strategy):
+            if generated == budget:
+                stopped = True
+                break
             generated += 1
             key = tl.key(spec)
             if key in owner:
@@ -385,26 +394,34 @@ def check_trace(trace: Trace, name: str, strategies: Sequence[str] = TRACE_STRAT
                 continue
             unique += 1
             owner[key] = (f"{name}/{strategy}/{unique - 1}", spec, len(owner))
-        tallies.append(StrategyTally(strategy, generated, unique))
+        tallies.append(StrategyTally(strategy, generated, unique, stopped))
     chosen = list(owner.items())
     sampled = len(chosen) > max_states
     if sampled:
         # Every in-order prefix is kept (the old and new states among them), the rest sampled.
         first = [i for i, (_, (_, spec, _)) in enumerate(chosen) if spec.strategy == "prefix"][:max_states]
-        rest = [i for i in range(len(chosen)) if i not in set(first)]
-        keep = set(first) | set(random.Random(f"{seed}:{name}:sample").sample(rest, max_states - len(first)))
+        taken = set(first)
+        rest = [i for i in range(len(chosen)) if i not in taken]
+        keep = taken | set(random.Random(f"{seed}:{name}:sample").sample(rest, max_states - len(first)))
         chosen = [c for i, c in enumerate(chosen) if i in keep]
-    jobs_ = [(sid, spec.strategy, spec.point, tl.materialize(spec)[IMAGE], dups.get(key, 0))
-             for key, (sid, spec, _) in chosen]
+
+    def job(item: tuple[Any, tuple[str, Spec, int]]) -> tuple[str, str, int, bytes, int]:
+        key, (sid, spec, _) = item
+        return sid, spec.strategy, spec.point, tl.materialize(spec)[IMAGE], dups.get(key, 0)
+
     workers = jobs or os.cpu_count() or 1
+    judged: list[Judgement] = []
     with tempfile.TemporaryDirectory(prefix="crashsim-qemu-") as d:
         refs = make_refs(d, trace.initial, final_image(trace))
         if workers == 1:
             _init(refs)
-            judged = [_judge(j) for j in jobs_]
+            judged = [_judge(job(c)) for c in chosen]
         else:
+            # States are materialized a window at a time: a trace of a large write makes large states.
+            window = workers * 2
             with cf.ProcessPoolExecutor(workers, initializer=_init, initargs=(refs,)) as ex:
-                judged = list(ex.map(_judge, jobs_, chunksize=max(1, len(jobs_) // (workers * 8))))
+                for i in range(0, len(chosen), window):
+                    judged += ex.map(_judge, [job(c) for c in chosen[i:i + window]])
     writes = sum(1 for e in rec.entries if e.kind == "write")
     barriers = sum(1 for e in rec.entries if e.kind == "barrier")
     command = trace.header.get("template") or trace.header.get("command", ())
@@ -425,7 +442,9 @@ def summary_lines(r: TraceResult, verbose: bool = True) -> list[str]:
     for t in r.tallies:
         dist = ", ".join(f"{o} {n}" for o, n in sorted(by_strategy.get(t.strategy, {}).items(),
                                                          key=lambda x: OUTCOMES.index(x[0])))
-        lines.append(f"  {t.strategy}: {t.unique}/{t.generated} states" + (f": {dist}" if dist else ""))
+        lines.append(f"  {t.strategy}: {t.unique}/{t.generated} states"
+                     + (" (generation stopped there: the first candidates only)" if t.stopped else "")
+                     + (f": {dist}" if dist else ""))
     lines.append("  outcomes: " + ", ".join(f"{o} {n}" for o, n in r.outcomes().items()))
     if verbose:
         bad = [j for j in r.judged if j.outcome in NOT_ALLOWED]

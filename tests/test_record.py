@@ -175,6 +175,15 @@ class TestJudging:
         assert sum(1 for j in r.judged if j.strategy == "prefix") == prefixes
         assert {"old", "new"} <= set(r.outcomes())
 
+    def test_generation_stops_at_its_budget_and_says_so(self, recorded: tuple[Path, Path, tr.Trace]) -> None:
+        _, _, t = recorded
+        r = qemurules.check_trace(t, "add", ("prefix", "subset"), jobs=1, max_candidates=3)
+        assert [(x.strategy, x.generated, x.stopped) for x in r.tallies] == [("prefix", 3, True),
+                                                                             ("subset", 3, True)]
+        assert len(r.judged) == r.unique <= 6
+        text = "\n".join(qemurules.summary_lines(r))
+        assert text.count("/3 states (generation stopped there: the first candidates only)") == 2
+
     def test_classify_in_use_and_dropped(self, tmp_path: Path) -> None:
         # The seed protocol's two outcomes, made by qemu itself: a bitmap left in_use by a
         # killed qemu-io, and bitmaps dropped by a clear autoclear bit.

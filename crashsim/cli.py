@@ -7,6 +7,8 @@
                  [--recovery-depth 2] [--recovery-states 16] [--report out.html|out.json]
     crashsim replay REPORT STATE_ID [-o out.qcow2]
     crashsim mutants [NAME...] [--sample N] [--list] [--markdown]   (see crashsim.mutants)
+    crashsim record [--spare 64M] [--timeout S] [-o TRACE] IMAGE -- COMMAND ARGS...   (see crashsim.nbdrecord)
+    crashsim run --trace TRACE [--strategy ...] [--max-states N] [--jobs N]   (see crashsim.qemurules)
 
 ``WORKLOAD`` is a built-in name, ``all`` (every built-in workload but the negative
 controls), ``controls`` (the negative controls), or a user
@@ -29,7 +31,7 @@ from typing import Sequence
 
 import qjournal
 
-from . import mutants, report
+from . import mutants, nbdrecord, qemurules, report
 from .model import SECTOR_SIZES, STRATEGIES, CrashState, Options, RunResult, WorkloadResult
 from .runner import digest, recorded_state, run
 from .workloads import WORKLOADS, Workload, find
@@ -73,9 +75,15 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the built-in workloads")
     sub.add_parser("mutants", help="plant bugs in a scratch copy, check that crashsim catches each "
                    "(crashsim mutants --help)", add_help=False)
+    sub.add_parser("record", help="record a real qemu-img/qemu-io command over NBD into a trace "
+                   "(crashsim record --help)", add_help=False)
     r = sub.add_parser("run", help="record workloads, crash them everywhere, check every state")
-    r.add_argument("workloads", nargs="+", metavar="WORKLOAD",
+    r.add_argument("workloads", nargs="*", metavar="WORKLOAD",
                    help="a built-in name, 'all', 'controls', path/to/file.py:function or module:function")
+    r.add_argument("--trace", metavar="TRACE", help="check a trace written by 'crashsim record' instead of "
+                   "workloads (judged by QEMU's rules, see crashsim.qemurules)")
+    r.add_argument("--max-states", type=_nonneg, default=500, metavar="N",
+                   help="--trace: judge a seeded sample of N states when there are more (default 500)")
     r.add_argument("--strategy", type=_strategies, default=STRATEGIES, metavar="LIST",
                    help=f"comma-separated strategies (default {','.join(STRATEGIES)})")
     r.add_argument("--k", type=_nonneg, default=2, help="above 12 in-flight units: subsets and complements of "
@@ -116,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["mutants"]:
         return mutants.main(argv[1:])
+    if argv[:1] == ["record"]:
+        return nbdrecord.main(argv[1:])
     p = parser()
     args = p.parse_args(argv)
     if args.command == "list":
@@ -144,6 +154,14 @@ def _select(p: argparse.ArgumentParser, names: list[str]) -> list[Workload]:
 
 
 def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.trace is not None:
+        if args.workloads or args.report is not None:
+            p.error("--trace takes no WORKLOAD and no --report (it prints its report)")
+        return qemurules.run_trace(args.trace, args.strategy, k=args.k, samples=args.samples, seed=args.seed,
+                                   max_tears=args.max_tears, sector_size=args.sector_size,
+                                   max_states=args.max_states, jobs=args.jobs, quiet=args.quiet)
+    if not args.workloads:
+        p.error("give at least one WORKLOAD (or --trace TRACE)")
     workloads = _select(p, args.workloads)
     opts = Options(strategies=args.strategy, k=args.k, samples=args.samples, seed=args.seed, medium=args.medium,
                    sector_size=args.sector_size, max_tears=args.max_tears, oracle=args.oracle,

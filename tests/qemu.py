@@ -48,6 +48,20 @@ def assert_clean(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def map_layout(path: str | Path) -> list[tuple[int, int, bool, bool]]:
+    """(start, length, present, data) of each guest extent of ``qemu-img map``, adjacent ones
+    with the same flags merged (host offsets and the file-level zero flag left out: they
+    depend on where clusters were placed)."""
+    out: list[tuple[int, int, bool, bool]] = []
+    for e in json.loads(qemu_img("map", "--output=json", str(path)).stdout):
+        key = (e["present"], e["data"])
+        if out and out[-1][2:] == key and out[-1][0] + out[-1][1] == e["start"]:
+            out[-1] = (out[-1][0], out[-1][1] + e["length"], *key)
+        else:
+            out.append((e["start"], e["length"], *key))
+    return out
+
+
 def bitmaps(path: str | Path) -> list[dict[str, Any]]:
     return info(path)["format-specific"]["data"].get("bitmaps", [])
 

@@ -6,7 +6,6 @@ and qemu-img's own refusals. Crash states: crashsim's ``amend-lazy-refcounts`` w
 from __future__ import annotations
 
 import errno
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -203,19 +202,6 @@ def test_compat_and_width_refusals_write_nothing(tmp_path: Path, create: tuple[s
     assert qemu.qemu_img("amend", "-o", spec, str(twin), check=False).returncode == qemu_code
 
 
-def _layout(path: Path) -> list[tuple[int, int, bool, bool]]:
-    """(start, length, present, data) of each extent of qemu-img map (host offsets and the
-    file-level zero flag left out: they depend on where clusters were placed)."""
-    out: list[tuple[int, int, bool, bool]] = []
-    for e in json.loads(qemu.qemu_img("map", "--output=json", str(path)).stdout):
-        key = (e["present"], e["data"])
-        if out and out[-1][2:] == key and out[-1][0] + out[-1][1] == e["start"]:
-            out[-1] = (out[-1][0], out[-1][1] + e["length"], *key)
-        else:
-            out.append((e["start"], e["length"], *key))
-    return out
-
-
 @pytest.mark.parametrize("backed", [False, True], ids=["no-backing", "backing"])
 @pytest.mark.parametrize("snapshot", [False, True], ids=["", "shared-l2"])
 def test_compat_0_10_expands_zero_clusters_as_qemu_img_does(tmp_path: Path, backed: bool, snapshot: bool) -> None:
@@ -236,7 +222,7 @@ def test_compat_0_10_expands_zero_clusters_as_qemu_img_does(tmp_path: Path, back
     qemu.qemu_img("amend", "-o", "compat=0.10", str(twin))
     assert _info(img) == _info(twin)
     qemu.assert_clean(img)
-    assert _layout(img) == _layout(twin)
+    assert qemu.map_layout(img) == qemu.map_layout(twin)
     assert qemu.qemu_img("compare", str(img), str(before)).returncode == 0
     if snapshot:     # the snapshot reads as before too
         for path in (img, before):

@@ -28,19 +28,6 @@ from qjournal.ops.resize import resize
 KiB, MiB = 1 << 10, 1 << 20
 
 
-def _map(path: Path) -> list[tuple[int, int, bool, bool]]:
-    """(start, length, present, data) of each guest extent, adjacent ones with the same
-    flags merged (host offsets and file-level zero flags differ between the two sides)."""
-    out: list[tuple[int, int, bool, bool]] = []
-    for e in json.loads(qemu.qemu_img("map", "--output=json", str(path)).stdout):
-        key = (e["present"], e["data"])
-        if out and out[-1][2:] == key and out[-1][0] + out[-1][1] == e["start"]:
-            out[-1] = (out[-1][0], out[-1][1] + e["length"], *key)
-        else:
-            out.append((e["start"], e["length"], *key))
-    return out
-
-
 def _twins(tmp_path: Path, size: str, *opts: str, io: tuple[str, ...] = ("write -P 1 0 64k",)) -> tuple[Path, Path]:
     img = qemu.create(tmp_path / "a.qcow2", size, *opts)
     if io:
@@ -60,7 +47,7 @@ def test_preallocation_allocates_what_qemu_img_allocates(tmp_path: Path, mode: s
     ours, theirs = _twins(tmp_path, old, *opts)
     assert main(["resize", "-q", f"--preallocation={mode}", str(ours), new]) == 0
     qemu.qemu_img("resize", "-q", f"--preallocation={mode}", str(theirs), new)
-    assert _map(ours) == _map(theirs)
+    assert qemu.map_layout(ours) == qemu.map_layout(theirs)
     out: dict[str, Any] = qemu.assert_clean(ours)
     assert out["allocated-clusters"] == qemu.assert_clean(theirs)["allocated-clusters"]
     assert qemu.qemu_img("compare", str(ours), str(theirs)).returncode == 0

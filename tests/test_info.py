@@ -363,18 +363,7 @@ class TestDataFile:
 # -- encryption: AES and LUKS, reported as qemu-img reports them ----------------------
 @pytest.mark.parametrize("fmt", ["aes", "luks"])
 def test_encrypted(tmp_path: Path, fmt: str) -> None:
-    extra = ["--object", "secret,id=sec0,data=pw"]
-    opts = f"encrypt.format={fmt},encrypt.key-secret=sec0"
-    if fmt == "luks":
-        opts += ",encrypt.iter-time=100"
-    for _ in range(3):
-        # qemu-img times PBKDF2 to pick the iteration count, and now and then fails to
-        # ("Unable to get accurate CPU usage") on a busy machine: making the image again is fine.
-        res = qemu_img_in(tmp_path, "create", "-q", "-f", "qcow2", *extra, "-o", opts, "e.qcow2", "64M",
-                          check=False)
-        if "Unable to get accurate CPU usage" not in res.stderr:
-            break
-    assert res.returncode == 0, res.stderr
+    qemu.create_encrypted(tmp_path / "e.qcow2", "64M", fmt, iter_time=100)
     assert_same_json(tmp_path, "e.qcow2")
     theirs = human(qemu_img_in(tmp_path, "info", "-U", "e.qcow2").stdout)
     assert human(qj_out(tmp_path, "info", "e.qcow2")) == theirs

@@ -50,7 +50,7 @@ from typing import Sequence
 import attrs
 
 from qjournal.errors import UsageError
-from qjournal.ops.create import parse_size
+from qjournal.ops.syntax import parse_size
 
 from . import trace as tr
 

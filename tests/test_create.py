@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from qjournal.ops.create import CreateOptions, create_image, parse_options, parse_size
+from qjournal.ops.create import CreateOptions, create_image, parse_options
+from qjournal.ops.syntax import parse_size
 from qjournal.errors import LockError, UsageError
 from qjournal.storage.lock import acquire
 

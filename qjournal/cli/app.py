@@ -1,9 +1,9 @@
 """The ``qjournal`` command, modelled on qemu-img: the parser and the dispatch.
 
-Each command family has its module (image: create, info, check, map; bitmap; guest:
-read, write, zero, discard; resize; snapshot; imageops: compare, measure, commit,
-rebase; journal: journal, recover); what they parse alike
-is in :mod:`qjournal.cli.options`.
+Each command family has its module, named in :data:`FAMILIES`; what they parse alike
+is in :mod:`qjournal.cli.options`. ``qjournal COMMAND`` imports only its own family's
+module, and so only the layers that family uses: ``info`` reads a header without
+loading the operations, numpy or the journal's checksums.
 
 Every error is one line on stderr (``qjournal: ...``) and a non-zero exit, never a
 traceback: usage errors exit 1, as qemu-img's do. A reader that goes away (``| head``)
@@ -12,22 +12,41 @@ ends the command quietly.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
+from types import ModuleType
 from typing import Any, Sequence
 
 from .. import __version__
 from ..errors import QcowError, StaleJournalWarning
-from . import bitmap, convert, guest, image, imageops, journal, resize, snapshot
 from .options import Parser
 
 EXIT_BROKEN_PIPE = 128 + 13
 """What a shell reports for a command that SIGPIPE ended, as qemu-img would be."""
 
 
-FAMILIES = (image, bitmap, guest, resize, snapshot, imageops, journal, convert)
-"""The command families, in ``qjournal --help`` order; each declares its ``COMMANDS``."""
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "image": ("create", "check", "map"),
+    "info": ("info",),
+    "bitmap": ("bitmap",),
+    "guest": ("read", "write", "zero", "discard"),
+    "resize": ("resize",),
+    "snapshot": ("snapshot",),
+    "imageops": ("compare", "measure", "commit", "rebase", "amend"),
+    "journal": ("recover", "journal"),
+    "convert": ("convert",),
+}
+"""The command families (modules of this package) and the subcommands each one's
+``add_parsers`` registers, in ``qjournal --help`` order. A family's module is imported
+when one of its commands is parsed (:func:`family`), never at start: that is what keeps
+``qjournal info`` from importing every operation (``tests/test_startup.py``)."""
+
+
+def family(name: str) -> ModuleType:
+    """The module of the command family ``name`` (a key of :data:`FAMILIES`), imported now."""
+    return importlib.import_module(f"{__package__}.{name}")
 
 
 def _parsers(command: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -41,9 +60,9 @@ def _parsers(command: str | None = None) -> tuple[argparse.ArgumentParser, dict[
                "'qjournal COMMAND --help' describes each command, with examples.")
     p.add_argument("--version", action="version", version=f"qjournal {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for family in FAMILIES:
-        if command is None or command in family.COMMANDS:
-            family.add_parsers(sub)
+    for name, names in FAMILIES.items():
+        if command is None or command in names:
+            family(name).add_parsers(sub)
     return p, dict(sub.choices)
 
 
@@ -61,8 +80,8 @@ def commands_of(command: str) -> dict[str, argparse.ArgumentParser]:
 def commands() -> dict[str, argparse.ArgumentParser]:
     """Every subcommand's parser by name, in ``qjournal --help`` order.
 
-    >>> list(commands())[:3]
-    ['create', 'info', 'check']
+    >>> list(commands())[:4]
+    ['create', 'check', 'map', 'info']
     """
     return _parsers()[1]
 
@@ -100,7 +119,11 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``qjournal ARGV`` and return its exit code (``--help`` and ``--version``: 0)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    known = argv[0] if argv and any(argv[0] in family.COMMANDS for family in FAMILIES) else None
+    # No command multiplies matrices, but numpy's OpenBLAS starts a thread per core when
+    # numpy is imported: one thread is enough, and saves 20-40 ms of a short command's
+    # start on a busy 2-core machine. (numpy is imported later, on first use.)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    known = argv[0] if argv and any(argv[0] in names for names in FAMILIES.values()) else None
     try:
         args = build_parser(known).parse_args(argv)
         with warnings.catch_warnings():

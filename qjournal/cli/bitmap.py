@@ -30,10 +30,6 @@ class _Ordered(argparse.Action):
         ns.actions = acts
 
 
-COMMANDS = ("bitmap",)
-"""The subcommands :func:`add_parsers` registers."""
-
-
 def add_parsers(sub: Any) -> None:
     """Register ``bitmap`` on the subparsers of ``qjournal``."""
     b = add_command(sub, "bitmap", "persistent dirty bitmaps (qemu-img bitmap)",

@@ -15,12 +15,8 @@ from typing import Any
 from ..errors import UsageError
 from ..format.header import MAGIC
 from ..ops.convert import ConvertOptions, convert
-from .options import add_command, create_options, size, wants_help
-from ..ops.create import option_help
-
-
-COMMANDS = ("convert",)
-"""The subcommands :func:`add_parsers` registers."""
+from .options import add_command, size, wants_help
+from ..ops.create import option_help, option_lists
 
 
 def add_parsers(sub: Any) -> None:
@@ -82,7 +78,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     fmt = args.backing_fmt
     if args.backing_file is not None and fmt is None and args.target:
         fmt = _detected_format(args.target, args.backing_file)
-    opts = create_options(args.options, args.backing_file, fmt)
+    opts = option_lists(args.options, args.backing_file, fmt)
     os.stat(args.source)   # a missing source: "could not open 'SRC': No such file or directory"
     convert(args.source, args.target, ConvertOptions(
         out_format=args.out_format, src_format=args.format, create=opts, compress=args.compress,

@@ -38,10 +38,6 @@ CHUNK = 16 << 20   # bytes read, checked or written at a time
 SPOOL = 1 << 20    # bytes of an input of unknown length held in memory at a time
 
 
-COMMANDS = ("read", "write", "zero", "discard")
-"""The subcommands :func:`add_parsers` registers."""
-
-
 def add_parsers(sub: Any) -> None:
     """Register ``read``, ``write``, ``zero`` and ``discard`` on the subparsers of ``qjournal``."""
     r = add_command(sub, "read", "read guest data (qemu-io read)",

@@ -1,7 +1,6 @@
-"""``qjournal create``, ``info``, ``check`` and ``map``: whole images, as qemu-img's.
+"""``qjournal create``, ``check`` and ``map``: whole images, as qemu-img's.
 
     qjournal create [-f qcow2] [-o OPTIONS] [-b BACKING -F FMT] [-q] FILE [SIZE]
-    qjournal info [-f qcow2] [--output=human|json] [-U] FILE
     qjournal check [-f qcow2] [--output=human|json] [-r leaks|all] [-U] FILE
     qjournal map [-f qcow2] [--output=human|json] [--start-offset OFFSET] [--max-length LEN] [-U] FILE
 
@@ -11,27 +10,20 @@ check could not complete.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
-from typing import Any, Sequence
+from typing import Any
 
 from ..api import Image
 from ..errors import UnsupportedError, UsageError
 from ..ops.check import check
-from ..format.snapshots import Snapshot
-from ..ops.create import create_image, option_help
+from ..ops.create import create_image, option_help, option_lists
 from ..read.mapping import entries, format_human, format_json
-from .options import (add_command, add_force_share, add_format, add_output, check_format, create_options,
+from .options import (add_command, add_force_share, add_format, add_output, check_format,
                       print_json, qcow2_path, size, wants_help)
 
 
-COMMANDS = ("create", "info", "check", "map")
-"""The subcommands :func:`add_parsers` registers."""
-
-
 def add_parsers(sub: Any) -> None:
-    """Register ``create``, ``info``, ``check`` and ``map`` on the subparsers of ``qjournal``."""
+    """Register ``create``, ``check`` and ``map`` on the subparsers of ``qjournal``."""
     c = add_command(sub, "create", "create a qcow2 image (qemu-img create)",
                     "Create a qcow2 image byte for byte as 'qemu-img create -f qcow2' does, replacing FILE "
                     "(and removing the journal of the image it replaces). SIZE may be left out with a "
@@ -48,17 +40,6 @@ def add_parsers(sub: Any) -> None:
     c.add_argument("filename", metavar="FILE", nargs="?")
     c.add_argument("size", metavar="SIZE", nargs="?")
     c.set_defaults(func=cmd_create)
-
-    i = add_command(sub, "info", "show what an image holds (qemu-img info)",
-                    "Show an image's header, format-specific data, snapshots and unknown header "
-                    "extensions with qemu-img info's keys and values. A committed transaction not yet "
-                    "applied is shown as it will be after recovery; nothing is written.",
-                    ["qjournal info disk.qcow2", "qjournal info --output=json disk.qcow2"])
-    add_format(i)
-    add_output(i)
-    add_force_share(i)
-    i.add_argument("filename", metavar="FILE")
-    i.set_defaults(func=cmd_info)
 
     k = add_command(sub, "check", "check (and repair) an image (qemu-img check)",
                     "Check an image's refcounts, tables and bitmaps as qemu-img check does, with its "
@@ -86,27 +67,6 @@ def add_parsers(sub: Any) -> None:
     m.set_defaults(func=cmd_map)
 
 
-def human_size(n: int) -> str:
-    """qemu's size_to_str(): three significant digits, switching unit at 1000 of the smaller one."""
-    exp = math.frexp(n / (1000.0 / 1024.0))[1]
-    i = max(0, (exp - 1) // 10)
-    v = n / (1 << (i * 10))
-    return f"{v:0.3g} {('', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei')[i]}B"
-
-
-def _dump_qobject(obj: Any, indent: int) -> None:
-    """qemu-img's dump_qobject(): the human form of format-specific data."""
-    items = obj.items() if isinstance(obj, dict) else ((f"[{i}]", v) for i, v in enumerate(obj))
-    for key, val in items:
-        if isinstance(obj, dict):
-            key = key.replace("-", " ")
-        if isinstance(val, (dict, list)):
-            print(f"{'':{indent * 4}}{key}:")
-            _dump_qobject(val, indent + 1)
-        else:
-            print(f"{'':{indent * 4}}{key}: {str(val).lower() if isinstance(val, bool) else val}")
-
-
 def cmd_create(args: argparse.Namespace) -> int:
     check_format(args.format)
     if wants_help(args.options):
@@ -116,51 +76,9 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise UsageError("create: no FILE given (see 'qjournal create --help')")
     if not args.filename:
         raise UsageError("create: the image name is empty")
-    opts = create_options(args.options, args.backing_file, args.backing_fmt)
+    opts = option_lists(args.options, args.backing_file, args.backing_fmt)
     create_image(args.filename, size(args.size) if args.size is not None else None, opts)
     return 0
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    with Image(qcow2_path(args.filename, args.format), "r", take_locks=not args.force_share) as img:
-        info = img.info()
-    if args.output == "json":
-        print_json(info.to_json())
-        return 0
-    print(f"image: {info.filename}")
-    print("file format: qcow2")
-    print(f"virtual size: {human_size(info.virtual_size)} ({info.virtual_size} bytes)")
-    print(f"disk size: {human_size(info.actual_size)}")
-    if info.encrypted:
-        print("encrypted: yes")
-    print(f"cluster_size: {info.cluster_size}")
-    if info.dirty_flag:
-        print("cleanly shut down: no")
-    if info.backing_filename is not None:
-        actual = "" if info.full_backing_filename == info.backing_filename else \
-            f" (actual path: {info.full_backing_filename})"
-        print(f"backing file: {info.backing_filename}{actual}")
-        if info.backing_format:
-            print(f"backing file format: {info.backing_format}")
-    if info.snapshots:
-        print_snapshots(info.snapshots)
-    print("Format specific information:")
-    _dump_qobject(info.to_json()["format-specific"]["data"], 1)
-    for t, n in info.unknown_extensions:
-        print(f"unknown header extension: type {t:#010x}, {n} bytes (kept as is)")
-    return 0
-
-
-def print_snapshots(snapshots: Sequence[Snapshot]) -> None:
-    """The snapshot list as qemu-img prints it (``info``, ``snapshot -l``)."""
-    print("Snapshot list:")
-    print(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
-    for s in snapshots:
-        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.date_sec))
-        secs, ms = s.vm_clock_nsec // 1_000_000_000, s.vm_clock_nsec // 1_000_000 % 1000
-        clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{ms:03d}"
-        icount = "" if s.icount is None or s.icount == (1 << 64) - 1 else str(s.icount)
-        print(f"{s.id:<9} {s.name:<16} {human_size(s.vm_state_size):>8}{date:>20}{clock:>13}{icount:>11}")
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -26,10 +26,6 @@ from ..progress import Progress
 from .options import add_command, add_force_share, add_format, add_output, print_json, qcow2_path, size
 
 
-COMMANDS = ("compare", "measure", "commit", "rebase", "amend")
-"""The subcommands :func:`add_parsers` registers."""
-
-
 def add_parsers(sub: Any) -> None:
     """Register ``compare``, ``measure``, ``commit`` and ``rebase`` on the subparsers of ``qjournal``."""
     c = add_command(sub, "compare", "compare the guest contents of two images (qemu-img compare)",

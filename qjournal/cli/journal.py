@@ -17,10 +17,6 @@ from ..storage.medium import MmapMedium
 from .options import add_command, add_format, add_output, print_json, qcow2_path
 
 
-COMMANDS = ("recover", "journal")
-"""The subcommands :func:`add_parsers` registers."""
-
-
 def add_parsers(sub: Any) -> None:
     """Register ``journal`` and ``recover`` on the subparsers of ``qjournal``."""
     r = add_command(sub, "recover", "replay committed journal transactions",

@@ -19,7 +19,7 @@ from typing import Any, NoReturn, Sequence
 from ..errors import FormatError, UsageError
 from ..format.lazy import json
 from ..format.header import MAGIC, V2_LENGTH
-from ..ops.create import CreateOptions, parse_options, parse_size, split_options, strtou64
+from ..ops.syntax import parse_size, split_options, strtou64
 
 FORMATS = ("qcow2",)
 """What ``-f`` accepts, for every subcommand."""
@@ -107,13 +107,6 @@ def pattern_byte(text: str) -> int:
 def wants_help(specs: Sequence[str]) -> bool:
     """Whether a ``-o`` list asks for the list of options (``help`` or ``?``)."""
     return any(key in ("help", "?") for spec in specs for key, _ in split_options(spec))
-
-
-def create_options(specs: Sequence[str], backing_file: str | None, backing_fmt: str | None) -> CreateOptions:
-    """The ``-o`` lists of ``create`` (later ones win), with ``-b``/``-F`` added last."""
-    extra = [f"{key}={value.replace(',', ',,')}" for key, value in
-             (("backing_file", backing_file), ("backing_fmt", backing_fmt)) if value]
-    return parse_options(",".join([s for s in specs if s] + extra))
 
 
 def print_json(obj: Any) -> None:

@@ -21,10 +21,6 @@ from .options import add_command, add_format, check_format, qcow2_path
 USAGE = "qjournal resize [-f qcow2] [--preallocation=off|metadata|falloc|full] [-q] [--shrink] FILE [+|-]SIZE"
 
 
-COMMANDS = ("resize",)
-"""The subcommands :func:`add_parsers` registers."""
-
-
 def add_parsers(sub: Any) -> None:
     """Register ``resize`` on the subparsers object of ``qjournal``."""
     r = add_command(sub, "resize", "change the virtual size (qemu-img resize)",

@@ -13,12 +13,8 @@ from typing import Any
 
 from ..api import Image
 from ..ops import snapshot
-from .image import print_snapshots
+from .info import print_snapshots
 from .options import add_command, add_force_share, add_format, qcow2_path
-
-
-COMMANDS = ("snapshot",)
-"""The subcommands :func:`add_parsers` registers."""
 
 
 def add_parsers(sub: Any) -> None:

@@ -164,13 +164,14 @@ class Allocator:
     def _free_index(self) -> sortedcontainers.SortedList:
         if self._free is None:
             counts = self.all_refcounts(self._end)
-            free = np.nonzero(counts == 0)[0]
+            free_mask = counts == 0
             if self.in_use is not None:
                 used = self.in_use()
-                free = np.setdiff1d(free, used)
+                free_mask[used[used < len(free_mask)]] = False  # a mask: np.setdiff1d sorts (and loads numpy.ma)
                 # A damaged pointer may name a cluster past the end of the file: growing
                 # the file must step over it too.
                 self._used_past_end = set(used[used >= self._end].tolist())
+            free = np.flatnonzero(free_mask)
             self._free = sortedcontainers.SortedList(free.tolist())
         return self._free
 

@@ -54,7 +54,8 @@ from ..format.snapshots import MIN_EXTRA_V3, Snapshot, completed
 from ..core.ordering import Phase
 from ..core.transaction import Transaction
 from ..format.tables import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, l2_entries
-from .create import COMPAT_ALIASES, parse_options, split_options
+from .create import COMPAT_ALIASES, parse_options
+from .syntax import split_options
 from .refcount_order import change_refcount_order, check_width
 from .resize import zero_new_clusters
 

@@ -31,7 +31,8 @@ from ..format.refcount import metadata_clusters
 from ..format.tables import EXTL2_ENTRY_SIZE, L1_ENTRY_SIZE, L2_ENTRY_SIZE
 from ..core.image import Image
 from .compare import S_DATA, Side
-from .create import CreateOptions, parse_options, split_options
+from .create import CreateOptions, parse_options
+from .syntax import split_options
 
 PREALLOCATION = ("off", "metadata", "falloc", "full")
 

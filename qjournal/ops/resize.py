@@ -71,7 +71,7 @@ from ..format.header import MAX_L1_ENTRIES
 from ..format.tables import L1E_OFFSET_MASK, OFLAG_COPIED, l2_entries, size_to_l1
 from ..read.guest import reader, release
 from .bitmaps import free_bitmap, load_bits, store_bits
-from .create import parse_size
+from .syntax import parse_size
 
 if TYPE_CHECKING:
     from ..core.image import Image

@@ -333,6 +333,14 @@ def _two_transactions(img: Image) -> None:
     img.bitmaps.disable("first")
 
 
+def _journal_compact(img: Image) -> None:
+    """Two transactions; then the close cuts the checkpointed log back to a new
+    generation's bare header, as it does for a log over 1 MiB (here any log)."""
+    assert img.journal is not None
+    img.journal.compact_above = 0
+    _two_transactions(img)
+
+
 # -- planning through qjournal, applying without it (for the controls) ------------------------
 @attrs.frozen
 class Plan:
@@ -464,6 +472,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              lambda img: img.bitmaps.set_in_use("stale", False)),
     Workload("transaction", "remove, add and merge in one transaction", _several),
     Workload("two-transactions", "add, then disable, as two transactions", _two_transactions),
+    Workload("journal-compact", "two transactions, then the close cuts the log back to a bare header",
+             _journal_compact),
     Workload("guest-write", "guest write into unallocated clusters under enabled bitmaps", _guest_write,
              relaxed=True),
     Workload("guest-overwrite", "guest overwrite in place under enabled bitmaps (bits first, then data)",

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import qemu
+from qjournal.cli import main
 from qjournal.journal.crc32c import crc32c
 from qjournal.errors import JournalError, QcowError
 from qjournal.journal import Journal, PendingTransaction, Step, Transaction
@@ -730,3 +732,40 @@ class TestFiles:
         jm = FileMedium(path + ".qjournal", False)
         assert Journal(MemoryMedium(committed.new), jm).describe()[0]["state"] == "checkpointed"
         jm.close()
+
+
+class TestCompaction:
+    """A long log, every transaction checkpointed, is cut back to a bare header of a new
+    generation at close (every open reads the whole log); a short one stays, so that
+    ``qjournal journal`` shows the last transaction. crashsim's ``journal-compact``
+    workload crash-tests the cut."""
+
+    def test_long_log_cut_back_at_close(self, tmp_path: os.PathLike[str]) -> None:
+        path = os.path.join(tmp_path, "disk.qcow2")
+        # 512-byte clusters, 64 MiB mapped: 2,048 L2 tables and 512 refcount blocks, each a
+        # record of the snapshot's transaction (about 1.5 MB of log).
+        qemu.qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,preallocation=metadata", path, "64M")
+        assert main(["snapshot", "-c", "s1", path]) == 0
+        journal = path + ".qjournal"
+        assert os.path.getsize(journal) == 48
+        jm = FileMedium(journal, False)
+        assert Journal(MemoryMedium(b""), jm).describe() == []
+        jm.close()
+        qemu.assert_clean(path)
+        assert [s["name"] for s in qemu.info(path)["snapshots"]] == ["s1"]
+        # The next generation starts after the old one's transaction ids.
+        assert main(["snapshot", "-c", "s2", path]) == 0
+        jm = FileMedium(journal, False)
+        (tx,) = Journal(MemoryMedium(b""), jm).describe()
+        jm.close()
+        assert tx["state"] == "checkpointed" and tx["txid"] > 1
+        qemu.assert_clean(path)
+
+    def test_short_log_stays(self, tmp_path: os.PathLike[str]) -> None:
+        path = os.path.join(tmp_path, "disk.qcow2")
+        qemu.qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+        assert main(["snapshot", "-c", "s1", path]) == 0
+        jm = FileMedium(path + ".qjournal", False)
+        (tx,) = Journal(MemoryMedium(b""), jm).describe()
+        jm.close()
+        assert tx["state"] == "checkpointed"

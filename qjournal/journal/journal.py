@@ -22,6 +22,12 @@ SUFFIX = ".qjournal"
 #: while it repeats the previous generation's salt), it returns an integer in [0, 2**64).
 SaltSource = Callable[[], int]
 SALT_DRAWS = 8      # draws equal to the previous salt before the source is refused
+COMPACT_ABOVE = 1 << 20
+"""A log longer than this (bytes), every transaction of it checkpointed, is cut back to a
+bare header of a new generation when the image closes (:meth:`Journal.close`). Every open
+reads the whole log, O(its size): after a snapshot of 2M clusters (41,000 records, 24 MB)
+each later ``qjournal info`` took 0.8 s instead of 0.06 s. A shorter log stays, so that
+``qjournal journal`` still shows the last transaction of a small operation."""
 
 
 def system_salts() -> int:
@@ -49,6 +55,8 @@ class Journal:
         self._on_create = on_create
         self._log = read_log(jmedium) if jmedium is not None else Log(None)
         self._unsynced = False    # a checkpoint record was written and not synced yet
+        self.compact_above = COMPACT_ABOVE
+        """The log length above which :meth:`close` cuts a checkpointed log back (see COMPACT_ABOVE)."""
 
     @classmethod
     def open_for(cls, image_path: str | os.PathLike[str], image: Medium, writable: bool, *,
@@ -395,6 +403,28 @@ class Journal:
                 return j + 1
         return 0
 
+    def _compact(self) -> None:
+        """Replace a long log, every transaction of it checkpointed, by a new generation
+        without records: its header, then the file cut to the header's length.
+
+        The checkpoint is durable (synced just before) and each step ended with a
+        barrier, so no record is needed by recovery any more. A crash before the header
+        write leaves the old log; after it, the new header over records of the old salt,
+        which read as an empty log; after the cut, the bare header. No state holds a
+        pending transaction; the one sync at the end keeps the rule that nothing is left
+        unsynced after a close. The new generation starts at the old log's top, so
+        transaction ids are never reused.
+        """
+        log = self._log
+        assert self.jmedium is not None and log.header is not None
+        if any(log.state[t.txid] != CHECKPOINTED for t in log.transactions):
+            return
+        header = FileHeader(log.header.generation + 1, self._new_salt(log.header.salt), log.top)
+        self.jmedium.write(0, header.pack())
+        self.jmedium.resize(HEADER_SIZE)
+        self.jmedium.flush()
+        self._log = Log(header, end=HEADER_SIZE, crc=header.checksum, seq=header.first_seq, top=header.first_seq)
+
     def close(self) -> None:
         """Sync a checkpoint not yet synced, and close the journal file."""
         if self.jmedium is not None:
@@ -403,6 +433,8 @@ class Journal:
                 # would then refuse an image that QEMU changed in the meantime.
                 self.jmedium.flush()
                 self._unsynced = False
+                if self._log.end > self.compact_above:
+                    self._compact()
             self.jmedium.close()
             self.jmedium = None
         self._on_create = None

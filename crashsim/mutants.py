@@ -243,8 +243,8 @@ MUTANTS: tuple[Mutant, ...] = (
     # -- close and checkpoint -----------------------------------------------------------------
     M("close-no-sync", "close and checkpoint", JOURNAL, "Journal.close (sync of the checkpoint)",
       "close() leaves the last checkpoint record unsynced",
-      "                self.jmedium.flush()\n                self._unsynced = False\n            self.jmedium.close()\n",
-      "                self._unsynced = False\n            self.jmedium.close()\n", ("add", "set-in-use")),
+      "                self.jmedium.flush()\n                self._unsynced = False\n                if self._log.end",
+      "                self._unsynced = False\n                if self._log.end", ("add", "set-in-use")),
     M("checkpoint-not-written", "close and checkpoint", JOURNAL, "Journal._checkpoint",
       "no checkpoint record reaches the journal: every transaction stays pending on disk",
       "        self.jmedium.write(log.end, rec)\n", "", ("add", "two-transactions")),

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +127,23 @@ def nbd_dirty_extents(path: str | Path, bitmap: str) -> list[tuple[int, int]]:
             else:
                 out.append((e["start"], e["length"]))
     return out
+
+
+@contextmanager
+def held_for_writing(path: str | Path) -> Iterator[None]:
+    """qemu-io holding ``path`` open for writing (with its locks taken) for the ``with`` body.
+
+    Waits until ``qemu-img info`` is refused (up to a minute: a loaded machine may take
+    seconds to start qemu-io), so the body never runs before the locks are held."""
+    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 600000", str(path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while qemu_img("info", str(path), check=False).returncode == 0:
+            assert holder.poll() is None, "qemu-io exited before it locked the image"
+            assert time.monotonic() < deadline, "qemu-io never locked the image"
+            time.sleep(0.05)
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

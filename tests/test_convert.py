@@ -19,7 +19,6 @@ import struct
 import subprocess
 import sys
 import termios
-import time
 from pathlib import Path
 
 import numpy as np
@@ -285,16 +284,8 @@ class TestExistingTargets:
                                                  capsys: pytest.CaptureFixture[str]) -> None:
         t = qemu.create(tmp / "busy.qcow2", "1M")
         before = t.read_bytes()
-        holder = subprocess.Popen(["qemu-io", "-f", "qcow2", str(t)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(200):   # until qemu-io holds the image's write lock
-                if qemu.qemu_img("info", str(t), check=False).returncode:
-                    break
-                time.sleep(0.02)
+        with qemu.held_for_writing(t):
             assert qj("convert", "-O", "qcow2", src, t) == 1
-        finally:
-            holder.communicate(b"quit\n")
         assert "lock" in capsys.readouterr().err.lower()
         assert t.read_bytes() == before
         assert sorted(os.listdir(tmp)) == ["busy.qcow2"]

@@ -16,15 +16,15 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+import qemu
+
 from qjournal.ops.create import CreateOptions, create_image, parse_options
 from qjournal.ops.syntax import parse_size
 from qjournal.errors import LockError, UsageError
-from qjournal.storage.lock import acquire
 
 qcreate = importlib.import_module("qjournal.ops.create")
 
@@ -356,36 +356,14 @@ def test_failed_write_leaves_the_old_file(tmp_path: Path, monkeypatch: pytest.Mo
     assert os.listdir(tmp_path) == [IMG]
 
 
-def held_by_another(path: Path) -> bool:
-    """Whether some process holds QEMU's write lock bytes on ``path`` (a probe that
-    changes nothing: our own locks go with the descriptor)."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        acquire(fd, str(path), writable=True)
-    except LockError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 def test_image_in_use_is_refused(tmp_path: Path) -> None:
     """qemu-img refuses to recreate an image QEMU has open for writing; so do we."""
     run(["qemu-img", "create", "-q", "-f", "qcow2", IMG, "1M"], tmp_path)
     old = (tmp_path / IMG).read_bytes()
-    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 20000", IMG], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not held_by_another(tmp_path / IMG):  # wait until qemu-io holds its locks
-            assert time.monotonic() < deadline, "qemu-io never locked the image"
-            time.sleep(0.05)
+    with qemu.held_for_writing(tmp_path / IMG):
         res = qemu_create(tmp_path, "", "2M", check=False)
         assert res.returncode != 0 and 'Failed to get "write" lock' in res.stderr
         with pytest.raises(LockError, match='failed to get "write" lock'):
             create_image(str(tmp_path / IMG), 4 << 20, CreateOptions())
-    finally:
-        holder.kill()
-        holder.wait()
     assert (tmp_path / IMG).read_bytes() == old
     assert os.listdir(tmp_path) == [IMG]

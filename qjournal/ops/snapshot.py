@@ -38,8 +38,9 @@ from ..core.ordering import Phase
 from ..core.transaction import Transaction
 from ..errors import UnsupportedError, UsageError
 from ..format.snapshots import MAX_SNAPSHOTS, Snapshot
+from ..storage.medium import read_rows
 from ..format.tables import (L1_ENTRY_SIZE, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
-                             compressed_span, l2_entries)
+                             compressed_span)
 
 if TYPE_CHECKING:
     from ..core.image import Image
@@ -158,25 +159,23 @@ def _check_image(img: "Image") -> None:
         raise UnsupportedError(f"{img.path}: internal snapshots are not supported with an external data file")
 
 
-def _mapped(img: "Image", l1: np.ndarray) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
-    """(L2 table offset, its raw entries) for each L2 table ``l1`` maps, and the clusters
-    its entries hold (data clusters, compressed spans' clusters), one per reference."""
+def _mapped(img: "Image", l1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The L2 tables ``l1`` maps: their offsets, their raw entries (one row per table, as
+    uint64), and the clusters their entries hold (data clusters, compressed spans'
+    clusters), one per reference. All tables at once: numpy per table cost 8 us each,
+    a quarter of a second for the 32,768 tables of 2M clusters."""
     h, cs = img.header, img.header.cluster_size
     words = 2 if h.extended_l2 else 1
-    per = l2_entries(cs, h.extended_l2)
-    tables: list[tuple[int, np.ndarray]] = []
-    held: list[np.ndarray] = []
-    for off in (l1[l1 & np.uint64(L1E_OFFSET_MASK) != 0] & np.uint64(L1E_OFFSET_MASK)).tolist():
-        raw = img.medium.array(int(off), per * words, ">u8").astype(np.uint64)
-        tables.append((int(off), raw))
-        e = raw[::words]
-        comp = (e & np.uint64(OFLAG_COMPRESSED)) != 0
-        std = e[~comp] & np.uint64(L2E_OFFSET_MASK)
-        held.append((std[std != 0] // np.uint64(cs)).astype(np.int64))
-        for entry in e[comp].tolist():
-            start, length = compressed_span(int(entry), h.cluster_bits)
-            held.append(np.arange(start // cs, (start + length - 1) // cs + 1, dtype=np.int64))
-    return tables, np.concatenate(held) if held else np.zeros(0, np.int64)
+    offs = (l1[l1 & np.uint64(L1E_OFFSET_MASK) != 0] & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
+    raw = read_rows(img.medium, offs, cs).view(">u8").astype(np.uint64)
+    e = raw[:, ::words]
+    comp = (e & np.uint64(OFLAG_COMPRESSED)) != 0
+    std = e[~comp] & np.uint64(L2E_OFFSET_MASK)
+    held = [(std[std != 0] // np.uint64(cs)).astype(np.int64)]
+    for entry in e[comp].tolist():
+        start, length = compressed_span(int(entry), h.cluster_bits)
+        held.append(np.arange(start // cs, (start + length - 1) // cs + 1, dtype=np.int64))
+    return offs, raw, np.concatenate(held)
 
 
 def _share(img: "Image", tx: Transaction, l1: np.ndarray, delta: int, active: bool = True) -> None:
@@ -185,9 +184,8 @@ def _share(img: "Image", tx: Transaction, l1: np.ndarray, delta: int, active: bo
     the active L1 entries) stop claiming refcount 1 first (``copied-cleared``)."""
     cs = img.header.cluster_size
     words = 2 if img.header.extended_l2 else 1
-    tables, held = _mapped(img, l1)
-    l2s = np.array([off // cs for off, _ in tables], dtype=np.int64)
-    tx.alloc.reference(np.concatenate([l2s, held]), delta)
+    offs, raw, held = _mapped(img, l1)
+    tx.alloc.reference(np.concatenate([offs // cs, held]), delta)
     if delta < 0:
         return
     h = img.header
@@ -195,11 +193,17 @@ def _share(img: "Image", tx: Transaction, l1: np.ndarray, delta: int, active: bo
         tx.stage(Phase.COPIED_CLEARED, [(h.l1_table_offset + L1_ENTRY_SIZE * i,
                                          int(v & ~np.uint64(OFLAG_COPIED)).to_bytes(8, "big"))
                                         for i, v in enumerate(img.l1_table().tolist()) if v & OFLAG_COPIED])
-    for off, raw in tables:
-        if (raw[::words] & np.uint64(OFLAG_COPIED)).any():
-            new = raw.copy()
-            new[::words] &= ~np.uint64(OFLAG_COPIED)
-            tx.stage(Phase.COPIED_CLEARED, [(off, new.astype(">u8").tobytes())])
+    change = ((raw[:, ::words] & np.uint64(OFLAG_COPIED)) != 0).any(axis=1)
+    new = raw[change]
+    new[:, ::words] &= ~np.uint64(OFLAG_COPIED)
+    _stage_tables(tx, Phase.COPIED_CLEARED, offs[change], new)
+
+
+def _stage_tables(tx: Transaction, phase: Phase, offs: np.ndarray, tables: np.ndarray) -> None:
+    """Stage each row of ``tables`` (uint64 entries) as the new content of the L2 table at
+    the matching offset of ``offs``."""
+    data = tables.astype(">u8")
+    tx.stage(phase, [(off, row.tobytes()) for off, row in zip(offs.tolist(), data)])
 
 
 def _copied_set(img: "Image", tx: Transaction) -> None:
@@ -210,7 +214,7 @@ def _copied_set(img: "Image", tx: Transaction) -> None:
 
     def one(c: np.ndarray) -> np.ndarray:
         inside = c < len(counts)
-        out = np.zeros(len(c), dtype=bool)
+        out = np.zeros(c.shape, dtype=bool)
         out[inside] = counts[c[inside]] == 1
         return out
 
@@ -220,17 +224,15 @@ def _copied_set(img: "Image", tx: Transaction) -> None:
     copied = np.uint64(OFLAG_COPIED)
     tx.stage(Phase.COPIED_SET, [(h.l1_table_offset + L1_ENTRY_SIZE * i, int(l1[i] | copied).to_bytes(8, "big"))
                                 for i in np.nonzero(want)[0].tolist()])
-    tables, _ = _mapped(img, l1)
-    for off, raw in tables:
-        e = raw[::words]
-        host = e & np.uint64(L2E_OFFSET_MASK)
-        fix = (host != 0) & ((e & np.uint64(OFLAG_COMPRESSED)) == 0) & ((e & np.uint64(OFLAG_COPIED)) == 0) & \
-            one((host // np.uint64(cs)).astype(np.int64))
-        if fix.any():
-            new = raw.copy()
-            idx = np.nonzero(fix)[0] * words
-            new[idx] |= np.uint64(OFLAG_COPIED)
-            tx.stage(Phase.COPIED_SET, [(off, new.astype(">u8").tobytes())])
+    offs, raw, _ = _mapped(img, l1)
+    e = raw[:, ::words]
+    host = e & np.uint64(L2E_OFFSET_MASK)
+    fix = (host != 0) & ((e & np.uint64(OFLAG_COMPRESSED)) == 0) & ((e & np.uint64(OFLAG_COPIED)) == 0) & \
+        one((host // np.uint64(cs)).astype(np.int64))
+    change = fix.any(axis=1)
+    new = raw[change]
+    new[:, ::words] |= np.where(fix[change], copied, np.uint64(0))
+    _stage_tables(tx, Phase.COPIED_SET, offs[change], new)
 
 
 def _write_table(img: "Image", tx: Transaction, snaps: list[Snapshot]) -> None:

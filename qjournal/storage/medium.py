@@ -176,6 +176,25 @@ class MmapMedium:
         self._touched(count * dt.itemsize)
         return out
 
+    def rows(self, offsets: np.ndarray, size: int) -> np.ndarray:
+        """``size`` bytes at each of ``offsets`` (multiples of ``size``), as the rows of a
+        ``(len(offsets), size)`` uint8 array: a copy, gathered by numpy from the map a
+        bounded number of rows at a time (see :func:`read_rows`)."""
+        out = np.empty((len(offsets), size), np.uint8)
+        if not len(offsets):
+            return out
+        end = int(offsets.max()) + size
+        self._check(int(offsets.min()), end - int(offsets.min()))
+        whole = np.frombuffer(self._mapping(end), np.uint8, count=end).reshape(-1, size)
+        per_row = max(size, FAULT_AROUND)
+        step = max(1, RESIDENT_MAX // per_row)
+        idx = offsets // size
+        for a in range(0, len(idx), step):
+            np.take(whole, idx[a:a + step], axis=0, out=out[a:a + step])
+            self._touched(len(idx[a:a + step]) * per_row)
+        del whole                      # no view of the map outlives the call (it may be remapped)
+        return out
+
     def _touched(self, n: int) -> None:
         """Keep the map's resident pages bounded. A read faults in its pages and, through
         the kernel's fault-around, up to 64 KiB of cached pages beside them: a check of 2M
@@ -290,6 +309,20 @@ class MemoryMedium:
 
     def close(self) -> None:
         pass
+
+
+def read_rows(m: Medium, offsets: np.ndarray, size: int) -> np.ndarray:
+    """``size`` bytes at each of ``offsets``, as the rows of a ``(len(offsets), size)``
+    uint8 array (a copy): the tables a scan of many of them needs, read at once. From an
+    :class:`MmapMedium`, with cluster-aligned offsets, a numpy gather (32,768 L2 tables of
+    512 bytes: one call instead of 32,768); from any other medium, one read per row."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if isinstance(m, MmapMedium) and size and not (offsets % size).any():
+        return m.rows(offsets, size)
+    out = np.empty((len(offsets), size), np.uint8)
+    for i, off in enumerate(offsets.tolist()):
+        out[i] = np.frombuffer(m.read(off, size), np.uint8)
+    return out
 
 
 def _call(path: str, what: str, off: int | None, fn: Callable[..., None], *args: Any) -> None:

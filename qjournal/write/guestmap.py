@@ -202,6 +202,25 @@ class GuestMap:
             k, cluster, label = found
             refuse(k, cluster * self.cs, f"which holds metadata ({label})")
 
+    def check_releases(self, clusters: np.ndarray) -> None:
+        """Refuse a request that would drop references the refcounts do not hold.
+
+        ``clusters`` are those the request may release, once per reference (a shared L2
+        table it copies, what the entries it copies on write map). Each must count at
+        least that many references, as staged: else the commit's free step refuses,
+        after the request's data went to disk (fuzz case 83108: a snapshot's shared L2
+        table with refcount 0). Cost: one refcount lookup per distinct cluster.
+        """
+        alloc = self.tx.alloc
+        for c, n in zip(*(a.tolist() for a in np.unique(clusters, return_counts=True))):
+            have = alloc.refcount(c) + alloc.deltas.get(c, 0)
+            if have < n:
+                bi = c // alloc.epb
+                block = int(alloc.reftable[bi]) or None if bi < len(alloc.reftable) else None
+                raise FormatError("refcount block", block, f"cluster {c * self.cs:#x} has refcount {have}, but the "
+                                  f"write would drop {n} reference{'s' if n > 1 else ''} to it; refusing to write "
+                                  "(qjournal check -r all repairs the image)")
+
     def host_allocated(self, entry: int) -> bool:
         """The entry has a host cluster (offset 0 counts, with COPIED, in a data-file image)."""
         if entry & OFLAG_COMPRESSED:

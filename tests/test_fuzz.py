@@ -148,7 +148,8 @@ class TestRegressions:
                                              ("r64-16k-l2x", 11094), ("datafile-raw", 7279), ("r64-16k-l2x", 4430),
                                              ("2m", 10930), ("64k-zlib", 16107), ("r64-16k-l2x", 28496),
                                              ("2m", 54680), ("256k-l2x-zstd", 76000), ("256k-l2x-zstd", 41000),
-                                             ("2m", 69100), ("2m", 87090), ("r8-4k", 83108)])
+                                             ("2m", 69100), ("2m", 87090), ("r8-4k", 83108),
+                                             ("256k-l2x-zstd", 99170)])
     def test_cases_that_failed_once_pass(self, tmp_path: Path, name: str, index: int) -> None:
         # Replayed: 2561 and 49, check -r all wrote its new refcount structure past the end
         # of the file, then its switch was refused, and the file stayed longer; 4402 and
@@ -169,10 +170,12 @@ class TestRegressions:
         # guest size of 4 GiB made map classify a whole extended L2 table of 256 KiB clusters
         # at once (512 Ki subclusters, and two Python lists of them: 19 MiB, bound 9); 69100
         # and 87090 (refcount_order 0), the same whole-block decode in check and check -r all
-        # (52 and 413 MiB, bound 40), and the rebuild packed its new blocks from whole blocks
-        # of int64 counts; 83108, a write that copies a snapshot's shared L2 table whose
-        # refcount is 0 wrote its data into a free cluster, then was refused at the commit
-        # (the count would drop below zero): now refused before anything is written.
+        # (52 and 413 MiB, bound 40; 99170, 52 MiB, bound 9), and the rebuild packed its new
+        # blocks from whole blocks of int64 counts; 87090's write then peaked at 37 MiB,
+        # unpacking a whole 2 MiB bitmap cluster to set one bit (now 24 MiB); 83108, a write
+        # that copies a snapshot's shared L2 table whose refcount is 0 wrote its data into a
+        # free cluster, then was refused at the commit (the count would drop below zero):
+        # now refused before anything is written.
         (tmp_path / "c").mkdir()
         (tmp_path / "w").mkdir()
         spec = [s for s in fuzz.SPECS if s[0] == name]

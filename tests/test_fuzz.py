@@ -21,6 +21,7 @@ import pytest
 
 import fuzz
 import qemu
+import qjournal
 from qjournal.cli import main
 
 CASES = int(os.environ.get("QJ_FUZZ_CASES", "70"))
@@ -143,6 +144,26 @@ class TestRegressions:
         assert "is both the header cluster and the L1 table of snapshot 's1'" in err, err
         assert img.read_bytes() == raw
         assert qj("read", "-P", "2", img, 0, 4096)[0] == 0
+
+    def test_zeroes_that_would_free_a_cluster_of_refcount_0_are_refused_before_any_write(self, tmp_path: Path) -> None:
+        # The sibling of fuzz case 83108: zeroing a whole cluster releases what it maps; with
+        # a refcount of 0 there the commit's free step refused after the edges' zeros were
+        # written in place. Now refused up front; an overwrite in place releases nothing.
+        img = qemu.create(tmp_path / "z.qcow2", "1M", "cluster_size=4096", "refcount_bits=16")
+        qemu.qemu_io(img, "write -P 3 0 64k")
+        raw = bytearray(img.read_bytes())
+        rt_offset, l1_offset = struct.unpack_from(">Q", raw, 48)[0], struct.unpack_from(">Q", raw, 40)[0]
+        rb_offset, = struct.unpack_from(">Q", raw, rt_offset)
+        l2_offset = struct.unpack_from(">Q", raw, l1_offset)[0] & fuzz.L2_OFFSET_MASK
+        data = struct.unpack_from(">Q", raw, l2_offset + 8)[0] & fuzz.L2_OFFSET_MASK   # guest cluster 1
+        struct.pack_into(">H", raw, rb_offset + 2 * (data // 4096), 0)
+        img.write_bytes(raw)
+        with qjournal.open(img, "r+") as image:
+            with pytest.raises(qjournal.FormatError, match=f"cluster {data:#x} has refcount 0, but the write would"):
+                image.write_zeroes(2048, 8192)
+        assert img.read_bytes() == raw
+        assert qj("write", img, 4096, "-P", "0x5a", 4096)[0] == 0
+        assert qj("read", "-P", "0x5a", img, 4096, 4096)[0] == 0
 
     @pytest.mark.parametrize("name, index", [("datafile-raw", 2561), ("64k-zlib", 49), ("r64-16k-l2x", 4402),
                                              ("r64-16k-l2x", 11094), ("datafile-raw", 7279), ("r64-16k-l2x", 4430),

@@ -101,14 +101,15 @@ def in_place_transaction(img: "Image", description: str) -> Iterator["Transactio
         yield tx
 
 
-def _validate(img: "Image", gm: GuestMap, start: int, end: int) -> None:
+def _validate(img: "Image", gm: GuestMap, start: int, end: int, zeroes: bool = False) -> None:
     """Refuse a request over damaged entries before it writes anything.
 
     Every entry of ``[start, end)`` must keep the rules reads apply, and no cluster an
     entry maps (which the request may write in place, or release) may hold metadata:
     a damaged entry refuses the whole request, not half of it, and never gets us to
     write or free a table. Nor may the request release a reference the refcounts do
-    not hold (see :meth:`GuestMap.check_releases`).
+    not hold (see :meth:`GuestMap.check_releases`); with ``zeroes``, a whole cluster
+    in the range releases what it maps.
     """
     cs, per = gm.cs, gm.per_l2
     first, last = start // cs, (end - 1) // cs
@@ -136,6 +137,11 @@ def _validate(img: "Image", gm: GuestMap, start: int, end: int) -> None:
             in_place = fresh | ((ent & np.uint64(OFLAG_COPIED)) != 0) & owned & (not gm.tx.atomic_data)
             if not gm.extended:
                 in_place &= (ent & np.uint64(OFLAG_ZERO)) == 0
+            if zeroes:
+                # Zeroing a whole cluster releases what it maps, owned or not.
+                whole = (np.arange(a, b) + l1i * per) * cs >= start
+                whole &= (np.arange(a, b) + l1i * per + 1) * cs <= end
+                in_place &= ~whole | fresh
             released.append((off[~comp & (off != 0) & ~in_place] // np.uint64(cs)).astype(np.int64))
         for i in np.nonzero(comp)[0].tolist():
             coff, clen = compressed_span(int(ent[i]), img.header.cluster_bits)
@@ -294,10 +300,11 @@ def write_zeroes(img: "Image", offset: int, length: int) -> None:
     cs = img.header.cluster_size
     with in_place_transaction(img, "guest write zeroes"):
         gm = stage(img)
-        _validate(img, gm, offset, offset + length)
         h = img.header
         raw = bool(h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW) and gm.has_data_file
-        if (h.version < 3 and img.backing_name is not None) or raw:
+        as_data = (h.version < 3 and img.backing_name is not None) or raw
+        _validate(img, gm, offset, offset + length, zeroes=not as_data)
+        if as_data:
             for off in range(offset, offset + length, ZERO_CHUNK):
                 n = min(ZERO_CHUNK, offset + length - off)
                 _write(img, gm, off, memoryview(bytes(n)))

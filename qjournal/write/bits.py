@@ -52,8 +52,8 @@ def bits_steps(img: "Image", ranges: list[tuple[int, int]]) -> list[Write]:
             # Only the bytes the spans touch are unpacked (a whole 2 MiB cluster is 16 Mi bits).
             first, end = min(lo for lo, _ in spans) // 8, max(hi for _, hi in spans) // 8 + 1
             bits = np.unpackbits(before[first:end], bitorder="little")
-            for lo, hi in spans:
-                bits[lo - 8 * first:hi + 1 - 8 * first] = 1
+            for lo, hi in [(lo - 8 * first, hi - 8 * first) for lo, hi in spans]:
+                bits[lo:hi + 1] = 1
             part = np.packbits(bits, bitorder="little")
             if np.array_equal(part, before[first:end]):
                 continue

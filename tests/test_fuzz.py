@@ -21,6 +21,7 @@ import pytest
 
 import fuzz
 import qemu
+import qjournal
 from qjournal.cli import main
 
 CASES = int(os.environ.get("QJ_FUZZ_CASES", "70"))
@@ -144,9 +145,32 @@ class TestRegressions:
         assert img.read_bytes() == raw
         assert qj("read", "-P", "2", img, 0, 4096)[0] == 0
 
+    def test_zeroes_that_would_free_a_cluster_of_refcount_0_are_refused_before_any_write(self, tmp_path: Path) -> None:
+        # The sibling of fuzz case 83108: zeroing a whole cluster releases what it maps; with
+        # a refcount of 0 there the commit's free step refused after the edges' zeros were
+        # written in place. Now refused up front; an overwrite in place releases nothing.
+        img = qemu.create(tmp_path / "z.qcow2", "1M", "cluster_size=4096", "refcount_bits=16")
+        qemu.qemu_io(img, "write -P 3 0 64k")
+        raw = bytearray(img.read_bytes())
+        rt_offset, l1_offset = struct.unpack_from(">Q", raw, 48)[0], struct.unpack_from(">Q", raw, 40)[0]
+        rb_offset, = struct.unpack_from(">Q", raw, rt_offset)
+        l2_offset = struct.unpack_from(">Q", raw, l1_offset)[0] & fuzz.L2_OFFSET_MASK
+        data = struct.unpack_from(">Q", raw, l2_offset + 8)[0] & fuzz.L2_OFFSET_MASK   # guest cluster 1
+        struct.pack_into(">H", raw, rb_offset + 2 * (data // 4096), 0)
+        img.write_bytes(raw)
+        with qjournal.open(img, "r+") as image:
+            with pytest.raises(qjournal.FormatError, match=f"cluster {data:#x} has refcount 0, but the write would"):
+                image.write_zeroes(2048, 8192)
+        assert img.read_bytes() == raw
+        assert qj("write", img, 4096, "-P", "0x5a", 4096)[0] == 0
+        assert qj("read", "-P", "0x5a", img, 4096, 4096)[0] == 0
+
     @pytest.mark.parametrize("name, index", [("datafile-raw", 2561), ("64k-zlib", 49), ("r64-16k-l2x", 4402),
                                              ("r64-16k-l2x", 11094), ("datafile-raw", 7279), ("r64-16k-l2x", 4430),
-                                             ("2m", 10930), ("64k-zlib", 16107), ("r64-16k-l2x", 28496)])
+                                             ("2m", 10930), ("64k-zlib", 16107), ("r64-16k-l2x", 28496),
+                                             ("2m", 54680), ("256k-l2x-zstd", 76000), ("256k-l2x-zstd", 41000),
+                                             ("2m", 69100), ("2m", 87090), ("r8-4k", 83108),
+                                             ("256k-l2x-zstd", 99170)])
     def test_cases_that_failed_once_pass(self, tmp_path: Path, name: str, index: int) -> None:
         # Replayed: 2561 and 49, check -r all wrote its new refcount structure past the end
         # of the file, then its switch was refused, and the file stayed longer; 4402 and
@@ -160,7 +184,19 @@ class TestRegressions:
         # switch of its snapshot table completion (a snapshot L1 table on cluster 0), and
         # exited 1 with the file changed: it now refuses before the first write; 28496, a
         # write over an L2 entry mapping a cluster past the end of the file wrote its other
-        # clusters in place, then was refused at the commit: now refused up front.
+        # clusters in place, then was refused at the commit: now refused up front; 54680 and
+        # 76000, refcount_order set to 1 or 2 made check decode whole refcount blocks of
+        # narrow counts into int64 (8 Mi counts for 2 MiB clusters: 212 MiB peak, bound 40;
+        # 14 MiB, bound 9): it now decodes only the counts of clusters it looks at; 41000, a
+        # guest size of 4 GiB made map classify a whole extended L2 table of 256 KiB clusters
+        # at once (512 Ki subclusters, and two Python lists of them: 19 MiB, bound 9); 69100
+        # and 87090 (refcount_order 0), the same whole-block decode in check and check -r all
+        # (52 and 413 MiB, bound 40; 99170, 52 MiB, bound 9), and the rebuild packed its new
+        # blocks from whole blocks of int64 counts; 87090's write then peaked at 37 MiB,
+        # unpacking a whole 2 MiB bitmap cluster to set one bit (now 24 MiB); 83108, a write
+        # that copies a snapshot's shared L2 table whose refcount is 0 wrote its data into a
+        # free cluster, then was refused at the commit (the count would drop below zero):
+        # now refused before anything is written.
         (tmp_path / "c").mkdir()
         (tmp_path / "w").mkdir()
         spec = [s for s in fuzz.SPECS if s[0] == name]

@@ -76,8 +76,10 @@ def unpack_block(buf: bytes | bytearray | memoryview, refcount_order: int) -> np
 COUNT_CEILING = (1 << 63) - 1  # int64's largest: every count above it is held as this
 
 
-def unpack_counts(buf: bytes | bytearray | memoryview, refcount_order: int) -> np.ndarray:
-    """Every count of a refcount block as int64, for arithmetic with reference counts.
+def unpack_counts(buf: bytes | bytearray | memoryview, refcount_order: int,
+                  at: np.ndarray | None = None) -> np.ndarray:
+    """Every count of a refcount block (or only entries ``at``) as int64, for arithmetic
+    with reference counts.
 
     Counts are unsigned: a 64-bit count above 2^63 - 1 (QEMU's maximum is 2^64 - 1) is
     held as :data:`COUNT_CEILING`, never wrapped to a negative number. No image holds
@@ -86,9 +88,20 @@ def unpack_counts(buf: bytes | bytearray | memoryview, refcount_order: int) -> n
 
     >>> unpack_counts(b'\\xff' * 8 + b'\\x00' * 7 + b'\\x02', 6).tolist()
     [9223372036854775807, 2]
+    >>> unpack_counts(b'\\x8d', 0, np.array([7, 1, 0])).tolist()
+    [1, 0, 1]
     """
-    counts = unpack_block(buf, refcount_order)
+    counts = unpack_block(buf, refcount_order) if at is None else _unpack_at(buf, refcount_order, at)
     return np.minimum(counts, np.uint64(COUNT_CEILING)).astype(np.int64)
+
+
+def _unpack_at(buf: bytes | bytearray | memoryview, refcount_order: int, at: np.ndarray) -> np.ndarray:
+    """Counts at entries ``at`` of a refcount block, as uint64 (only those are decoded)."""
+    if refcount_order >= 3:
+        return np.frombuffer(buf, dtype=_WIDE[refcount_order])[at].astype(np.uint64)
+    bit = at.astype(np.int64) << refcount_order
+    raw = np.frombuffer(buf, dtype=np.uint8)[bit >> 3]
+    return ((raw >> (bit & 7).astype(np.uint8)) & ((1 << (1 << refcount_order)) - 1)).astype(np.uint64)
 
 
 def byte_span(lo: int, hi: int, refcount_order: int) -> tuple[int, int]:

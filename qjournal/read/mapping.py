@@ -188,7 +188,8 @@ def metadata_preallocated(img: "Image") -> bool:
         if first >= end_cluster or count >= threshold:
             break
         if off:
-            counts = rc.unpack_block(medium.read(off, cs), h.refcount_order)[:end_cluster - first]
+            counts = rc.unpack_entries(medium.read(off, cs), h.refcount_order, 0,
+                                       min(alloc.epb, end_cluster - first))
             count += int(np.count_nonzero(counts))
     return count >= threshold
 

@@ -49,17 +49,21 @@ def bits_steps(img: "Image", ranges: list[tuple[int, int]]) -> list[Write]:
             if not doff and entry & bm.TE_ALL_ONES:
                 continue
             before = img.reader.array(doff, cs, "u1") if doff else np.zeros(cs, dtype=np.uint8)
-            bits = np.unpackbits(before, bitorder="little")
-            for lo, hi in spans:
+            # Only the bytes the spans touch are unpacked (a whole 2 MiB cluster is 16 Mi bits).
+            first, end = min(lo for lo, _ in spans) // 8, max(hi for _, hi in spans) // 8 + 1
+            bits = np.unpackbits(before[first:end], bitorder="little")
+            for lo, hi in [(lo - 8 * first, hi - 8 * first) for lo, hi in spans]:
                 bits[lo:hi + 1] = 1
-            chunk = np.packbits(bits, bitorder="little")
-            if np.array_equal(chunk, before):
+            part = np.packbits(bits, bitorder="little")
+            if np.array_equal(part, before[first:end]):
                 continue
             if doff:
-                changed = np.nonzero(chunk != before)[0]
+                changed = np.nonzero(part != before[first:end])[0]
                 a, b = int(changed[0]), int(changed[-1]) + 1
-                out.append((doff + a, chunk[a:b].tobytes()))
+                out.append((doff + first + a, part[a:b].tobytes()))
             else:
+                chunk = before.copy()
+                chunk[first:end] = part
                 new = tx.alloc.alloc(1)
                 tx.write_new(new, chunk.tobytes())
                 out.append((e.table_offset + bm.TABLE_ENTRY_SIZE * t, int(new).to_bytes(bm.TABLE_ENTRY_SIZE, "big")))

@@ -101,34 +101,56 @@ def in_place_transaction(img: "Image", description: str) -> Iterator["Transactio
         yield tx
 
 
-def _validate(img: "Image", gm: GuestMap, start: int, end: int) -> None:
+def _validate(img: "Image", gm: GuestMap, start: int, end: int, zeroes: bool = False) -> None:
     """Refuse a request over damaged entries before it writes anything.
 
     Every entry of ``[start, end)`` must keep the rules reads apply, and no cluster an
     entry maps (which the request may write in place, or release) may hold metadata:
     a damaged entry refuses the whole request, not half of it, and never gets us to
-    write or free a table.
+    write or free a table. Nor may the request release a reference the refcounts do
+    not hold (see :meth:`GuestMap.check_releases`); with ``zeroes``, a whole cluster
+    in the range releases what it maps.
     """
     cs, per = gm.cs, gm.per_l2
     first, last = start // cs, (end - 1) // cs
     for _ in reader(img).runs(first * cs, min((last + 1) * cs, img.header.size)):
         pass
+    released: list[np.ndarray] = []
     for l1i in range(first // per, last // per + 1):
         t = gm.table(l1i)
         if t is None:
             continue
+        owned = gm.owned(l1i)
+        if not owned:
+            released.append(np.array([t.offset // cs], np.int64))   # copied on write: the old table
         a, b = max(first, l1i * per) - l1i * per, min(last + 1, (l1i + 1) * per) - l1i * per
         ent = t.words[a * gm.ew:b * gm.ew:gm.ew]
         comp = (ent & np.uint64(OFLAG_COMPRESSED)) != 0
         off = ent & np.uint64(L2E_OFFSET_MASK)
-        mapped = np.nonzero(~comp & (off != 0))[0]
-        if gm.fresh:
-            mapped = mapped[~np.isin((off[mapped] // np.uint64(cs)).astype(np.int64), list(gm.fresh))]
+        fresh = np.isin((off // np.uint64(cs)).astype(np.int64), list(gm.fresh)) if gm.fresh else \
+            np.zeros(len(off), dtype=bool)
+        mapped = np.nonzero(~comp & (off != 0) & ~fresh)[0]
         gm.check_hosts(mapped + l1i * per + a, off[mapped])
+        if not gm.has_data_file:
+            # As ``_write`` decides: an entry not written in place is copied on write, and
+            # what it mapped is released.
+            in_place = fresh | ((ent & np.uint64(OFLAG_COPIED)) != 0) & owned & (not gm.tx.atomic_data)
+            if not gm.extended:
+                in_place &= (ent & np.uint64(OFLAG_ZERO)) == 0
+            if zeroes:
+                # Zeroing a whole cluster releases what it maps, owned or not.
+                whole = (np.arange(a, b) + l1i * per) * cs >= start
+                whole &= (np.arange(a, b) + l1i * per + 1) * cs <= end
+                in_place &= ~whole | fresh
+            released.append((off[~comp & (off != 0) & ~in_place] // np.uint64(cs)).astype(np.int64))
         for i in np.nonzero(comp)[0].tolist():
             coff, clen = compressed_span(int(ent[i]), img.header.cluster_bits)
             spanned = np.arange(coff // cs, (coff + clen - 1) // cs + 1, dtype=np.uint64) * np.uint64(cs)
             gm.check_hosts(np.full(len(spanned), l1i * per + a + i), spanned)
+            if not gm.has_data_file:
+                released.append((spanned // np.uint64(cs)).astype(np.int64))
+    if released:
+        gm.check_releases(np.concatenate(released))
 
 
 def _fill(img: "Image", gm: GuestMap, start: int, length: int, offset: int, data: memoryview) -> bytearray:
@@ -278,10 +300,11 @@ def write_zeroes(img: "Image", offset: int, length: int) -> None:
     cs = img.header.cluster_size
     with in_place_transaction(img, "guest write zeroes"):
         gm = stage(img)
-        _validate(img, gm, offset, offset + length)
         h = img.header
         raw = bool(h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW) and gm.has_data_file
-        if (h.version < 3 and img.backing_name is not None) or raw:
+        as_data = (h.version < 3 and img.backing_name is not None) or raw
+        _validate(img, gm, offset, offset + length, zeroes=not as_data)
+        if as_data:
             for off in range(offset, offset + length, ZERO_CHUNK):
                 n = min(ZERO_CHUNK, offset + length - off)
                 _write(img, gm, off, memoryview(bytes(n)))

@@ -247,12 +247,15 @@ def _new_clusters(img: "Image", gm: GuestMap, run: list[int], offset: int, data:
                 content[c_lo - g0:c_lo - g0 + cs] = _fill(img, gm, c_lo, ceiling, offset, data) + \
                     bytes(cs - ceiling)
     gm.write_direct(host, content)
-    for i, gc in enumerate(run):
-        e, _ = gm.entry(gc)
-        gm.forget(gc * cs, (gc + 1) * cs)  # data waiting for the old host cluster is in the new one
+    # The run's entries as a whole (numpy, not a Python step per cluster): what the old
+    # entries map loses its reference; the new host clusters (none of which an old entry
+    # maps: they were free) become fresh and mapped.
+    gm.forget(g0, end)  # data waiting for the old host clusters is in the new ones
+    old = gm.entry_words(run[0], run[0] + n)
+    for e in old[old != 0].tolist():
         _release(img, gm, e)
-        gm.fresh.add(host // cs + i)
-        gm.set_entry(gc, (host + i * cs) | OFLAG_COPIED, ALL_ALLOCATED)
+    gm.fresh.update(range(host // cs, host // cs + n))
+    gm.map_run(run[0], n, host, ALL_ALLOCATED)
 
 
 def _release(img: "Image", gm: GuestMap, e: int) -> None:

@@ -6,7 +6,9 @@ those writes, so a write that bypasses it is a bug it can catch.
 
 ``flush(ranges)`` is a write barrier: when it returns, every earlier write inside the
 ranges is durable. Writes between two barriers may reach the disk in any order, one
-page at a time, and a page may reach it before any barrier at all (MAP_SHARED writeback).
+page at a time, and a page may reach it before any barrier at all (MAP_SHARED writeback;
+and a write of :data:`WRITEBACK_MIN` bytes or more asks for its writeback at once, so
+that the disk works while we go on: sooner than a barrier, never instead of one).
 
 A write, flush or resize the operating system refuses (EIO, ENOSPC, EFBIG, ...) raises
 :class:`MediumError`, a :class:`~qjournal.errors.QcowError` that is also an ``OSError``:

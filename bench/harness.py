@@ -252,6 +252,14 @@ class Fixtures:
         self.root = root
         self._built: dict[str, Path] = {}
 
+    @staticmethod
+    def template_path(image: Path, key: str) -> Path:
+        """Where the template ``key`` of the run that made the round copy ``image`` is.
+
+        For ``ours`` in a ``--rss`` child, which gets only the image (a class attribute
+        set by ``template`` is unset there)."""
+        return image.parent.parent / "templates" / f"{key}.qcow2"
+
     def image(self, key: str, build: Callable[[Path], None]) -> Path:
         """The template ``key``, built by ``build(path)`` on first use in this run."""
         if key not in self._built:

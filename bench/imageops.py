@@ -49,21 +49,22 @@ def _last_cluster_differs(template: Path, path: Path) -> None:
 class Compare1G(Benchmark):
     """compare of two 1 GiB images (64 KiB clusters, all allocated) that differ in the last cluster"""
 
-    other: Path | None = None
+    OTHER = "random-1G-64k-last-differs"
 
     def template(self, fx: Fixtures) -> Path:
         a = fx.image("random-1G-64k", lambda p: build(p, "64k"))
-        type(self).other = fx.image("random-1G-64k-last-differs", lambda p: _last_cluster_differs(a, p))
+        fx.image(self.OTHER, lambda p: _last_cluster_differs(a, p))
         return a
 
     def ours(self, image: Path) -> None:
         from qjournal.ops.compare import compare_files
-        assert self.other is not None
-        result = compare_files(str(image), str(self.other))
+        other = Fixtures.template_path(image, self.OTHER)
+        result = compare_files(str(image), str(other))
         assert result.code == 1 and result.lines == (f"Content mismatch at offset {(1 << 30) - 65536}!",), result
 
     def peer(self, image: Path) -> list[str]:
-        return ["sh", "-c", 'qemu-img compare "$1" "$2" >/dev/null; test $? -eq 1', "sh", str(image), str(self.other)]
+        other = Fixtures.template_path(image, self.OTHER)
+        return ["sh", "-c", 'qemu-img compare "$1" "$2" >/dev/null; test $? -eq 1', "sh", str(image), str(other)]
 
 
 def _point(link: Path, target: Path) -> None:
@@ -78,32 +79,29 @@ def _point(link: Path, target: Path) -> None:
 class Commit256M(Benchmark):
     """commit -d of an overlay holding 256 MiB (64 KiB clusters) into an empty 1 GiB base"""
 
-    overlay: Path | None = None
-    link: Path | None = None
+    OVERLAY = "overlay-256M"
+    LINK = "commit-base"       # the overlay's backing file: a symlink, pointed at each round's base
 
     def template(self, fx: Fixtures) -> Path:
         base = fx.image("empty-1G", lambda p: qemu_img("create", "-q", "-f", "qcow2", p, "1G"))
-        link = base.parent / "commit-base.qcow2"
+        link = Fixtures.template_path(base, self.LINK)
         _point(link, base)
-        type(self).link = link
-        type(self).overlay = fx.image("overlay-256M", lambda p: _fill_overlay(p, link))
+        fx.image(self.OVERLAY, lambda p: _fill_overlay(p, link))
         return base
 
     def ours(self, image: Path) -> None:
         import qjournal
         from qjournal.ops import commit
-        assert self.link is not None and self.overlay is not None
-        _point(self.link, image)
-        with qjournal.open(self.overlay) as top:
+        _point(Fixtures.template_path(image, self.LINK), image)
+        with qjournal.open(Fixtures.template_path(image, self.OVERLAY)) as top:
             path, fmt = commit.find_base(top, None)
             # The real path, so that each base copy gets its own journal beside it.
             with qjournal.open(os.path.realpath(path), "r+") as base:
                 commit.commit(top, commit.Target(image=base), path, drop=True, grow=base.resize)
 
     def peer(self, image: Path) -> list[str]:
-        assert self.link is not None and self.overlay is not None
-        _point(self.link, image)
-        return ["qemu-img", "commit", "-d", "-q", str(self.overlay)]
+        _point(Fixtures.template_path(image, self.LINK), image)
+        return ["qemu-img", "commit", "-d", "-q", str(Fixtures.template_path(image, self.OVERLAY))]
 
     def verify(self, ours_image: Path, peer_image: Path) -> None:
         qemu_img("compare", "-f", "qcow2", "-F", "qcow2", ours_image, peer_image)  # raises on a difference

@@ -24,7 +24,7 @@ from qjournal.api import Image
 from qjournal.core.ordering import Phase
 from qjournal.errors import QcowError
 from qjournal.storage.faults import EVENTS, JOURNAL_SYNC, STEP_EVENTS, Fault, Injector, canonical
-from qjournal.storage.medium import FileMedium, MediumError, MmapMedium
+from qjournal.storage.medium import WRITEBACK_MIN, FileMedium, MediumError, MmapMedium, System
 
 CLI = "import sys; from qjournal.cli import main; sys.exit(main(sys.argv[1:]))"
 LIMITED = """
@@ -315,3 +315,32 @@ def test_a_write_the_system_refuses_is_a_one_line_qcow_error() -> None:
     e = caught.value
     assert isinstance(e, QcowError) and isinstance(e, OSError) and e.errno == errno.ENOSPC
     assert str(e) == "/dev/full: write of 0x200 bytes at offset 0x1000 failed: No space left on device"
+
+
+@pytest.mark.parametrize("kind", [MmapMedium, FileMedium])
+def test_a_large_write_starts_its_writeback_and_is_still_only_durable_after_the_flush(tmp_path: Path,
+                                                                                     kind: type) -> None:
+    """start_writeback is a hint given for writes of WRITEBACK_MIN bytes or more; the
+    barrier stays the flush's (the recording system logs no barrier for the hint)."""
+    calls: list[tuple[str, int, int]] = []
+
+    class Spy(System):
+        def start_writeback(self, fd: int, off: int, n: int) -> None:
+            calls.append(("writeback", off, n))
+            super().start_writeback(fd, off, n)
+
+        def fsync(self, fd: int) -> None:
+            calls.append(("fsync", 0, 0))
+            super().fsync(fd)
+
+    path = tmp_path / "f"
+    path.write_bytes(bytes(4096))
+    m = kind(path, True, system=Spy())
+    try:
+        m.write(0, b"a" * 512)
+        m.write(4096, b"b" * WRITEBACK_MIN)
+        m.flush()
+    finally:
+        m.close()
+    assert calls == [("writeback", 4096, WRITEBACK_MIN), ("fsync", 0, 0)]
+    assert path.read_bytes() == b"a" * 512 + bytes(3584) + b"b" * WRITEBACK_MIN

@@ -6,7 +6,9 @@ those writes, so a write that bypasses it is a bug it can catch.
 
 ``flush(ranges)`` is a write barrier: when it returns, every earlier write inside the
 ranges is durable. Writes between two barriers may reach the disk in any order, one
-page at a time, and a page may reach it before any barrier at all (MAP_SHARED writeback).
+page at a time, and a page may reach it before any barrier at all (MAP_SHARED writeback;
+and a write of :data:`WRITEBACK_MIN` bytes or more asks for its writeback at once, so
+that the disk works while we go on: sooner than a barrier, never instead of one).
 
 A write, flush or resize the operating system refuses (EIO, ENOSPC, EFBIG, ...) raises
 :class:`MediumError`, a :class:`~qjournal.errors.QcowError` that is also an ``OSError``:
@@ -58,8 +60,39 @@ class System:
     def fallocate(self, fd: int, off: int, n: int) -> None:
         os.posix_fallocate(fd, off, n)
 
+    def start_writeback(self, fd: int, off: int, n: int) -> None:
+        """Have the kernel start writing ``[off, off + n)`` to the disk now, without
+        waiting (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``). A hint, not a
+        barrier: nothing is promised durable (crashsim records nothing), but the disk
+        works while we go on, and the flush that follows waits for less. Does nothing
+        where the call is missing or fails."""
+        call = _sync_file_range()
+        if call is not None:
+            call(fd, off, n, SYNC_FILE_RANGE_WRITE)
+
 
 SYSTEM = System()
+WRITEBACK_MIN = 1 << 20
+"""A write of at least this many bytes starts its writeback at once (:meth:`System.start_writeback`):
+a 256 MiB commit spent 40 % of its time in the final fsync when the disk only started then."""
+SYNC_FILE_RANGE_WRITE = 2
+_SFR: list[Callable[[int, int, int, int], int] | None] = []
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` through ctypes (Python's os lacks it), or None; looked up once."""
+    if not _SFR:
+        call = None
+        try:
+            import ctypes
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            call = fn
+        except (OSError, AttributeError):
+            pass
+        _SFR.append(call)
+    return _SFR[0]
 
 
 class Medium(Protocol):
@@ -221,6 +254,8 @@ class MmapMedium:
         # readers see these bytes at once, and msync of a range writes them back however
         # they were dirtied.
         _call(self.path, f"write of {n:#x} bytes", off, self.system.pwrite, self.fd, data, off)
+        if n >= WRITEBACK_MIN:
+            self.system.start_writeback(self.fd, off, n)
         if end > self._size:
             self._size = end
             self._size_dirty = True
@@ -387,6 +422,8 @@ class FileMedium:
         if not self.writable:
             raise PermissionError(f"{self.path} is open read-only")
         _call(self.path, f"write of {len(data):#x} bytes", off, self.system.pwrite, self.fd, data, off)
+        if len(data) >= WRITEBACK_MIN:
+            self.system.start_writeback(self.fd, off, len(data))
         if off + len(data) > self._size:
             self._size = off + len(data)
             self._size_dirty = True

@@ -173,9 +173,26 @@ def _write(img: "Image", gm: GuestMap, offset: int, data: memoryview) -> None:
     cs = gm.cs
     end = offset + len(data)
     gm.dirty.append((offset, len(data)))
-    run: list[int] = []  # consecutive guest clusters that get new host clusters
-    for gc in range(offset // cs, (end - 1) // cs + 1):
-        e, sub = gm.entry(gc)
+    first, last = offset // cs, (end - 1) // cs
+    # The clusters the rules below must look at: every one with a data file; otherwise
+    # those with an entry, and a partly written one with extended L2. The others (no
+    # entry: nothing allocated, not zero) end in the run of new clusters whatever the
+    # rules say, so they join it without a Python step each (numpy finds them).
+    if gm.has_data_file:
+        ruled: list[int] | range = range(first, last + 1)
+    else:
+        has_entry = gm.entry_words(first, last + 1) != 0
+        if gm.extended:
+            has_entry[0] |= offset > first * cs
+            has_entry[-1] |= end < (last + 1) * cs
+        ruled = (np.flatnonzero(has_entry) + first).tolist()
+    run = -1  # the first guest cluster of the run that gets new host clusters (-1: none yet)
+    pos = first  # the clusters before this one are decided
+    for gc in ruled:
+        if gc > pos and run < 0:
+            run = pos  # clusters pos .. gc - 1 have no entry: they start the run
+        pos = gc + 1
+        e, sub = gm.entry(gc)  # read now: the clusters before it may have changed its table
         if gm.has_data_file:
             # The data file is laid out as the disk (QEMU maps every cluster there).
             host = (e & L2E_OFFSET_MASK) if gm.host_allocated(e) else gc * cs
@@ -191,14 +208,17 @@ def _write(img: "Image", gm: GuestMap, offset: int, data: memoryview) -> None:
             host = gm.tx.alloc.alloc(1)
             gm.fresh.add(host // cs)
         else:
-            run.append(gc)
+            if run < 0:
+                run = gc
             continue
-        if run:
-            _new_clusters(img, gm, run, offset, data)
-            run = []
+        if run >= 0:
+            _new_clusters(img, gm, range(run, gc), offset, data)
+            run = -1
         _owned(img, gm, gc, e, sub, host, offset, data)
-    if run:
-        _new_clusters(img, gm, run, offset, data)
+    if pos <= last and run < 0:
+        run = pos
+    if run >= 0:
+        _new_clusters(img, gm, range(run, last + 1), offset, data)
 
 
 def _owned(img: "Image", gm: GuestMap, gc: int, e: int, sub: int, host: int, offset: int, data: memoryview) -> None:
@@ -246,7 +266,7 @@ def _owned(img: "Image", gm: GuestMap, gc: int, e: int, sub: int, host: int, off
         gm.set_entry(gc, new_e, new_sub)
 
 
-def _new_clusters(img: "Image", gm: GuestMap, run: list[int], offset: int, data: memoryview) -> None:
+def _new_clusters(img: "Image", gm: GuestMap, run: range, offset: int, data: memoryview) -> None:
     """Give each guest cluster of ``run`` (consecutive) a new host cluster holding its new content.
 
     The old content comes along where the request does not cover it (copy-on-write);
@@ -269,12 +289,15 @@ def _new_clusters(img: "Image", gm: GuestMap, run: list[int], offset: int, data:
                 content[c_lo - g0:c_lo - g0 + cs] = _fill(img, gm, c_lo, ceiling, offset, data) + \
                     bytes(cs - ceiling)
     gm.write_direct(host, content)
-    for i, gc in enumerate(run):
-        e, _ = gm.entry(gc)
-        gm.forget(gc * cs, (gc + 1) * cs)  # data waiting for the old host cluster is in the new one
+    # The run's entries as a whole (numpy, not a Python step per cluster): what the old
+    # entries map loses its reference; the new host clusters (none of which an old entry
+    # maps: they were free) become fresh and mapped.
+    gm.forget(g0, end)  # data waiting for the old host clusters is in the new ones
+    old = gm.entry_words(run[0], run[0] + n)
+    for e in old[old != 0].tolist():
         _release(img, gm, e)
-        gm.fresh.add(host // cs + i)
-        gm.set_entry(gc, (host + i * cs) | OFLAG_COPIED, ALL_ALLOCATED)
+    gm.fresh.update(range(host // cs, host // cs + n))
+    gm.map_run(run[0], n, host, ALL_ALLOCATED)
 
 
 def _release(img: "Image", gm: GuestMap, e: int) -> None:
@@ -353,7 +376,7 @@ def _zero_units(img: "Image", gm: GuestMap, gc: int, u0: int, u1: int) -> None:
     if e & OFLAG_COMPRESSED:
         if mask != ALL_ALLOCATED:
             # Part of a compressed cluster: it becomes a plain cluster first.
-            _new_clusters(img, gm, [gc], gc * gm.cs, memoryview(b""))
+            _new_clusters(img, gm, range(gc, gc + 1), gc * gm.cs, memoryview(b""))
             e, sub = gm.entry(gc)
         else:
             _release(img, gm, e)

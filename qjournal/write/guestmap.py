@@ -142,6 +142,34 @@ class GuestMap:
         w = t.words
         return int(w[i * self.ew]), int(w[i * self.ew + 1]) if self.extended else 0
 
+    def entry_words(self, first: int, stop: int) -> np.ndarray:
+        """The staged entries (first words, uint64) of guest clusters ``[first, stop)``,
+        0 where no table maps them: :meth:`entry` for a run, one numpy copy per table."""
+        out = np.zeros(stop - first, dtype=np.uint64)
+        per, ew = self.per_l2, self.ew
+        for l1i in range(first // per, (stop - 1) // per + 1):
+            t = self.table(l1i)
+            if t is not None:
+                a, b = max(first, l1i * per), min(stop, (l1i + 1) * per)
+                out[a - first:b - first] = t.words[(a - l1i * per) * ew:(b - l1i * per) * ew:ew]
+        return out
+
+    def map_run(self, first: int, n: int, host: int, bitmap: int = 0) -> None:
+        """Map guest clusters ``first .. first + n - 1`` to the consecutive host clusters from
+        ``host``, with COPIED (and ``bitmap`` with extended L2): :meth:`set_entry` for a run."""
+        per, ew, cs = self.per_l2, self.ew, self.cs
+        stop = first + n
+        for l1i in range(first // per, (stop - 1) // per + 1):
+            t = self.writable(l1i)
+            a, b = max(first, l1i * per), min(stop, (l1i + 1) * per)
+            i0, i1 = a - l1i * per, b - l1i * per
+            hosts = np.arange(host + (a - first) * cs, host + (b - first) * cs, cs, dtype=np.uint64)
+            t.words[i0 * ew:i1 * ew:ew] = hosts | np.uint64(OFLAG_COPIED)
+            if self.extended:
+                t.words[i0 * ew + 1:i1 * ew:ew] = np.uint64(bitmap)
+            if not t.new:
+                t.changed.update(range(i0, i1))
+
     def set_entry(self, gc: int, entry: int, bitmap: int = 0) -> None:
         l1i, i = divmod(gc, self.per_l2)
         t = self.writable(l1i)

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from qjournal.storage.lock import writer_present
+
 
 def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, check=check)
@@ -133,16 +135,18 @@ def nbd_dirty_extents(path: str | Path, bitmap: str) -> list[tuple[int, int]]:
 def held_for_writing(path: str | Path) -> Iterator[None]:
     """qemu-io holding ``path`` open for writing (with its locks taken) for the ``with`` body.
 
-    Waits until ``qemu-img info`` is refused (up to a minute: a loaded machine may take
-    seconds to start qemu-io), so the body never runs before the locks are held."""
+    Waits (up to a minute: a loaded machine may take seconds to start qemu-io) until
+    the write lock byte is held. The probe only queries the lock: a probe that takes
+    locks, such as ``qemu-img info``, can make qemu-io's own open fail when the two
+    overlap, and then neither holds the image."""
     holder = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 600000", str(path)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while qemu_img("info", str(path), check=False).returncode == 0:
+        while not writer_present(str(path)):
             assert holder.poll() is None, "qemu-io exited before it locked the image"
             assert time.monotonic() < deadline, "qemu-io never locked the image"
-            time.sleep(0.05)
+            time.sleep(0.02)
         yield
     finally:
         holder.kill()

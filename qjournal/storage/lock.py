@@ -43,6 +43,16 @@ def _held_by_other(fd: int, byte: int) -> bool:
     return struct.unpack(_FLOCK, res)[0] != fcntl.F_UNLCK
 
 
+def writer_present(path: str) -> bool:
+    """Whether another process holds ``path`` open for writing (QEMU's write permission
+    byte). A query that takes no lock, so it cannot make a QEMU starting beside it fail."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _held_by_other(fd, LOCK_BASE_PERM + PERM_WRITE)
+    finally:
+        os.close(fd)
+
+
 def acquire(fd: int, path: str, writable: bool) -> None:
     """Take QEMU's locks for a reader (``writable=False``) or a writer.
 

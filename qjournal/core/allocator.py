@@ -260,7 +260,7 @@ class Allocator:
                 new_rt = (self.alloc(clusters), clusters)
                 rt_entries = clusters * cs // rc.RT_ENTRY_SIZE
                 continue
-            blocks = np.unique(live // epb)
+            blocks = sorted_unique(live // epb)
             hooked = np.zeros(len(blocks), dtype=bool)
             inside = blocks < len(self.reftable)
             hooked[inside] = self.reftable[blocks[inside]] != 0
@@ -392,6 +392,16 @@ class Allocator:
         for c in sorted(expect - free)[:1]:
             raise AssertionError(f"allocator: {at(c)} has refcount 0 on disk and is not taken, "
                                  "but it is missing from the free index")
+
+
+def sorted_unique(a: np.ndarray) -> np.ndarray:
+    """The distinct values of the sorted array ``a``, in O(n). ``np.unique`` sorts again,
+    and loads ``numpy.ma`` on its first call (4.6 ms of a command's start).
+
+    >>> sorted_unique(np.array([1, 1, 2, 5, 5])).tolist()
+    [1, 2, 5]
+    """
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
 
 
 def _diff_writes(base: int, old: bytes, new: bytes) -> list[Write]:

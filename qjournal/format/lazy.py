@@ -4,7 +4,7 @@
 and numpy alone takes longer to import than ``qemu-img info`` takes to run. Every
 module of the package names numpy, crc32c and sortedcontainers (and the standard
 library's slower imports that only some commands need: concurrent.futures, json,
-secrets, tempfile) through this module, so none of them is imported until a command
+tempfile) through this module, so none of them is imported until a command
 calls into it. Reading a header, its extensions, the snapshot table and a backing
 file name needs none of them; bitmap tables (numpy) and a journal sidecar (crc32c,
 numpy) load what they use.
@@ -22,6 +22,9 @@ format layer itself uses numpy. Optional packages imported for one command only
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
+import sys
 import types
 from typing import TYPE_CHECKING, Any
 
@@ -40,10 +43,13 @@ class LazyModule(types.ModuleType):
 
     loaded: bool = False
 
+    def _load(self) -> types.ModuleType:
+        return importlib.import_module(self.__name__)
+
     def __getattr__(self, attr: str) -> Any:
         # Only called until the first load: the module is a plain one after it.
         # Importing is thread-safe (the import lock); doing the rest twice does no harm.
-        real = importlib.import_module(self.__name__)
+        real = self._load()
         if not self.loaded:
             self.__dict__.update(vars(real))
             self.loaded = True
@@ -51,10 +57,35 @@ class LazyModule(types.ModuleType):
         return getattr(real, attr)
 
 
+class LazyExtension(LazyModule):
+    """A package's C extension (``"crc32c._crc32c"``), loaded on first use without running
+    the package's ``__init__``. The ``crc32c`` package's ``__init__`` imports
+    ``importlib.metadata`` to look up its own version: 12 ms of every journaled command's
+    start, where the extension alone loads in 0.4 ms.
+
+    >>> ext = LazyExtension("crc32c._crc32c")
+    >>> hex(ext.crc32c(b"123456789"))
+    '0xe3069283'
+    """
+
+    def _load(self) -> types.ModuleType:
+        name = self.__name__
+        if name in sys.modules:
+            return sys.modules[name]
+        package = importlib.util.find_spec(name.rpartition(".")[0])  # finds, runs nothing
+        spec = importlib.machinery.PathFinder.find_spec(name, package.submodule_search_locations) \
+            if package is not None else None
+        if spec is None or spec.loader is None:
+            return importlib.import_module(name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module       # the package, if imported later, takes this one
+        return module
+
+
 if TYPE_CHECKING:
     import concurrent.futures as futures
     import json
-    import secrets
     import tempfile
 
     import crc32c
@@ -62,11 +93,10 @@ if TYPE_CHECKING:
     import sortedcontainers
 else:
     np = LazyModule("numpy")
-    crc32c = LazyModule("crc32c")
+    crc32c = LazyExtension("crc32c._crc32c")
     sortedcontainers = LazyModule("sortedcontainers")
     futures = LazyModule("concurrent.futures")
     json = LazyModule("json")
-    secrets = LazyModule("secrets")
     tempfile = LazyModule("tempfile")
 
-__all__ = ["LazyModule", "crc32c", "futures", "json", "np", "secrets", "sortedcontainers", "tempfile"]
+__all__ = ["LazyExtension", "LazyModule", "crc32c", "futures", "json", "np", "sortedcontainers", "tempfile"]

@@ -53,7 +53,7 @@ from typing import Callable, Iterator
 
 import attrs
 
-from ..format.lazy import futures, np, secrets
+from ..format.lazy import futures, np
 from ..core.image import Image
 from ..errors import QcowError, UnsupportedError, UsageError
 from ..format.geometry import SECTOR
@@ -186,7 +186,7 @@ def _temporary(target: str) -> str:
     """A new, unused name beside ``target`` (created empty, so nobody else takes it)."""
     directory = os.path.dirname(target)
     while True:
-        tmp = os.path.join(directory, f".{os.path.basename(target)}.{secrets.token_hex(4)}.tmp")
+        tmp = os.path.join(directory, f".{os.path.basename(target)}.{os.urandom(4).hex()}.tmp")
         try:
             os.close(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644))
             return tmp

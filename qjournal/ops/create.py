@@ -44,7 +44,7 @@ from typing import Iterable, Iterator, Sequence
 
 import attrs
 
-from ..format.lazy import np, secrets
+from ..format.lazy import np
 from ..errors import FormatError, UsageError
 from ..format.extensions import (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_TABLE,
                                 FEATURE_TABLE_MIN_CLUSTER_SIZE, Extension, pack_extensions, pack_feature_table)
@@ -617,7 +617,7 @@ def _replace_file(path: str, length: int, writes: Iterable[tuple[int, bytes]],
     except FileNotFoundError:
         old_mode = None
     while True:
-        tmp = os.path.join(directory, f".{os.path.basename(target)}.{secrets.token_hex(4)}.tmp")
+        tmp = os.path.join(directory, f".{os.path.basename(target)}.{os.urandom(4).hex()}.tmp")
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             break

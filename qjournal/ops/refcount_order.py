@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from ..format.lazy import np
 
+from ..core.allocator import sorted_unique
 from ..core.image import Image
 from ..errors import UsageError
 from ..format import refcount as rc
@@ -64,11 +65,6 @@ def check_width(img: Image, order: int) -> tuple[np.ndarray, np.ndarray]:
         raise UsageError(f"{img.path}: cannot decrease refcount entry width to {1 << order} bits: cluster at "
                          f"offset {c:#x} has a refcount of {int(counts[over[0]])}")
     return clusters, counts
-
-
-def _sorted_unique(a: np.ndarray) -> np.ndarray:
-    """The distinct values of the sorted array ``a``, in O(n) (``np.unique`` sorts again)."""
-    return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
 
 
 class _Free:
@@ -117,7 +113,7 @@ def plan_structure(img: Image, order: int) -> tuple[tuple[int, int], list[tuple[
     taken[clusters[clusters < end]] = True
     taken[in_use[in_use < end]] = True
     free = _Free(np.flatnonzero(~taken), end, in_use)
-    counted = _sorted_unique(clusters // epb).tolist()    # blocks the old counts need
+    counted = sorted_unique(clusters // epb).tolist()    # blocks the old counts need
     blocks: dict[int, int] = {}                # block index -> cluster
     table: tuple[int, int] | None = None       # (first cluster, clusters)
     while True:

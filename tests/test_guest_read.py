@@ -21,7 +21,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 import qjournal
 from qjournal.cli import main
@@ -41,12 +41,19 @@ def run(cwd: Path, *cmd: str) -> str:
 
 def qemu_io(cwd: Path, name: str, fmt: str, commands: tuple[str, ...]) -> None:
     """Run the commands in one qemu-io; QEMU 7.2 refuses a compressed write over an
-    allocated cluster, and only that refusal is let through."""
+    allocated cluster, and only that refusal is let through.
+
+    Sometimes that refusal comes from QEMU's own overlap check, which then marks the
+    image corrupt and fails every later write of the run ("No medium found"; seen with
+    4 KiB clusters: ``write -c 0 4k``, ``write 0 1``, ``write 2M 1``, ``write -c 0 8k``,
+    after which ``qemu-img check`` finds no error). Such a run built no image the
+    example meant: hypothesis drops it (``assume``)."""
     args = ["qemu-io", "-f", fmt]
     for c in commands:
         args += ["-c", c]
     res = subprocess.run([*args, name], cwd=cwd, capture_output=True, text=True)
     out = res.stdout + res.stderr
+    assume("Marking image as corrupt" not in out)
     refused = out.count("write failed: Input/output error")
     assert out.count("failed") == refused <= sum(c.startswith("write -c") for c in commands), f"{args}: {out}"
 

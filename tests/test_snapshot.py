@@ -19,6 +19,8 @@ from crashsim import harness
 from crashsim.workloads import WORKLOADS
 import qjournal
 from qjournal.cli import main
+from qjournal.core.image import Image
+from qjournal.storage.medium import MmapMedium
 
 OPTIONS = [("cluster_size=4096",), ("compat=0.10",), ("extended_l2=on",), ("cluster_size=512",),
            ("lazy_refcounts=on", "cluster_size=65536"), ("refcount_bits=64",), ("compression_type=zstd",)]
@@ -200,3 +202,31 @@ def test_many_shared_clusters_count_as_a_sort_would_count_them(tmp_path: Path) -
             nz = np.flatnonzero(want)
             assert cl.tolist() == nz.tolist() and d.tolist() == want[nz].tolist()
             raise RuntimeError("abort: nothing is written")
+
+
+class _CountingMedium(MmapMedium):
+    """The image's own medium, counting the bytes read from it."""
+
+    read_bytes = 0
+
+    def read(self, off: int, n: int) -> bytes:
+        self.read_bytes += n
+        return super().read(off, n)
+
+
+@pytest.mark.parametrize("names", [1, 24], ids=["one", "past-the-first-read"])
+def test_open_reads_the_snapshot_table_not_the_file_after_it(tmp_path: Path, names: int) -> None:
+    """The table comes first in the file, 64 MiB of data after it. An open used to read
+    QEMU's limit (64 MiB) from the table's offset: 150 MiB RSS for ``info`` after a
+    snapshot. Now it reads the table's bytes, doubling a short first read; 24 names
+    of 4000 bytes overflow the first 64 KiB."""
+    p = qemu.create(tmp_path / "a.qcow2", "128M")
+    for i in range(names):
+        qemu.qemu_img("snapshot", "-c", f"{i:04}" + "n" * 3996, str(p))
+    qemu.qemu_io(p, "write -P 0x5a 0 64M")
+    m = _CountingMedium(str(p), writable=False)
+    with Image(p, medium=m) as img:
+        assert [s.name[:4] for s in img.snapshots] == [f"{i:04}" for i in range(names)]
+    table = names * (40 + 16 + 4000 + len(str(names)) + 8)
+    assert m.read_bytes < 4 * max(table, 64 << 10) + (1 << 20), m.read_bytes
+    assert [s["name"][:4] for s in qemu.info(p)["snapshots"]] == [f"{i:04}" for i in range(names)]

@@ -33,7 +33,7 @@ from ..format.header import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COM
                              INCOMPAT_KNOWN, Header)
 from ..format.luks import HEADER_SIZE as LUKS_HEADER_SIZE, luks_info
 from ..format.geometry import STAT_BLOCK
-from ..format.snapshots import MAX_TABLE_BYTES, Snapshot, parse_snapshots
+from ..format.snapshots import MAX_TABLE_BYTES, MoreNeeded, Snapshot, parse_snapshots
 from ..format.tables import L1E_OFFSET_MASK
 from .cluster0 import Cluster0
 from .ordering import plan
@@ -43,6 +43,10 @@ from ..journal import Journal, Transaction as JournalTransaction
 from ..journal.journal import SaltSource
 from ..storage.medium import Medium, MmapMedium
 from ..storage.overlay import OverlayMedium
+
+SNAPSHOT_FIRST_READ = 64 << 10
+"""Bytes of the snapshot table an open reads first (about 600 entries of a short name);
+a longer table is read again, twice as much each time (see ``parse_snapshots``)."""
 
 
 @attrs.frozen
@@ -251,9 +255,15 @@ class Image:
                               "the data-file-raw autoclear bit is set, but the image has no external data file")
         self.snapshots: tuple[Snapshot, ...] = ()
         if h.nb_snapshots:
-            n = min(size - h.snapshots_offset, MAX_TABLE_BYTES)
-            self.snapshots = parse_snapshots(m.read(h.snapshots_offset, n), h.snapshots_offset,
-                                             h.nb_snapshots, cs, size)
+            avail = min(size - h.snapshots_offset, MAX_TABLE_BYTES)
+            want = min(avail, SNAPSHOT_FIRST_READ)
+            while True:     # short reads, doubled until the table fits (O(log) reads)
+                try:
+                    self.snapshots = parse_snapshots(m.read(h.snapshots_offset, want), h.snapshots_offset,
+                                                     h.nb_snapshots, cs, size, avail)
+                    break
+                except MoreNeeded as more:
+                    want = min(avail, max(more.needed, 2 * want))
         self.entries: list[bm.DirectoryEntry] = []
         self.bitmaps_ext: bm.BitmapsExtension | None = None
         self.stale_bitmaps_ext = EXT_BITMAPS in exts and not h.bitmaps_consistent

@@ -75,12 +75,39 @@ def completed(s: Snapshot, disk_size: int) -> Snapshot:
     return attrs.evolve(s, extra=extra, disk_size=disk_size)
 
 
-def parse_snapshots(buf: bytes, offset: int, nb: int, cluster_size: int, file_size: int) -> tuple[Snapshot, ...]:
+class MoreNeeded(Exception):
+    """``buf`` ends before the table does, and the file holds more: read ``needed`` bytes
+    (at least) of the table and parse again."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(needed)
+        self.needed = needed
+
+
+def parse_snapshots(buf: bytes, offset: int, nb: int, cluster_size: int, file_size: int,
+                    available: int | None = None) -> tuple[Snapshot, ...]:
+    """The ``nb`` entries of the table at ``offset``, from ``buf`` (its first bytes).
+
+    ``available`` is how many bytes of the table the file could hold (``len(buf)`` when
+    left out): an entry that runs past ``buf`` but not past ``available`` raises
+    :class:`MoreNeeded`, so that a reader can start with a short read instead of QEMU's
+    64 MiB limit (an open after a snapshot read 64 MiB of the file to parse two entries).
+
+    >>> e = Snapshot(0x30000, 2, "1", "s1", 0, 0, 0, 0, None, None, b"", 0x20000).pack()
+    >>> [s.name for s in parse_snapshots(e + e, 0x20000, 2, 0x10000, 1 << 20)]
+    ['s1', 's1']
+    >>> parse_snapshots(e, 0x20000, 2, 0x10000, 1 << 20, available=4096)
+    Traceback (most recent call last):
+    qjournal.format.snapshots.MoreNeeded: 88
+    """
     out: list[Snapshot] = []
     pos = 0
+    short = available is not None and available > len(buf)
     for i in range(nb):
         at = offset + pos
         if pos + FIXED > len(buf):
+            if short:
+                raise MoreNeeded(pos + FIXED)
             raise FormatError("snapshot table", at, f"entry {i} runs past the end of the file")
         (l1off, l1size, idsz, namesz, dsec, dnsec, vmclk, vmsz, extrasz) = struct.unpack_from(">QIHHIIQII", buf, pos)
         if extrasz > MAX_EXTRA:
@@ -90,6 +117,8 @@ def parse_snapshots(buf: bytes, offset: int, nb: int, cluster_size: int, file_si
             raise FormatError("snapshot table", at, f"entry {i} ends {end} bytes into the table, past QEMU's "
                               f"limit of {MAX_TABLE_BYTES}")
         if end > len(buf):
+            if short:
+                raise MoreNeeded(end)
             raise FormatError("snapshot table", at, f"entry {i} runs past the end of the file")
         if l1off % cluster_size:
             raise FormatError("snapshot table", at, f"entry {i} L1 offset {l1off:#x} is not cluster aligned")

@@ -143,7 +143,10 @@ class Allocator:
             np.add.at(dense, keys, dict_d)
             for c, delta in self._bulk:
                 if len(c):
-                    dense += np.bincount(c, minlength=top) * np.int64(delta)
+                    counted = np.bincount(c, minlength=top)
+                    if delta != 1:
+                        counted *= delta
+                    dense += counted
             nz = np.flatnonzero(dense)
             return nz.astype(np.int64), dense[nz]
         parts = [(keys, dict_d)]
@@ -246,11 +249,12 @@ class Allocator:
         new_blocks: dict[int, int] = {}
         new_rt: tuple[int, int] | None = None
         rt_entries = len(self.reftable)
-        while True:
-            live, _ = self.changes()
-            if not len(live):
-                break
-            need = int(live[-1]) // epb + 1
+        # Until the refcount table and blocks the changes need are themselves allocated
+        # (which changes the changes). Each pass computes them once: O(clusters) for a
+        # snapshot of every cluster.
+        cl, dl = self.changes()
+        while len(cl):
+            need = int(cl[-1]) // epb + 1
             if need > rt_entries:
                 if new_rt is not None:
                     self.free(new_rt[0], new_rt[1])
@@ -259,18 +263,19 @@ class Allocator:
                 clusters = -(-(need + need // 2 + 1) * rc.RT_ENTRY_SIZE // cs)
                 new_rt = (self.alloc(clusters), clusters)
                 rt_entries = clusters * cs // rc.RT_ENTRY_SIZE
-                continue
-            blocks = sorted_unique(live // epb)
-            hooked = np.zeros(len(blocks), dtype=bool)
-            inside = blocks < len(self.reftable)
-            hooked[inside] = self.reftable[blocks[inside]] != 0
-            missing = [bi for bi in blocks[~hooked].tolist() if bi not in new_blocks]
-            if not missing:
-                break
-            for bi in missing:
-                new_blocks[bi] = self.alloc(1)
+            else:
+                blocks = sorted_unique(cl // epb)
+                hooked = np.zeros(len(blocks), dtype=bool)
+                inside = blocks < len(self.reftable)
+                hooked[inside] = self.reftable[blocks[inside]] != 0
+                missing = [bi for bi in blocks[~hooked].tolist() if bi not in new_blocks]
+                if not missing:
+                    break
+                for bi in missing:
+                    new_blocks[bi] = self.alloc(1)
+            del cl, dl                  # not held beside the next pass's arrays
+            cl, dl = self.changes()
         plan = RefcountPlan([], [], [], [], new_rt)
-        cl, dl = self.changes()
         blocks = cl // epb
         cuts = np.flatnonzero(np.diff(blocks)) + 1
         for s, e in zip([0, *cuts.tolist()], [*cuts.tolist(), len(cl)]) if len(cl) else ():

@@ -46,18 +46,26 @@ class Image(CoreImage):
 
     def __init__(self, path: str | os.PathLike[str], mode: str = "r", *, medium: Medium | None = None,
                  journal_medium: Medium | None = None, take_locks: bool = True, salvage: bool = False,
-                 salts: SaltSource | None = None) -> None:
+                 salts: SaltSource | None = None, defer_repair: bool = False) -> None:
+        """``defer_repair``: lazy refcounts may have left the image dirty; a writable open
+        then rebuilds its refcounts (one transaction that also clears the bit), as QEMU
+        does at its writable open. With ``defer_repair`` the rebuild waits for the first
+        transaction instead, so that a caller who checks its request after opening and
+        refuses it leaves the file as it found it. Such a caller must not plan from
+        refcounts or free clusters before its first transaction (``amend`` and ``check``
+        do: they open without it).
+        """
         super().__init__(path, mode, medium=medium, journal_medium=journal_medium, take_locks=take_locks,
                          salvage=salvage, salts=salts)
         self._disks: weakref.WeakSet[GuestDisk] = weakref.WeakSet()
         if self.writable and not salvage and self.header.incompatible_features & INCOMPAT_DIRTY:
-            # Lazy refcounts left the image dirty: rebuild the refcounts first, as QEMU
-            # does at a writable open, in one transaction that also clears the bit.
-            try:
-                check(self, "all")
-            except BaseException:
-                self.close()
-                raise
+            self.before_first_transaction = lambda: check(self, "all")
+            if not defer_repair:
+                try:
+                    self.settle()
+                except BaseException:
+                    self.close()
+                    raise
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("r+" if self.writable else "r")

@@ -126,6 +126,24 @@ def test_cli_write_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     qemu.assert_clean(img)
 
 
+def test_refused_write_leaves_a_dirty_image_as_it_was(tmp_path: Path) -> None:
+    """A crashed QEMU with lazy refcounts leaves the dirty bit and uncounted clusters. A
+    request refused after the open writes nothing (not even the refcount rebuild QEMU
+    runs at its writable open); the first accepted write rebuilds, then writes."""
+    img = qemu.create(tmp_path / "lazy.qcow2", "16M", "lazy_refcounts=on")
+    qemu.run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", "-c", "abort", str(img), check=False)
+    assert qemu.info(img)["dirty-flag"] is True
+    before = img.read_bytes()
+    for args in (["write", str(img), "16M", "-P", "0x5a", "512"], ["zero", str(img), "15M", "2M"],
+                 ["discard", str(img), "16M", "512"]):
+        assert main(args) == 1
+        assert img.read_bytes() == before, args
+    assert main(["write", str(img), "2M", "-P", "0x5a", "64k"]) == 0
+    assert qemu.info(img)["dirty-flag"] is False
+    qemu.assert_clean(img)
+    qemu.qemu_io(img, "read -P 0x11 0 1M", "read -P 0x5a 2M 64k")
+
+
 class TestZeroes:
     def test_whole_clusters_become_zero_clusters(self, tmp_path: Path) -> None:
         img = qemu.create(tmp_path / "z.qcow2", "8M")

@@ -15,6 +15,10 @@ is known before anything is written. A file or block device is measured; anythin
 (standard input with ``-``, a pipe, a FIFO, a character device) is first copied to a
 temporary file, 1 MiB at a time, and refused as soon as it runs past the end of the disk.
 
+A refused request (past the end of the disk, say) leaves the file as it found it, even
+an image that lazy refcounts left dirty: the rebuild of its refcounts, which QEMU runs at
+every writable open, waits here for the first write (fuzz seed 20261207, case 7487).
+
 Sizes and offsets take qemu suffixes (``64k``, ``1M``, ``0x1000``).
 """
 from __future__ import annotations
@@ -172,7 +176,7 @@ def cmd_write(args: argparse.Namespace) -> int:
         total = 0
         with contextlib.ExitStack() as stack:
             f = sys.stdin.buffer if args.input == "-" else stack.enter_context(open(args.input, "rb"))
-            img = stack.enter_context(Image(path, "r+"))
+            img = stack.enter_context(Image(path, "r+", defer_repair=True))
             disk_size = img.header.size
             src = f
             length = _known_length(f)
@@ -195,7 +199,7 @@ def cmd_write(args: argparse.Namespace) -> int:
     # new clusters past the old end are given back), written CHUNK bytes at a time
     # from one CHUNK of the pattern: new data goes straight to its clusters, so memory
     # stays bounded (only in-place data that waits for enabled bitmaps' bits is held).
-    with Image(path, "r+") as img:
+    with Image(path, "r+", defer_repair=True) as img:
         if offset + length > img.header.size:
             raise UsageError(f"write: {length} bytes at offset {offset} run past the end of the "
                              f"{img.header.size}-byte disk")
@@ -210,7 +214,7 @@ def cmd_write(args: argparse.Namespace) -> int:
 def cmd_zero(args: argparse.Namespace) -> int:
     path = qcow2_path(args.filename, args.format)
     offset, length = size(args.offset), size(args.length)
-    with Image(path, "r+") as img:
+    with Image(path, "r+", defer_repair=True) as img:
         img.write_zeroes(offset, length)
     print(f"wrote {length}/{length} bytes at offset {offset}")
     return 0

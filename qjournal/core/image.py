@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import attrs
 
@@ -161,6 +161,9 @@ class Image:
         self.closed = False
         self.stale_journal: str | None = None   # why the journal was not shown (read-only opens)
         self._tx: Transaction | None = None
+        # Work owed before the first transaction, run once as a transaction of its own
+        # (:class:`qjournal.api.Image` defers a dirty image's refcount rebuild to here).
+        self.before_first_transaction: Callable[[], object] | None = None
         self._observers: list[CommitObserver] = []
         self._overlap: OverlapMap | None = None
         if medium is None:
@@ -445,6 +448,17 @@ class Image:
         ``observer("end", description)`` after it: the seam crashsim brackets transactions by."""
         self._observers.append(observer)
 
+    def settle(self) -> None:
+        """Run the work owed before the first transaction (:attr:`before_first_transaction`)
+        now, if it has not run yet. Every outermost transaction begins with it."""
+        if self.before_first_transaction is not None:
+            owed, self.before_first_transaction = self.before_first_transaction, None
+            try:
+                owed()
+            except BaseException:
+                self.before_first_transaction = owed     # still owed: no transaction goes without it
+                raise
+
     @contextlib.contextmanager
     def transaction(self, description: str = "transaction", *,
                     refcount_table: tuple[int, int] | None = None, refcount_order: int | None = None,
@@ -470,6 +484,7 @@ class Image:
             raise UsageError(f"{self.path}: the image is open read-only")
         if refcount_table is None and (refcount_order is not None or refcount_structure):
             raise ValueError("a new refcount width or structure needs its refcount_table")
+        self.settle()
         h = self.header
         rt_offset, rt_clusters = refcount_table or (h.refcount_table_offset, h.refcount_table_clusters)
         order = h.refcount_order if refcount_order is None else refcount_order

@@ -145,9 +145,7 @@ MUTANTS: tuple[Mutant, ...] = (
       "refcounts-increased)", "a new refcount block is entered in the refcount table before it counts itself",
       "    add(Phase.REFCOUNTS_INCREASED, rplan.increase)\n    add(Phase.REFCOUNT_BLOCKS_HOOKED, rplan.hook)\n",
       "    add(Phase.REFCOUNT_BLOCKS_HOOKED, rplan.hook)\n    add(Phase.REFCOUNTS_INCREASED, rplan.increase)\n",
-      ("guest-write-grows-reftable", "resize-grows-l1", "resize-grow-checked"),
-      known_miss="perhaps equivalent where the workloads reach it: a new refcount block counts itself in its "
-                 "own (precommit) content; a workload whose new block is counted by an older block is needed"),
+      ("guest-write-block-in-hole", "guest-write-grows-reftable", "resize-grows-l1")),
     # -- a missing barrier -----------------------------------------------------------------------
     M("barrier-none-in-apply", "missing barrier", JOURNAL, "Journal._apply (every step)",
       "the steps of a transaction reach the image with no barrier between them: any later step may land "

@@ -168,13 +168,20 @@ SMALL_REFTABLE = Base("small-reftable", (
     qemu_io_cmd("write 0 1950k"),   # the one-cluster refcount table covers 2 MiB: nearly full
 ))
 
+BLOCK_IN_HOLE = Base("block-in-hole", (
+    qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=16", IMG, "16M"),
+    # Refcount block 0 covers the file's first 128 KiB; this ends the file at 119.5 KiB
+    # and frees one cluster near its start (guest cluster 0's).
+    qemu_io_cmd("write -P 0x11 0 112k", "discard 0 512"),
+))
+
 EXTENDED_L2 = Base("extended-l2", (
     qemu_img_cmd("create", "-q", "-f", "qcow2", "-o", "cluster_size=64k,extended_l2=on", IMG, "16M"),
     qemu_io_cmd("write 0 4k", "write 32k 16k"),              # subclusters 0-1 and 16-23 of cluster 0
     qemu_img_cmd("bitmap", "--add", "-g", "4096", IMG, "b0"),  # after the writes: no bit set yet
 ))
 
-BASES = {b.name: b for b in (STANDARD, LONG_NAMES, SHIFTED, SMALL_REFTABLE, EXTENDED_L2)}
+BASES = {b.name: b for b in (STANDARD, LONG_NAMES, SHIFTED, SMALL_REFTABLE, BLOCK_IN_HOLE, EXTENDED_L2)}
 
 
 @attrs.frozen
@@ -300,6 +307,12 @@ def _guest_zero(img: Image) -> None:
 
 def _grow_reftable(img: Image) -> None:
     img.write(2 << 20, b"\x5a" * (64 << 10))   # outgrows the refcount table: a new one is switched in
+
+
+def _block_in_hole(img: Image) -> None:
+    # 24 new clusters in one run: past the one-cluster hole, across the end of block 0's
+    # range. The new refcount block then takes the hole, so an older block counts it.
+    img.write(112 << 10, b"\x5a" * (12 << 10))
 
 
 def _guest_batch(img: Image) -> None:
@@ -491,6 +504,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              relaxed=True),
     Workload("guest-write-grows-reftable", "guest write that outgrows the refcount table (512 B clusters)",
              _grow_reftable, base=SMALL_REFTABLE, relaxed=True),
+    Workload("guest-write-block-in-hole", "guest write that needs a new refcount block, placed in a freed "
+             "cluster that an older block counts (512 B clusters)", _block_in_hole, base=BLOCK_IN_HOLE, relaxed=True),
     Workload("set-in-use-two-pages", "set in_use on every bitmap, directory of two pages (seed protocol)",
              _all_in_use, base=LONG_NAMES),
     Workload("add-split-header", "bitmap add where the extension's fields straddle two sectors",
@@ -1024,6 +1039,7 @@ _SAME_BY_QEMU: dict[str, tuple[tuple[str, ...], ...]] = {
     "guest-write-mixed": _io(f"write -P 0xa5 {10 * MiB + (48 << 10)} 32k"),
     "guest-zero": _io("write -z 8k 120k"),
     "guest-write-grows-reftable": _io("write -P 0x5a 2M 64k"),
+    "guest-write-block-in-hole": _io("write -P 0x5a 112k 12k"),
     "guest-write-bits-cross": _io(f"write -P 0x7e {2 * MiB - 1024} 2048"),
     "guest-batch": _io("write -P 0x11 4k 8k", "write -P 0x22 5M 12k", f"write -P 0x33 {5 * MiB + 100} 100",
                        "write -z 10M 16k", "write -P 0x44 20M 100", "write -z 20M 4k",

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import qemu
 import qjournal
 from qjournal.cli import main
+from qjournal.format.header import FIELD_OFFSET, INCOMPAT_DATA_FILE
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -326,6 +327,23 @@ class TestDataFile:
             assert data[512 * KiB:640 * KiB] == bytes(128 * KiB)
             with qjournal.open(img) as q:
                 assert q.read(0, 8 * MiB) == data.ljust(8 * MiB, b"\0")
+
+
+    def test_a_data_file_name_without_the_feature_bit_is_ignored(self, tmp_path: Path) -> None:
+        """The name extension alone names no data file: QEMU opens such an image as one
+        without, and so do qjournal's writes and snapshots (fuzz seed 20261207, case 17568:
+        the write asserted there was a data file)."""
+        img = qemu.create(tmp_path / "d.qcow2", "8M", f"data_file={tmp_path / 'd.raw'}")
+        raw = bytearray(img.read_bytes())
+        at = FIELD_OFFSET["incompatible_features"]
+        struct.pack_into(">Q", raw, at, struct.unpack_from(">Q", raw, at)[0] & ~INCOMPAT_DATA_FILE)
+        img.write_bytes(raw)
+        untouched = (tmp_path / "d.raw").read_bytes()
+        assert main(["write", str(img), "3M", "-P", "0x5a", "4k"]) == 0
+        assert main(["snapshot", "-c", "s1", str(img)]) == 0
+        qemu.qemu_io(img, "read -P 0x5a 3M 4k", "read -P 0 0 3M")
+        qemu.assert_clean(img)
+        assert (tmp_path / "d.raw").read_bytes() == untouched
 
 
 def main_json(argv: list[str]) -> str:

@@ -294,7 +294,7 @@ class _Scan:
             ent = np.where(resv, ent & ~np.uint64(L2E_RESERVED_MASK), ent)
         off = ent & np.uint64(L2E_OFFSET_MASK)
         std = ~comp & (off != 0)        # normal and preallocated zero clusters
-        if img.data_file:
+        if img.header.has_data_file:
             # Offset 0 with COPIED is guest data at the start of the data file (unless
             # the zero flag makes it a plain zero cluster).
             at0 = ~comp & (off == 0) & ((ent & np.uint64(OFLAG_COPIED)) != 0)
@@ -350,12 +350,12 @@ class _Scan:
         # A data cluster may end past the end of the file (QEMU does not write the tail
         # of a fresh cluster, nor do we the unwritten subclusters): only one that starts
         # there is unreadable.
-        whole = offs < self.fsize if not img.data_file else np.ones(len(offs), dtype=bool)
+        whole = offs < self.fsize if not img.header.has_data_file else np.ones(len(offs), dtype=bool)
         c = offs // cs
         clash = np.zeros(len(offs), dtype=bool)
         ok = whole & ~unaligned
         drop = unaligned | ~whole
-        if not img.data_file:
+        if not img.header.has_data_file:
             clash[ok] = self.meta[c[ok]] | self.l2_tables[c[ok]]
             drop |= clash
             clusters, far = self.ranges(offs, cs, "data cluster")
@@ -369,7 +369,7 @@ class _Scan:
         for p, e in zip(p_std[keepfix].tolist(), e_std[keepfix].tolist()):
             self.l2_writes[p] = int(e).to_bytes(8, "big")
         if active:
-            self.copied.add(p_std, e_std, ~(drop | already), 1 if img.data_file else -1)
+            self.copied.add(p_std, e_std, ~(drop | already), 1 if img.header.has_data_file else -1)
         other = fix & ~std & ~comp     # unallocated or plain zero entries with reserved bits
         for p, e in zip(pos[other].tolist(), ent[other].tolist()):
             self.l2_writes[p] = int(e).to_bytes(8, "big")

@@ -101,7 +101,7 @@ def check_request(img: "Image", new_size: int, shrink: bool) -> None:
     if h.nb_snapshots and new_size < h.size:
         raise UnsupportedError(f"{img.path}: shrinking an image with internal snapshots is not supported "
                                "(QEMU 7.2 allows it on v3 images; delete the snapshots or use qemu-img resize)")
-    if img.data_file is not None:
+    if img.header.has_data_file:
         raise UnsupportedError(f"{img.path}: resizing an image with an external data file is not supported")
     if not img.stale_bitmaps_ext:
         for e in img.entries:

@@ -155,7 +155,7 @@ def _check_image(img: "Image") -> None:
         raise UsageError(f"{img.path}: the image is open read-only")
     if img.staged is not None:
         raise UsageError("a snapshot cannot join an open transaction: it commits its own")
-    if img.data_file is not None:
+    if img.header.has_data_file:
         raise UnsupportedError(f"{img.path}: internal snapshots are not supported with an external data file")
 
 

@@ -76,7 +76,7 @@ class GuestMap:
         self.has_data_file = h.has_data_file
         self.target: Medium = img.medium
         self._data_file: Any = None
-        if img.data_file is not None:
+        if self.has_data_file:
             self._data_file = reader(img).data_file
             assert self._data_file is not None
             self.target = FileMedium(self._data_file.path, True)

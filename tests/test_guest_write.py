@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import damage
 import qemu
 import qjournal
 from qjournal.cli import main
@@ -143,6 +144,21 @@ def test_refused_write_leaves_a_dirty_image_as_it_was(tmp_path: Path) -> None:
     assert qemu.info(img)["dirty-flag"] is False
     qemu.assert_clean(img)
     qemu.qemu_io(img, "read -P 0x11 0 1M", "read -P 0x5a 2M 64k")
+
+
+def test_new_clusters_step_over_counted_clusters_past_the_end(tmp_path: Path) -> None:
+    """Refcounts past the end of the file (a leak, or damage) name clusters in use: QEMU's
+    allocator steps over them, and so does ours. Handing one out refused the write when
+    its count was already at the maximum (fuzz seed 20261207, case 45348)."""
+    img = damage.fresh(tmp_path, "refcount_bits=2")
+    end = img.stat().st_size // damage.CS
+    for c in (end, end + 1):
+        damage.set_refcount_of(img, c, 3)
+    assert main(["write", str(img), "8M", "-P", "0x5a", "64k"]) == 0
+    assert damage.data_offset(img, 8 * MiB) // damage.CS >= end + 2
+    code, out = qemu.check(img)
+    assert out["leaks"] == 2 and not out.get("corruptions"), out
+    qemu.qemu_io(img, "read -P 0x5a 8M 64k", "read -P 0x11 0 64k")
 
 
 class TestZeroes:

@@ -224,18 +224,17 @@ class Allocator:
         allocator steps over both; handing out a counted one refused a write when its
         count was at the maximum (fuzz seed 20261207, case 45348). O(n), vectorised."""
         end = start + n
-        hits = [c for c in self._used_past_end if start <= c < end]
+        claimed = min((c for c in self._used_past_end if start <= c < end), default=end)
         c = start
-        while c < end and (not hits or c < min(hits)):
+        while c < claimed:
             bi = c // self.epb
-            hi = min(end, (bi + 1) * self.epb)
+            hi = min(claimed, (bi + 1) * self.epb)
             if bi < len(self.reftable) and self.reftable[bi]:
                 counted = np.flatnonzero(self.counts(bi, c - bi * self.epb, hi - bi * self.epb))
                 if len(counted):
-                    hits.append(c + int(counted[0]))
-                    break
+                    return c + int(counted[0])
             c = hi
-        return min(hits) if hits else None
+        return claimed if claimed < end else None
 
     def reference(self, clusters: np.ndarray, delta: int = 1) -> None:
         """Add ``delta`` references to each of ``clusters`` (a cluster listed k times gets

@@ -26,6 +26,7 @@ from hypothesis import assume, given, settings, strategies as st
 import qjournal
 from qjournal.cli import main
 from qjournal.read import guest
+from qjournal.read.copy import copy_out
 from qjournal.errors import FormatError, UnsupportedError, UsageError
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -415,6 +416,20 @@ class TestCli:
         off, n = 777, len(ref) - 777 - 5000
         assert qj("read", "--output-file", str(out), str(images[name]), str(off), str(n))[0] == 0
         assert out.read_bytes() == ref[off:off + n]
+
+    def test_copy_out_cuts_a_file_opened_without_truncation(self, images: dict[str, Path],
+                                                            converted: dict[str, bytes], tmp_path: Path) -> None:
+        """The library call cuts away old contents itself (the command's file is empty already)."""
+        ref = converted["cluster-4k"]
+        out = tmp_path / "out.bin"
+        out.write_bytes(b"\xee" * (len(ref) + 4096))
+        fd = os.open(out, os.O_WRONLY)
+        try:
+            with qjournal.Image(images["cluster-4k"], "r") as img:
+                copy_out(img, 0, len(ref), fd)
+        finally:
+            os.close(fd)
+        assert out.read_bytes() == ref
 
     def test_errors_are_one_line(self, images: dict[str, Path]) -> None:
         img = str(images["cluster-4k"])

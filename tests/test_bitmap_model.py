@@ -18,6 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import qemu
 import qjournal
+from profiles import examples
 from test_guest_model import check_staged
 
 DISK = 64 << 20
@@ -144,5 +145,5 @@ class BitmapMachine(RuleBasedStateMachine):
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-BitmapMachine.TestCase.settings = settings(max_examples=12, stateful_step_count=10, deadline=None)
+BitmapMachine.TestCase.settings = settings(max_examples=examples(12), stateful_step_count=10)
 TestBitmapModel = BitmapMachine.TestCase

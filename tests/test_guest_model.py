@@ -1,4 +1,4 @@
-"""A seeded hypothesis state machine: guest writes, zeroes and discards in transactions, against a bytearray.
+"""A hypothesis state machine (derandomized under CI, see profiles.py): guest writes, zeroes and discards in transactions, against a bytearray.
 
 Oracle: the model (a bytearray of the disk), read back through qjournal inside each
 transaction and after it; the allocator's and the guest map's ``_check()`` after every
@@ -22,6 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import qemu
 import qjournal
+from profiles import examples
 from qjournal.format.tables import L2E_OFFSET_MASK, OFLAG_COPIED
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -173,8 +174,7 @@ class GuestMachine(RuleBasedStateMachine):
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_guest_model(config: str) -> None:
     machine = type(f"GuestMachine[{config}]", (GuestMachine,), {"CONFIG": config})
-    run_state_machine_as_test(machine, settings=settings(max_examples=6, stateful_step_count=8, deadline=None,
-                                                         derandomize=True))
+    run_state_machine_as_test(machine, settings=settings(max_examples=examples(6), stateful_step_count=8))
 
 
 # -- the checks catch a broken invariant ------------------------------------------------

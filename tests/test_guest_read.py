@@ -24,6 +24,7 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 import qjournal
+from profiles import examples
 from qjournal.cli import main
 from qjournal.read import guest
 from qjournal.read.copy import copy_out
@@ -444,7 +445,7 @@ CLUSTER = {"cluster_size=512": 512, "cluster_size=4k": 4096, "": 64 * KiB, "exte
 PROPERTY_DISK = 4 * MiB
 QEMU_OP = st.tuples(st.sampled_from(["write -P", "write -z", "discard", "write -c -P"]),
                     st.integers(0, 255), st.integers(0, PROPERTY_DISK - 1), st.integers(1, 300 * KiB))
-PROPERTY_EXAMPLES = max(10, (settings.default.max_examples if settings.default else 100) // 4)
+PROPERTY_EXAMPLES = examples(25)
 """A quarter of the profile's examples: each one builds an image with QEMU."""
 RANDOM_IMAGE = {"config": st.sampled_from(sorted(CLUSTER)), "backing": st.booleans(),
                 "ops": st.lists(QEMU_OP, min_size=1, max_size=12)}

@@ -22,7 +22,7 @@ def bench(*args: str | Path) -> subprocess.CompletedProcess[str]:
 class TestRun:
     def test_one_round_prints_a_ratio(self, tmp_path: Path) -> None:
         out = tmp_path / "results.json"
-        res = bench("bitmap-add", "--rounds", "1", "--warmup", "0", "--dir", tmp_path, "--json", out)
+        res = bench("bitmap-add", "--rounds", "1", "--warmup", "0", "--warm", "16", "--dir", tmp_path, "--json", out)
         assert res.returncode == 0, res.stderr
         rows = [line for line in res.stdout.splitlines() if line.startswith("bitmap-add")]
         assert len(rows) == 1, res.stdout
@@ -50,7 +50,7 @@ class TestSelect:
 class TestRate:
     def test_crc32c_is_measured_against_its_rate(self, tmp_path: Path) -> None:
         out = tmp_path / "results.json"
-        res = bench("crc32c", "--rounds", "1", "--warmup", "0", "--dir", tmp_path, "--json", out)
+        res = bench("crc32c", "--rounds", "1", "--warmup", "0", "--warm", "16", "--dir", tmp_path, "--json", out)
         assert res.returncode == 0, res.stderr
         results = {r["name"]: r for r in json.loads(out.read_text())["results"]}
         assert set(results) == {"crc32c-whole", "crc32c-blocks"}, "the prefix selects both"

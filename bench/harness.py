@@ -30,7 +30,7 @@ How a benchmark is measured, round by round:
 5. Just before each side runs, ``--warm`` MiB of memory (2 GiB by default) are
    written and freed (:func:`warm_memory`). This machine's memory is handed back to
    its host while it is free, and the first touch of such a page costs more than the
-   work: without it, whichever side ran first after the copies paid 1 s more in
+   work: without it, whichever side ran first after the copies paid up to 2 s more in
    about half the rounds (``read-cmd``: ours 0.49-2.51 s, the peer 0.33-1.70 s over
    six rounds; warmed, 0.48-0.67 s and 0.33-0.47 s).
 

@@ -208,6 +208,10 @@ def run_timed(argv: Sequence[str], env: dict[str, str] | None = None) -> float:
     return elapsed
 
 
+WARM_MIB = 2048
+"""Memory written and freed before each side runs, by default (``--warm``)."""
+
+
 def warm_memory(mib: int) -> None:
     """Write ``mib`` MiB of anonymous memory and free it, so that the pages the next
     command takes from the kernel are ones the host has just handed over."""
@@ -358,7 +362,7 @@ class Result:
 
 
 def run_benchmark(cls: type[Benchmark], fx: Fixtures, rounds: int, warmup: int = 1, *,
-                  peer_only: bool = False, rss: bool = False, warm_mib: int = 0) -> Result:
+                  peer_only: bool = False, rss: bool = False, warm_mib: int = WARM_MIB) -> Result:
     """Measure one benchmark; an exception on either side ends it with ``Result.error`` set."""
     b = cls()
     res = Result(cls.name, cls.description(), cls.goal, cls.rate, cls.nbytes)
@@ -485,8 +489,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, metavar="N", help="timed rounds per benchmark (default 5)")
     p.add_argument("--warmup", type=int, default=1, metavar="N",
                    help="untimed rounds first, also the ones verified (default 1)")
-    p.add_argument("--warm", type=int, default=2048, metavar="MIB",
-                   help="memory written and freed before each side runs (default 2048; 0: none)")
+    p.add_argument("--warm", type=int, default=WARM_MIB, metavar="MIB",
+                   help=f"memory written and freed before each side runs (default {WARM_MIB}; 0: none)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--rss", action="store_true", help="also measure each side's peak RSS (needs GNU time)")
     p.add_argument("--peer-only", action="store_true", help="run and time the peer side alone")

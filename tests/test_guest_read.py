@@ -45,7 +45,7 @@ def qemu_io(cwd: Path, name: str, fmt: str, commands: tuple[str, ...]) -> None:
     """Run the commands in qemu-io; QEMU 7.2 refuses a compressed write over an
     allocated cluster, and only that refusal is let through.
 
-    Each compressed write after other commands starts a qemu-io of its own. Within one
+    Each compressed write starts a new qemu-io, which runs the commands after it. Within one
     process QEMU 7.2 keeps packing compressed clusters into the host cluster it packed
     the last one into, even after a zero write has freed that cluster and a copy on write
     has taken it as a data cluster: with a backing file, ``write -c 0 4k``, ``write -z 0
